@@ -1,0 +1,116 @@
+"""Tokens/s of generation: local transformers vs the swarm, and the cost of each extra hop.
+
+    python benchmarks/generation_speed.py [--repeats 5] [--new-tokens 64]
+
+Prints two tables of medians over repeats, each against a baseline measured in the same run:
+1. SmolLM2-135M float32, batch 1, greedy: local ``generate`` vs a swarm of 1 peer (30 blocks) and of
+   3 peers x 10 blocks, all processes on this machine.
+2. Per-hop overhead on a tiny 8-block Llama (compute is negligible, so time is the network path): the same
+   generation through 1, 2, 4 and 8 peers; overhead per extra hop = (ms/token(n) - ms/token(1)) / (n - 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
+
+from swarm_peer import DistributedModelForCausalLM  # noqa: E402
+from swarm_peer.cli.demo import even_spans  # noqa: E402
+from swarm_peer.cli.local_swarm import LocalSwarm  # noqa: E402
+from swarm_peer.models import DEMO_MODEL, resolve_checkpoint  # noqa: E402
+from swarm_peer.settings import ClientSettings, NetworkSettings  # noqa: E402
+
+
+def time_generate(model, input_ids, new_tokens: int, repeats: int) -> list[float]:
+    """Seconds per generated token, one figure per repeat (after one warm-up)."""
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    model.generate(input_ids, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
+    figures = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = model.generate(input_ids, **kwargs)
+        figures.append((time.perf_counter() - t0) / (out.shape[1] - input_ids.shape[1]))
+    return figures
+
+
+def swarm_figures(path: str, spans, input_ids, new_tokens: int, repeats: int) -> list[float]:
+    with LocalSwarm(path, spans) as swarm:
+        settings = ClientSettings(
+            network=NetworkSettings(initial_peers=tuple(swarm.initial_peers), client_mode=True)
+        )
+        model = DistributedModelForCausalLM.from_pretrained(path, settings=settings)
+        try:
+            return time_generate(model, input_ids, new_tokens, repeats)
+        finally:
+            model.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    path = str(resolve_checkpoint(DEMO_MODEL).path)
+    input_ids = torch.randint(100, 10000, (1, 16))
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    rows = [("local transformers", time_generate(local, input_ids, args.new_tokens, args.repeats))]
+    del local
+    rows.append(
+        (
+            "swarm, 1 peer x 30 blocks",
+            swarm_figures(path, [(0, 30)], input_ids, args.new_tokens, args.repeats),
+        )
+    )
+    rows.append(
+        (
+            "swarm, 3 peers x 10 blocks",
+            swarm_figures(path, even_spans(30, 3), input_ids, args.new_tokens, args.repeats),
+        )
+    )
+    base = statistics.median(rows[0][1])
+    print(f"\nSmolLM2-135M float32, batch 1, {args.new_tokens} new tokens, median of {args.repeats}")
+    print(f"| {'setup':<28} | {'tokens/s':>8} | {'ms/token':>8} | {'vs local':>8} |")
+    print(f"|{'-' * 30}|{'-' * 10}|{'-' * 10}|{'-' * 10}|")
+    for name, figures in rows:
+        median = statistics.median(figures)
+        print(f"| {name:<28} | {1 / median:8.1f} | {median * 1e3:8.2f} | {base / median:7.2f}x |")
+
+    tiny_dir = tempfile.mkdtemp(prefix="tiny-llama-")
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(tiny_dir)
+    tiny_ids = torch.randint(0, 128, (1, 8))
+    hops = {
+        n: swarm_figures(tiny_dir, even_spans(8, n), tiny_ids, args.new_tokens, args.repeats)
+        for n in (1, 2, 4, 8)
+    }
+    one = statistics.median(hops[1])
+    print(f"\nPer-hop overhead, tiny 8-block Llama, {args.new_tokens} new tokens, median of {args.repeats}")
+    print(f"| {'peers':>5} | {'ms/token':>8} | {'extra ms/token per added hop':>28} |")
+    print(f"|{'-' * 7}|{'-' * 10}|{'-' * 30}|")
+    for n, figures in hops.items():
+        median = statistics.median(figures)
+        per_hop = "baseline" if n == 1 else f"{(median - one) * 1e3 / (n - 1):.2f}"
+        print(f"| {n:>5} | {median * 1e3:8.2f} | {per_hop:>28} |")
+
+
+if __name__ == "__main__":
+    main()

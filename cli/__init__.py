@@ -1,0 +1,1 @@
+"""The ``swarm-peer`` command line."""

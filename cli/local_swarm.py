@@ -1,0 +1,152 @@
+"""A real swarm on 127.0.0.1: a bootstrap DHT node and peers, each its own ``swarm-peer`` process.
+
+Used by ``swarm-peer demo``, the tests and the benchmarks. Every process is started in its own session (process
+group), so ``stop()`` ends exactly what it started, the peers' p2pd daemons included. Every wait is bounded.
+
+>>> with LocalSwarm("smollm2", spans=[(0, 10), (10, 20), (20, 30)]) as swarm:
+...     model = DistributedModelForCausalLM.from_pretrained("smollm2", initial_peers=swarm.initial_peers)
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["LocalSwarm", "SwarmProcess"]
+
+READY_PREFIX = "Serving blocks"
+
+
+@dataclass
+class SwarmProcess:
+    """One ``swarm-peer`` subprocess and the lines it printed to stdout."""
+
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+    lines: queue.Queue = field(default_factory=queue.Queue)
+
+    def wait_line(self, predicate, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or self.process.poll() is not None and self.lines.empty():
+                raise RuntimeError(
+                    f"{self.name} did not become ready in {timeout:.0f} s (exit code {self.process.poll()}); "
+                    f"its log ends with:\n{self.log_tail()}"
+                )
+            try:
+                line = self.lines.get(timeout=min(left, 0.2))
+            except queue.Empty:
+                continue
+            if predicate(line):
+                return line
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except FileNotFoundError:
+            return ""
+
+    def terminate(self, timeout: float) -> None:
+        """SIGTERM the process group, then SIGKILL what is left after ``timeout``."""
+        if self.process.poll() is None:
+            _signal_group(self.process, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        _signal_group(self.process, signal.SIGKILL)  # the group's leftovers (p2pd), even if the leader exited
+        self.process.wait(5)
+
+
+class LocalSwarm:
+    """Bootstrap node + one peer per span, all on 127.0.0.1."""
+
+    def __init__(
+        self,
+        model: str,
+        spans: list[tuple[int, int]],
+        *,
+        peer_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        start_timeout: float = 120.0,
+        log_dir: str | None = None,
+    ):
+        self.model, self.spans, self.peer_args = model, spans, list(peer_args or [])
+        self.env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+        self.start_timeout = start_timeout
+        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="swarm-peer-"))
+        self.processes: list[SwarmProcess] = []
+        self.initial_peers: list[str] = []
+        self.peers: list[SwarmProcess] = []
+
+    def __enter__(self) -> LocalSwarm:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        try:
+            boot = self._spawn("bootstrap", ["dht", "--host", "127.0.0.1", "--port", "0"])
+            self.initial_peers = [boot.wait_line(lambda line: line.startswith("/ip4/"), self.start_timeout)]
+            for start, end in self.spans:
+                self.add_peer(start, end, wait=False)
+            for peer in self.peers:
+                peer.wait_line(lambda line: line.startswith(READY_PREFIX), self.start_timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def add_peer(self, start: int, end: int, *, extra_args: list[str] | None = None, wait: bool = True):
+        args = ["join", self.model, "--initial-peers", *self.initial_peers, "--blocks", f"{start}:{end}"]
+        peer = self._spawn(f"peer {start}:{end}", args + self.peer_args + list(extra_args or []))
+        self.peers.append(peer)
+        if wait:
+            peer.wait_line(lambda line: line.startswith(READY_PREFIX), self.start_timeout)
+        return peer
+
+    def _spawn(self, name: str, args: list[str]) -> SwarmProcess:
+        log_path = self.log_dir / f"{name.replace(' ', '-').replace(':', '_')}.log"
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "swarm_peer.cli.main", *args],
+                stdout=subprocess.PIPE,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                text=True,
+                start_new_session=True,
+            )
+        proc = SwarmProcess(name, process, log_path)
+        threading.Thread(target=_pump, args=(process.stdout, proc.lines), daemon=True).start()
+        self.processes.append(proc)
+        return proc
+
+    def stop(self, timeout: float = 15.0) -> None:
+        for proc in reversed(self.processes):
+            proc.terminate(timeout)
+        self.processes.clear()
+        self.peers.clear()
+
+
+def _pump(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line.rstrip("\n"))
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,216 @@
+"""``swarm-peer`` commands: dht, join, generate, demo.
+
+    swarm-peer dht --host 127.0.0.1 --port 31337 --identity boot.key
+    swarm-peer join MODEL --initial-peers MADDR --blocks 0:15 [--device cpu] [--dtype float32]
+    swarm-peer generate MODEL --initial-peers MADDR --max-new-tokens 40 "The capital of France is"
+    swarm-peer demo
+
+MODEL is a local checkpoint directory, or ``smollm2`` for the bundled demo model. Logging goes to stderr;
+stdout carries only what a script may read (multiaddrs, the "Serving blocks" line, generated text).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+
+import click
+
+from swarm_peer.errors import SwarmError
+
+logger = logging.getLogger("swarm_peer.cli")
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("hivemind", "httpx", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _network_options(f):
+    options = [
+        click.option("--initial-peers", multiple=True, help="multiaddr of a peer in the swarm (repeatable)"),
+        click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on"),
+        click.option("--port", default=0, type=click.IntRange(0, 65535), help="TCP port (0 = any free port)"),
+        click.option(
+            "--identity", "identity_path", type=click.Path(dir_okay=False), help="key file: stable peer id"
+        ),
+        click.option("--announce-maddrs", multiple=True, help="public multiaddr to announce (repeatable)"),
+        click.option(
+            "--client-mode", is_flag=True, help="make outgoing connections only (behind NAT/firewall)"
+        ),
+        click.option("--no-relay", is_flag=True, help="do not use libp2p relays"),
+        click.option("--use-auto-relay", is_flag=True, help="find relays automatically when not reachable"),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _network_settings(kwargs: dict, *, client_mode: bool | None = None):
+    from swarm_peer.settings import NetworkSettings
+
+    initial_peers = tuple(p for arg in kwargs.pop("initial_peers") for p in arg.split())
+    return NetworkSettings(
+        initial_peers=initial_peers,
+        host=kwargs.pop("host"),
+        port=kwargs.pop("port"),
+        identity_path=kwargs.pop("identity_path"),
+        announce_maddrs=tuple(kwargs.pop("announce_maddrs")),
+        client_mode=kwargs.pop("client_mode") if client_mode is None else client_mode,
+        use_relay=not kwargs.pop("no_relay"),
+        use_auto_relay=kwargs.pop("use_auto_relay"),
+    )
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="debug logging")
+def cli(verbose: bool) -> None:
+    """swarm-peer: pool machines to run models too large for any one of them."""
+    _configure_logging(verbose)
+
+
+@cli.command()
+@_network_options
+def dht(**kwargs) -> None:
+    """Run a DHT node (e.g. a swarm's bootstrap peer); prints its multiaddrs, one per line."""
+    from swarm_peer.dht import create_dht, visible_maddrs
+
+    net = _network_settings(kwargs)
+    node = create_dht(**net.model_dump())
+    for maddr in visible_maddrs(node):
+        click.echo(maddr)
+    sys.stdout.flush()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        stop.wait()
+    finally:
+        node.shutdown()
+
+
+def _parse_blocks(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        start, end = (int(x) for x in value.split(":"))
+    except ValueError:
+        raise click.BadParameter(f"expected START:END, e.g. 0:15, not {value!r}") from None
+    if not 0 <= start < end:
+        raise click.BadParameter(f"need 0 <= START < END, got {value!r}")
+    return start, end
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--blocks", callback=_parse_blocks, help="span START:END of blocks to serve, e.g. 0:15")
+@click.option(
+    "--num-blocks", type=click.IntRange(min=1), help="serve this many blocks where the swarm is weakest"
+)
+@click.option("--device", default="cpu", show_default=True)
+@click.option(
+    "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True
+)
+@click.option(
+    "--cache-tokens",
+    type=click.IntRange(min=1),
+    default=8192,
+    show_default=True,
+    help="KV-cache budget: sum of batch * max_length over open sessions",
+)
+@click.option(
+    "--max-length",
+    type=click.IntRange(min=1),
+    default=8192,
+    show_default=True,
+    help="longest sequence one inference session may reach",
+)
+@click.option("--public-name", help="a name shown to others in swarm listings")
+@click.option("--compute-threads", type=click.IntRange(min=1), help="torch threads for compute")
+@_network_options
+def join(
+    model, blocks, num_blocks, device, dtype, cache_tokens, max_length, public_name, compute_threads, **kwargs
+):
+    """Serve blocks of MODEL (a checkpoint dir, or 'smollm2') to the swarm."""
+    from swarm_peer.peer.server import Peer
+    from swarm_peer.settings import PeerSettings
+
+    if blocks and num_blocks:
+        raise click.UsageError("give either --blocks or --num-blocks, not both")
+    settings = PeerSettings(
+        model=model,
+        blocks=blocks,
+        num_blocks=num_blocks,
+        device=device,
+        dtype=dtype,
+        cache_tokens=cache_tokens,
+        max_length=max_length,
+        public_name=public_name,
+        compute_threads=compute_threads,
+        network=_network_settings(kwargs),
+    )
+    peer = Peer(settings)
+    peer.run(
+        on_ready=lambda: click.echo(
+            f"Serving blocks {peer.span.start}:{peer.span.end} of {peer.model_id} as {peer.dht.peer_id}"
+        )
+    )
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("prompt")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=40, show_default=True)
+@click.option("--chat/--no-chat", default=False, help="apply the tokenizer's chat template to the prompt")
+@click.option("--do-sample", is_flag=True, help="sample instead of greedy decoding")
+@click.option("--temperature", type=float, default=1.0)
+@click.option("--top-p", type=float, default=1.0)
+@click.option("--seed", type=int, default=0)
+@_network_options
+def generate(model, prompt, max_new_tokens, chat, do_sample, temperature, top_p, seed, **kwargs):
+    """Generate from PROMPT through the swarm, printing text as it is produced."""
+    from swarm_peer.cli.generation import stream_generate
+    from swarm_peer.settings import ClientSettings
+
+    settings = ClientSettings(network=_network_settings(kwargs, client_mode=True))
+    stream_generate(
+        model,
+        prompt,
+        settings,
+        max_new_tokens=max_new_tokens,
+        chat=chat,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+    )
+
+
+@cli.command()
+@click.option("--prompt", default="What is the capital of France? Answer in one sentence.", show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=40, show_default=True)
+@click.option("--peers", "num_peers", type=click.IntRange(1, 30), default=3, show_default=True)
+def demo(prompt, max_new_tokens, num_peers):
+    """Start a local swarm serving SmolLM2 (bootstrap + 3 peers x 10 blocks) and chat through it."""
+    from swarm_peer.cli.demo import run_demo
+
+    run_demo(prompt, max_new_tokens=max_new_tokens, num_peers=num_peers)
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except SwarmError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

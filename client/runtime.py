@@ -1,0 +1,67 @@
+"""The client's connection to the swarm: a DHT node, a P2P replica, and an event loop on a background thread.
+
+hivemind's P2P is asyncio; the client API (``generate``, autograd) is synchronous. ``SwarmRuntime.run(coro)``
+runs a coroutine on the runtime's loop and waits for it with a deadline, so every remote call is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import hivemind
+from hivemind.p2p import P2P
+
+from swarm_peer.dht import create_dht
+from swarm_peer.settings import ClientSettings
+
+__all__ = ["SwarmRuntime"]
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class SwarmRuntime:
+    """Owns the client's DHT and P2P handle. Create it from the main thread (hivemind forks the DHT)."""
+
+    def __init__(self, settings: ClientSettings, dht: hivemind.DHT | None = None):
+        self.settings = settings
+        self.owns_dht = dht is None
+        self.dht = dht or create_dht(**settings.network.model_dump())
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="swarm-client-loop", daemon=True)
+        self._thread.start()
+        self.p2p: P2P = self.run(self.dht.replicate_p2p(), timeout=30)
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Runs ``coro`` on the runtime loop; raises ``TimeoutError`` after ``timeout`` seconds (default: request)."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(self.settings.request_timeout if timeout is None else timeout)
+        except TimeoutError:
+            future.cancel()
+            raise
+
+    def shutdown(self) -> None:
+        """Cancels the loop's tasks (open streams, the P2P replica's connections), stops it, and the DHT."""
+        if self.loop.is_closed():
+            return
+        try:
+            self.run(_cancel_other_tasks(), timeout=5)
+        except TimeoutError:
+            logger.warning("Some client tasks did not finish cancelling within 5 s")
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+        self.loop.close()
+        if self.owns_dht:
+            self.dht.shutdown()
+
+
+async def _cancel_other_tasks() -> None:
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,72 @@
+"""Signed, typed swarm records on hivemind.DHT: keys, records, validation, node creation, announce, lookup.
+
+    dht = create_dht(initial_peers=peers, identity_path="peer.id")
+    info = ServerInfo(state=ServerState.ONLINE, start_block=0, end_block=8, throughput=812.5)
+    with Announcer(dht, "llama-7b", lambda: info, period=30):
+        servers = online_servers(dht, "llama-7b", range(32))   # [{PeerID: ServerInfo}, ...] per block
+
+Records live under ``"{model_id}.{block}"`` in a subkey owned by the announcing peer (its peer id and RSA
+key); hivemind's ``RSASignatureValidator`` keeps others from overwriting them and ``SwarmRecordValidator``
+rejects malformed, misplaced or impersonating records.
+"""
+
+from swarm_peer.dht.announce import Announcer, declare_span
+from swarm_peer.dht.identity import load_identity, peer_id_from_public_key
+from swarm_peer.dht.keys import (
+    block_key,
+    block_key_id,
+    block_ranges,
+    parse_peer_subkey,
+    peer_subkey,
+    validate_model_id,
+)
+from swarm_peer.dht.lookup import get_block_servers, online_servers
+from swarm_peer.dht.node import (
+    DEFAULT_TIMEOUT,
+    create_dht,
+    local_peer_id,
+    local_subkey,
+    run_in_dht,
+    visible_maddrs,
+)
+from swarm_peer.dht.records import (
+    MAX_VALUE_BYTES,
+    RECORD_TAG,
+    SCHEMA_VERSION,
+    ServerInfo,
+    ServerState,
+    from_dht_value,
+    is_swarm_record,
+    to_dht_value,
+)
+from swarm_peer.dht.validation import SwarmRecordValidator
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "MAX_VALUE_BYTES",
+    "RECORD_TAG",
+    "SCHEMA_VERSION",
+    "Announcer",
+    "ServerInfo",
+    "ServerState",
+    "SwarmRecordValidator",
+    "block_key",
+    "block_key_id",
+    "block_ranges",
+    "create_dht",
+    "declare_span",
+    "from_dht_value",
+    "get_block_servers",
+    "is_swarm_record",
+    "load_identity",
+    "local_peer_id",
+    "local_subkey",
+    "online_servers",
+    "parse_peer_subkey",
+    "peer_id_from_public_key",
+    "peer_subkey",
+    "run_in_dht",
+    "to_dht_value",
+    "validate_model_id",
+    "visible_maddrs",
+]

@@ -1,0 +1,231 @@
+"""Announcing a peer's span in the DHT: one signed record per block, refreshed before it expires.
+
+    declare_span(dht, "llama-7b", info, expiration_time=get_dht_time() + 60)   # once
+
+    announcer = Announcer(dht, "llama-7b", lambda: current_info(), period=30)   # keep it announced
+    announcer.start()
+    ...
+    announcer.update()     # something changed (state, span, cache left): re-announce now
+    announcer.stop()       # publish OFFLINE, then join
+
+A record lives in this peer's own subkey of ``block_key(model_id, b)`` (``local_subkey``), signed by the
+peer's key, so nobody else can overwrite or erase it. hivemind keeps, per subkey, the value with the latest
+expiration time: a new record replaces the old one only if it expires later, so announcements use
+non-decreasing expiration times (``Announcer`` guarantees it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+from collections.abc import Callable, Sequence
+
+import hivemind
+from hivemind.utils import get_dht_time
+
+from swarm_peer.dht.keys import block_key, block_ranges, validate_model_id
+from swarm_peer.dht.node import DEFAULT_TIMEOUT, local_subkey, run_in_dht
+from swarm_peer.dht.records import ServerInfo, ServerState, to_dht_value
+from swarm_peer.errors import ValidationError
+
+__all__ = ["Announcer", "declare_span"]
+
+logger = logging.getLogger(__name__)
+
+_EXPIRATION_STEP = 1e-3  # seconds; a replacing record must expire strictly later than the one it replaces
+
+
+async def _store_span(
+    _dht: hivemind.DHT,
+    node: hivemind.DHTNode,
+    *,
+    timeout: float,
+    model_id: str,
+    info: ServerInfo,
+    ranges: tuple[tuple[int, int], ...],
+    subkey: bytes,
+    expiration_time: float,
+) -> dict[int, bool] | None:
+    """In the DHT process: store the record of every block of ``ranges`` in one ``store_many``.
+
+    Returns {block: stored}, or None on timeout. Blocks travel as [start, end) ranges and values are built
+    here, so that the request over the pipe stays small however long the span.
+    """
+    blocks = [block for start, end in ranges for block in range(start, end)]
+    keys = [block_key(model_id, block) for block in blocks]
+    values = [to_dht_value(info, model_id=model_id, block=block) for block in blocks]
+    try:
+        store_ok = await asyncio.wait_for(
+            node.store_many(keys, values, expiration_time, subkeys=[subkey] * len(keys)), timeout
+        )
+    except TimeoutError:
+        return None
+    return {block: bool(store_ok[key, subkey]) for block, key in zip(blocks, keys, strict=True)}
+
+
+def declare_span(
+    dht: hivemind.DHT,
+    model_id: str,
+    info: ServerInfo,
+    *,
+    expiration_time: float,
+    blocks: Sequence[int] | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> bool:
+    """Store ``info`` under this peer's subkey of every block of its span, until ``expiration_time``.
+
+    ``blocks`` restricts the store to some blocks of the span (default: all of ``[start_block, end_block)``).
+    ``expiration_time`` is absolute, in ``hivemind.get_dht_time()`` seconds; it must be later than that of
+    the record it replaces, or the DHT keeps the old one. ``dht`` must come from ``create_dht``.
+
+    Returns True if the DHT accepted the record of every block, False if some store was rejected or the DHT
+    did not answer within ``timeout`` (logged as a warning). Raises ``ValidationError`` if ``info`` cannot be
+    announced (block outside the span, record over the size cap, bad model id, foreign ``dht``).
+    """
+    validate_model_id(model_id)
+    blocks = tuple(range(info.start_block, info.end_block) if blocks is None else blocks)
+    for block in blocks:
+        to_dht_value(info, model_id=model_id, block=block)  # raise here, not in the DHT process
+    if not blocks:
+        return True
+    subkey = local_subkey(dht)
+    expiration_time = float(expiration_time)  # store_many tells one time from a list by isinstance(float)
+    try:
+        stored = run_in_dht(
+            dht,
+            _store_span,
+            timeout=timeout,
+            model_id=model_id,
+            info=info,
+            ranges=block_ranges(blocks),
+            subkey=subkey,
+            expiration_time=expiration_time,
+        )
+    except TimeoutError:
+        stored = None
+    if stored is None:
+        logger.warning("Announcing %s blocks %s timed out after %.1f s", model_id, _spans(blocks), timeout)
+        return False
+    rejected = [block for block, ok in stored.items() if not ok]
+    if rejected:
+        logger.warning("The DHT did not store the records of %s blocks %s", model_id, _spans(rejected))
+    return not rejected
+
+
+def _spans(blocks: Sequence[int]) -> str:
+    """Short text for a set of block indices: ``[0, 1, 2, 5]`` -> ``"0:3,5:6"``."""
+    return ",".join(f"{start}:{end}" for start, end in block_ranges(blocks))
+
+
+class Announcer(threading.Thread):
+    """A daemon thread that keeps this peer's span announced in the DHT.
+
+    Every ``period`` seconds (and at once after ``update()``) it declares ``info_fn()`` with an expiration of
+    ``2 * period`` from now. When the span moves, the blocks it left get an OFFLINE record. ``stop()``
+    declares the final state and joins. Every DHT call is bounded by ``timeout``; a failed announcement is
+    logged and retried at the next period, and an exception from ``info_fn`` skips that round.
+
+    Usable as a context manager: ``with Announcer(dht, "llama-7b", info_fn): ...`` starts and stops it.
+    """
+
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        model_id: str,
+        info_fn: Callable[[], ServerInfo],
+        period: float = 30.0,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+    ):
+        validate_model_id(model_id)
+        if not period > 0:
+            raise ValidationError(f"announce period must be positive, got {period}")
+        local_subkey(dht)  # fail now, not in the thread, if the DHT cannot sign
+        super().__init__(name=f"swarm-announcer-{model_id}", daemon=True)
+        self.dht, self.model_id, self.info_fn = dht, model_id, info_fn
+        self.period, self.timeout = period, timeout
+        self._wakeup = threading.Event()
+        self._stopping = threading.Event()
+        self._final_state = ServerState.OFFLINE
+        self._last_info: ServerInfo | None = None  # the last declared record and its expiration time
+        self._last_expiration = -math.inf
+
+    def run(self) -> None:
+        while not self._stopping.is_set():
+            info = self._current_info()
+            if info is not None:
+                self._announce(info, ttl=2 * self.period)
+            self._wakeup.wait(self.period)
+            self._wakeup.clear()
+        self._announce_final()
+
+    def update(self) -> None:
+        """Re-announce now (returns at once; the thread does the work)."""
+        self._wakeup.set()
+
+    def stop(self, final_state: ServerState = ServerState.OFFLINE, timeout: float | None = None) -> bool:
+        """Declare ``final_state`` for the span and join the thread; True if it ended within ``timeout``.
+
+        The final record must expire after the last announcement (the DHT would keep the older one), so it
+        lives until shortly after that one would have expired: at most ``2 * period``. ``timeout`` defaults to
+        enough time for the announcement in flight plus the final one.
+        """
+        self._final_state = final_state
+        self._stopping.set()
+        self._wakeup.set()
+        if self.ident is None:  # never started: announce from this thread
+            self._announce_final()
+            return True
+        timeout = 3 * (self.timeout + 1.0) if timeout is None else timeout
+        self.join(timeout)
+        if self.is_alive():
+            logger.warning("Announcer for %s did not stop within %.1f s", self.model_id, timeout)
+        return not self.is_alive()
+
+    def __enter__(self) -> Announcer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _current_info(self) -> ServerInfo | None:
+        try:
+            return self.info_fn()
+        except Exception:
+            logger.warning(
+                "info_fn of the %s announcer failed; skipping this round", self.model_id, exc_info=True
+            )
+            return None
+
+    def _announce_final(self) -> None:
+        info = self._current_info() or self._last_info
+        if info is not None:
+            self._announce(info.model_copy(update={"state": self._final_state}), ttl=self.period)
+
+    def _announce(self, info: ServerInfo, *, ttl: float) -> None:
+        """Declare ``info`` (and OFFLINE on blocks the span left) with an expiration later than the last one."""
+        expiration_time = max(get_dht_time() + ttl, self._last_expiration + _EXPIRATION_STEP)
+        try:
+            if self._last_info is not None:
+                left = sorted(
+                    set(range(self._last_info.start_block, self._last_info.end_block))
+                    - set(range(info.start_block, info.end_block))
+                )
+                if left:
+                    offline = self._last_info.model_copy(update={"state": ServerState.OFFLINE})
+                    declare_span(
+                        self.dht,
+                        self.model_id,
+                        offline,
+                        expiration_time=expiration_time,
+                        blocks=left,
+                        timeout=self.timeout,
+                    )
+            declare_span(self.dht, self.model_id, info, expiration_time=expiration_time, timeout=self.timeout)
+        except Exception:
+            logger.warning("Announcing %s failed", self.model_id, exc_info=True)
+        # even a failed store may have reached some replicas: the next record must expire later
+        self._last_info, self._last_expiration = info, expiration_time

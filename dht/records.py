@@ -1,0 +1,210 @@
+"""Typed swarm records (``ServerInfo``) and their compact, versioned wire form in the DHT.
+
+A peer announces, for every block ``b`` of its span, one record under ``block_key(model_id, b)``::
+
+    to_dht_value(info, model_id="llama-7b", block=3) == {
+        "t": "swarm.server", "v": 1,            # record tag and schema version
+        "m": "llama-7b", "b": 3,                # the key it belongs to (a validator checks it)
+        "s": 2, "sb": 0, "eb": 8,               # state, span [start_block, end_block)
+        "tp": 812.5, "rps": 3.1, "ct": 65536,   # throughput, inference rps, cache tokens left
+        "ad": [], "ver": "0.1.0", "dt": "float16", "pn": None, "np": {"QmNext...": 0.004},
+    }
+
+Compatibility rules (mixed-version swarms keep working):
+- unknown wire fields are ignored, so a newer peer may add fields without bumping ``v``;
+- ``v`` is bumped only for an incompatible change; records of a newer version are skipped by lookups
+  (``from_dht_value`` raises) but still stored and relayed by this version's validator;
+- a short wire name is never reused for another meaning.
+
+Values stay small: hivemind's DHT process dies on requests over ~16 KiB, and a request over the pipe to the
+DHT process is only safe from interleaving (several threads using one DHT) below the atomic pipe write size,
+4 KiB. ``to_dht_value`` refuses records over ``MAX_VALUE_BYTES`` serialized; the largest record makes a
+~3.5 KiB ``declare_span`` request (~23 next_pings with every other field at its maximum length).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Any
+
+from hivemind.utils import MSGPackSerializer
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import ValidationError as PydanticValidationError
+
+from swarm_peer.dht.keys import validate_model_id
+from swarm_peer.errors import ValidationError
+
+__all__ = [
+    "MAX_BLOCKS",
+    "MAX_VALUE_BYTES",
+    "RECORD_TAG",
+    "SCHEMA_VERSION",
+    "ServerInfo",
+    "ServerState",
+    "from_dht_value",
+    "is_swarm_record",
+    "record_key",
+    "to_dht_value",
+]
+
+RECORD_TAG = "swarm.server"
+SCHEMA_VERSION = 1
+MAX_BLOCKS = 1 << 16  # block indices are in [0, MAX_BLOCKS)
+MAX_VALUE_BYTES = 2048  # msgpack-serialized record, before hivemind appends the ~350-byte signature
+
+# field name -> wire name. Never reuse a wire name for another meaning.
+_WIRE_NAMES = {
+    "state": "s",
+    "start_block": "sb",
+    "end_block": "eb",
+    "throughput": "tp",
+    "inference_rps": "rps",
+    "cache_tokens_left": "ct",
+    "adapters": "ad",
+    "version": "ver",
+    "dtype": "dt",
+    "public_name": "pn",
+    "next_pings": "np",
+}
+_ENVELOPE = ("t", "v", "m", "b")  # tag, schema version, model id, block index
+assert not set(_ENVELOPE) & set(_WIRE_NAMES.values()), "wire names must not collide with the envelope"
+
+_NonNegativeFloat = Annotated[float, Field(ge=0.0, allow_inf_nan=False, strict=True)]
+_ShortStr = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=64)]
+
+
+class ServerState(enum.IntEnum):
+    """Lifecycle of a peer's span: announced while loading (JOINING), serving (ONLINE), leaving (OFFLINE)."""
+
+    OFFLINE = 0
+    JOINING = 1
+    ONLINE = 2
+
+
+class ServerInfo(BaseModel):
+    """What a peer announces about the span of blocks it hosts. Immutable; use ``model_copy(update=...)``.
+
+    Raises pydantic's ``ValidationError`` on construction with bad fields (``from_dht_value`` turns that into
+    ``swarm_peer.errors.ValidationError``). Unknown fields are ignored.
+
+    Example: ``ServerInfo(state=ServerState.ONLINE, start_block=0, end_block=4, throughput=812.5)``.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    state: ServerState = Field(
+        description="lifecycle state of the span; lookups keep ONLINE peers for routing"
+    )
+    start_block: int = Field(ge=0, lt=MAX_BLOCKS, strict=True, description="first hosted block (inclusive)")
+    end_block: int = Field(gt=0, le=MAX_BLOCKS, strict=True, description="end of the hosted span (exclusive)")
+    throughput: _NonNegativeFloat = Field(0.0, description="tokens/s the span can process; 0 = unknown")
+    inference_rps: _NonNegativeFloat = Field(
+        0.0, description="inference steps/s the span can serve; 0 = unknown"
+    )
+    cache_tokens_left: int = Field(
+        0, ge=0, strict=True, description="free attention-cache capacity, in tokens"
+    )
+    adapters: tuple[_ShortStr, ...] = Field(
+        (), max_length=16, description="names of the loaded LoRA adapters"
+    )
+    version: str = Field(
+        "0", strict=True, min_length=1, max_length=32, description="swarm-peer package version of the peer"
+    )
+    dtype: str = Field(
+        "float32", strict=True, min_length=1, max_length=16, description="torch dtype of the hosted weights"
+    )
+    public_name: str | None = Field(
+        None, strict=True, max_length=64, description="name shown on status pages"
+    )
+    next_pings: dict[_ShortStr, _NonNegativeFloat] = Field(
+        default_factory=dict, max_length=64, description="peer id (base58) -> round-trip time in seconds"
+    )
+
+    @field_validator("state", mode="before")
+    @classmethod
+    def _exact_state(cls, value: Any) -> ServerState:
+        # accept the enum or a plain int from the wire, but not bool/str/float look-alikes
+        if isinstance(value, ServerState):
+            return value
+        if type(value) is not int:
+            raise ValueError(f"state must be an int, got {type(value).__name__}")
+        return ServerState(value)  # ValueError for unknown states
+
+    @model_validator(mode="after")
+    def _span_not_empty(self) -> ServerInfo:
+        if self.start_block >= self.end_block:
+            raise ValueError(
+                f"span must have start_block < end_block, got [{self.start_block}, {self.end_block})"
+            )
+        return self
+
+
+def to_dht_value(info: ServerInfo, *, model_id: str, block: int) -> dict[str, Any]:
+    """The compact wire form of ``info`` for the key ``block_key(model_id, block)`` (see the module docstring).
+
+    Raises ``ValidationError`` if ``block`` is outside the span of ``info``, the record serializes to more
+    than ``MAX_VALUE_BYTES`` (trim ``next_pings`` or ``adapters``), or ``info`` is invalid (a
+    ``model_copy(update=...)`` is not validated by pydantic, so this checks it again).
+    """
+    validate_model_id(model_id)
+    if type(block) is not int or not info.start_block <= block < info.end_block:
+        raise ValidationError(f"block {block!r} is outside the span [{info.start_block}, {info.end_block})")
+    fields = info.model_dump()
+    fields["state"] = int(info.state)  # hivemind's msgpack uses strict types: no IntEnum
+    fields["adapters"] = list(info.adapters)
+    value = {"t": RECORD_TAG, "v": SCHEMA_VERSION, "m": model_id, "b": block}
+    value.update((_WIRE_NAMES[name], field) for name, field in fields.items())
+    size = len(MSGPackSerializer.dumps(value))
+    if size > MAX_VALUE_BYTES:
+        raise ValidationError(f"record is {size} bytes serialized, over the cap of {MAX_VALUE_BYTES} bytes")
+    from_dht_value(value)  # refuse what readers would refuse (model_copy(update=...) skips validation)
+    return value
+
+
+def is_swarm_record(value: Any) -> bool:
+    """Whether a DHT value claims to be a swarm record (has our tag); other hivemind values share the DHT."""
+    return isinstance(value, dict) and value.get("t") == RECORD_TAG
+
+
+def record_key(value: Any) -> tuple[str, int]:
+    """The (model id, block index) a tagged record of any schema version says it belongs to.
+
+    Raises ``ValidationError`` if ``value`` is not a swarm record or its envelope is malformed.
+    """
+    if not is_swarm_record(value):
+        raise ValidationError("not a swarm record (no 'swarm.server' tag)")
+    version, model_id, block = value.get("v"), value.get("m"), value.get("b")
+    if type(version) is not int or version < 1:
+        raise ValidationError(f"schema version must be a positive int, got {version!r}")
+    validate_model_id(model_id)
+    if type(block) is not int or not 0 <= block < MAX_BLOCKS:
+        raise ValidationError(f"block index must be an int in [0, {MAX_BLOCKS}), got {block!r}")
+    return model_id, block
+
+
+def from_dht_value(value: Any, *, model_id: str | None = None, block: int | None = None) -> ServerInfo:
+    """Parse a wire record made by ``to_dht_value``; unknown fields are ignored.
+
+    If ``model_id``/``block`` are given, the record must say it belongs to that key. Raises
+    ``ValidationError`` if the value is not a swarm record, has another schema version, is for another
+    key, has malformed fields, or its span does not contain its own block.
+    """
+    record_model_id, record_block = record_key(value)
+    if value["v"] != SCHEMA_VERSION:
+        raise ValidationError(f"unsupported schema version {value['v']} (this peer reads {SCHEMA_VERSION})")
+    if (model_id is not None and record_model_id != model_id) or (
+        block is not None and record_block != block
+    ):
+        raise ValidationError(
+            f"record for {record_model_id}.{record_block} found under the key of {model_id}.{block}"
+        )
+    fields = {name: value[wire] for name, wire in _WIRE_NAMES.items() if wire in value}
+    try:
+        info = ServerInfo.model_validate(fields)
+    except PydanticValidationError as e:
+        raise ValidationError(f"malformed record for {record_model_id}.{record_block}: {e}") from e
+    if not info.start_block <= record_block < info.end_block:
+        raise ValidationError(
+            f"record for block {record_block} announces the span [{info.start_block}, {info.end_block})"
+        )
+    return info

@@ -1,0 +1,98 @@
+"""``SwarmRecordValidator``: the DHT-side check of swarm records, run by every node on store and on get.
+
+Why not hivemind's ``SchemaValidator``: it accepts only ``pydantic.v1`` models, and it recognizes fields by
+the hash of a fixed key name, while our keys are dynamic (``"{model_id}.{block}"``; a node only ever sees
+``DHTRecord.key = sha1(msgpack(key))``). So the record carries its own key and this validator checks it.
+
+What it accepts and rejects (``validate`` returns False to reject):
+
+- a value that is not a swarm record (no ``"swarm.server"`` tag): accepted, other hivemind components
+  (averagers, progress trackers) share the DHT;
+- a value that does not deserialize: rejected (hivemind would fail on it when returning it from a get);
+- a tagged record whose embedded (model id, block) does not hash to ``record.key``: rejected, so a record
+  cannot be replayed under another key;
+- a tagged record whose subkey is not ``<peer id>[owner:<rsa key>]`` (unsigned), or whose peer id is not the
+  libp2p id of that RSA key: rejected, so a peer cannot announce itself as another peer;
+- a tagged record of this schema version with malformed fields (``from_dht_value`` raises): rejected;
+  records of a newer schema version are accepted once their envelope checks out (mixed-version swarms).
+
+Ordering with ``RSASignatureValidator``: hivemind's ``CompositeValidator`` sorts validators by ``priority``,
+signs in increasing and validates in decreasing priority, stripping each validator's signature before the
+next one sees the value. The signature validator has priority 10; this one has 0, so it validates after the
+signature was checked and sees the value with the signature stripped (a signed value does not deserialize
+before stripping: msgpack refuses the trailing signature). It must therefore be used together with an
+``RSASignatureValidator``, as ``create_dht`` does. Note that the RSA signature itself covers the hashed key,
+the subkey, the value and the expiration time.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.utils import MSGPackSerializer
+
+from swarm_peer.dht.identity import peer_id_from_public_key
+from swarm_peer.dht.keys import block_key_id, parse_peer_subkey
+from swarm_peer.dht.records import (
+    MAX_VALUE_BYTES,
+    SCHEMA_VERSION,
+    from_dht_value,
+    is_swarm_record,
+    record_key,
+)
+from swarm_peer.errors import ValidationError
+
+__all__ = ["SwarmRecordValidator"]
+
+logger = logging.getLogger(__name__)
+
+
+class SwarmRecordValidator(RecordValidatorBase):
+    """Rejects malformed, misplaced or impersonating swarm records; lets every other value through.
+
+    Stateless; several instances merge into one. Use with ``RSASignatureValidator`` (see the module docstring)::
+
+        hivemind.DHT(..., record_validators=[RSASignatureValidator(key), SwarmRecordValidator()])
+    """
+
+    def validate(self, record: DHTRecord) -> bool:
+        try:
+            value = MSGPackSerializer.loads(record.value)
+        except Exception as e:  # msgpack raises several unrelated types on garbage
+            logger.debug("Rejected a value that does not deserialize (%s: %s)", type(e).__name__, e)
+            return False
+        if not is_swarm_record(value):
+            return True
+        try:
+            self._check(record, value)
+        except ValidationError as e:
+            logger.debug("Rejected a swarm record: %s", e)
+            return False
+        return True
+
+    @staticmethod
+    def _check(record: DHTRecord, value: dict) -> None:
+        """Raise ``ValidationError`` unless ``value`` is a well-formed swarm record owned by its subkey's peer."""
+        if len(record.value) > MAX_VALUE_BYTES:
+            raise ValidationError(f"record is {len(record.value)} bytes, over the cap of {MAX_VALUE_BYTES}")
+        model_id, block = record_key(value)
+        if record.key != block_key_id(model_id, block):
+            raise ValidationError(f"record for {model_id}.{block} is stored under another key")
+        try:
+            subkey = MSGPackSerializer.loads(record.subkey)
+        except Exception as e:
+            raise ValidationError(f"subkey does not deserialize: {e}") from e
+        peer_id, public_key = parse_peer_subkey(subkey)
+        if peer_id_from_public_key(public_key) != peer_id:
+            raise ValidationError(f"subkey claims peer {peer_id} but is owned by another key")
+        if value["v"] == SCHEMA_VERSION:
+            from_dht_value(value)
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        # stateless: a second instance adds nothing
+        return isinstance(other, SwarmRecordValidator)
+
+    @property
+    def priority(self) -> int:
+        return 0  # below RSASignatureValidator (10): validate after its signature is checked and stripped

@@ -1,0 +1,148 @@
+"""A span of a model's transformer blocks, built from the model's own transformers classes.
+
+Shape legend: B batch, T new tokens, S tokens seen including the new ones (past + T), D hidden size.
+
+Only the span's weights are read from the checkpoint (``model.layers.{i}.*``), so memory grows with the span,
+not the model. Nothing here is written per model family: the family's own base model (``LlamaModel``,
+``Qwen2Model``, ...) is built on the meta device for a config cut down to the span, its embeddings dropped, its
+final norm replaced by the identity, its layers replaced by the real blocks. Its own ``forward`` then builds the
+causal / sliding-window masks and rotary embeddings exactly as the full model does, which is what makes the
+swarm's outputs equal local transformers' outputs.
+
+Blocks are constructed with their global index and the full config (so per-layer structure such as sliding
+attention is right), then every ``layer_idx`` attribute is renumbered from 0 within the sub-span being run, so
+that a KV cache made for that sub-span (``DynamicCache`` of the cut-down config) lines up with it. Compute runs on
+one thread at a time (peer.compute), which keeps that renumbering race-free.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from functools import cached_property
+
+import torch
+from torch import nn
+from transformers import AutoModel, DynamicCache
+
+from swarm_peer.errors import ValidationError
+from swarm_peer.models import Checkpoint
+
+__all__ = ["BlockSpan", "DTYPES"]
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_LAYER_PREFIX = "model.layers.{}."
+
+
+class BlockSpan:
+    """Blocks ``[start, end)`` of a checkpoint, runnable as any sub-span ``[a, b)`` inside them."""
+
+    def __init__(
+        self, checkpoint: Checkpoint, start: int, end: int, *, dtype: str = "float32", device: str = "cpu"
+    ):
+        num_blocks = checkpoint.num_blocks
+        if not 0 <= start < end <= num_blocks:
+            raise ValidationError(f"blocks {start}:{end} are not inside the model's 0:{num_blocks}")
+        if dtype not in DTYPES:
+            raise ValidationError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+        self.checkpoint, self.start, self.end = checkpoint, start, end
+        self.dtype_name, self.dtype, self.device = dtype, DTYPES[dtype], torch.device(device)
+        self.config = copy.deepcopy(checkpoint.config)
+        self.config._attn_implementation = "sdpa"
+        self.layers = nn.ModuleList(self._load_layer(i) for i in range(start, end)).requires_grad_(False)
+        self._runners: dict[tuple[int, int], nn.Module] = {}
+
+    @cached_property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    def _load_layer(self, index: int) -> nn.Module:
+        with torch.device("meta"):
+            layer = self._layer_class(self.config, index)
+        prefix = _LAYER_PREFIX.format(index)
+        names = [name for name in self.checkpoint.tensor_index if name.startswith(prefix)]
+        if not names:
+            raise ValidationError(f"checkpoint {self.checkpoint.path} has no weights for block {index}")
+        state = {
+            name[len(prefix) :]: t.to(self.device, self.dtype)
+            for name, t in self.checkpoint.load_tensors(names).items()
+        }
+        missing, unexpected = layer.load_state_dict(state, strict=False, assign=True)
+        if unexpected:
+            raise ValidationError(f"block {index}: unexpected weights {unexpected[:4]}")
+        # Buffers that are not in the checkpoint (none for the supported families) would stay on meta.
+        leftovers = [n for n, t in [*layer.named_parameters(), *layer.named_buffers()] if t.is_meta]
+        if missing or leftovers:
+            raise ValidationError(
+                f"block {index}: missing weights {sorted(set(missing) | set(leftovers))[:4]}"
+            )
+        return layer.eval()
+
+    @cached_property
+    def _layer_class(self) -> type[nn.Module]:
+        with torch.device("meta"):
+            probe = AutoModel.from_config(_span_config(self.config, 0, 1))
+        return type(probe.layers[0])
+
+    def span_config(self, a: int, b: int):
+        """The config cut down to global blocks ``[a, b)``: what a session's ``DynamicCache`` is built from."""
+        return _span_config(self.config, a, b)
+
+    def new_cache(self, a: int, b: int) -> DynamicCache:
+        return DynamicCache(config=self.span_config(a, b))
+
+    def _runner(self, a: int, b: int) -> nn.Module:
+        """The family's base model for global blocks ``[a, b)``, wrapping the shared real layers."""
+        if (a, b) not in self._runners:
+            config = self.span_config(a, b)
+            with torch.device("meta"):
+                base = AutoModel.from_config(config)
+            base.embed_tokens = None
+            base.norm = nn.Identity()
+            with self.device:
+                base.rotary_emb = type(base.rotary_emb)(config=config)
+            base.layers = nn.ModuleList(self.layers[a - self.start : b - self.start])
+            leftovers = [n for n, t in [*base.named_parameters(), *base.named_buffers()] if t.is_meta]
+            assert not leftovers, f"tensors left on the meta device: {leftovers}"
+            self._runners[(a, b)] = base.eval()
+        return self._runners[(a, b)]
+
+    def check_range(self, a: int, b: int) -> None:
+        if not self.start <= a < b <= self.end:
+            raise ValidationError(
+                f"blocks {a}:{b} are not served here (this peer serves {self.start}:{self.end})"
+            )
+
+    def forward(
+        self,
+        hidden_BTD: torch.Tensor,
+        attention_mask_BS: torch.Tensor,
+        position_ids_BT: torch.Tensor,
+        a: int,
+        b: int,
+        cache: DynamicCache | None = None,
+    ) -> torch.Tensor:
+        """Runs global blocks ``[a, b)``. With a cache, appends this step's keys/values to it."""
+        runner = self._runner(a, b)
+        for local, layer in enumerate(runner.layers):
+            for module in layer.modules():
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = local
+        out = runner(
+            inputs_embeds=hidden_BTD.to(self.device, self.dtype),
+            attention_mask=attention_mask_BS.to(self.device),
+            position_ids=position_ids_BT.to(self.device),
+            past_key_values=cache,
+            use_cache=cache is not None,
+        )
+        return out.last_hidden_state
+
+
+def _span_config(config, a: int, b: int):
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = b - a
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = list(config.layer_types[a:b])
+    return config

@@ -1,0 +1,247 @@
+"""The peer's RPC handlers: validate every request, then compute on the one compute thread.
+
+Shape legend: B batch, T new tokens, S tokens seen so far including the new ones, D hidden size.
+
+- ``swarm.v1.info``: the peer's ``ServerInfo`` as JSON.
+- ``swarm.v1.forward``: hidden_BTD, attention_mask_BS (S == T), position_ids_BT -> hidden_BTD.
+- ``swarm.v1.backward``: the same plus grad_outputs_BTD -> grad_inputs_BTD (gradient w.r.t. the inputs).
+- ``swarm.v1.inference``: a bidirectional stream that owns one session: open (span, max_length, batch_size), then
+  steps (hidden_BTD, attention_mask_BS, position_ids_BT); the session's KV cache lives inside the stream, so no
+  other client can reach it, and closing the stream (or idling past the timeout) frees it.
+
+Every request is checked before compute: model and blocks served here, dtype, shapes, lengths, mask values and
+positions. A bad request gets a tagged error reply (protocols.rpc) and the peer keeps serving everyone else.
+Compute runs on a single worker thread, off the event loop, so the loop keeps answering while blocks run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from hivemind.p2p import P2P, P2PContext
+
+from swarm_peer.errors import SessionError, SwarmError, ValidationError
+from swarm_peer.peer.blocks import BlockSpan
+from swarm_peer.peer.cache import CacheBudget
+from swarm_peer.protocols import codec, rpc, swarm_pb2
+from swarm_peer.settings import PeerSettings
+
+__all__ = ["BlockHandlers"]
+
+logger = logging.getLogger(__name__)
+
+_DRAIN_SECONDS = 5.0
+
+
+class BlockHandlers:
+    """Serves one ``BlockSpan`` of model ``model_id`` over hivemind P2P."""
+
+    def __init__(
+        self, span: BlockSpan, model_id: str, settings: PeerSettings, info_json: Callable[[], bytes]
+    ):
+        self.span, self.model_id, self.settings, self.info_json = span, model_id, settings, info_json
+        self.budget = CacheBudget(settings.cache_tokens)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self.in_flight = 0
+        self.open_sessions = 0
+
+    async def register(self, p2p: P2P) -> None:
+        await p2p.add_protobuf_handler(rpc.INFO, self.rpc_info, swarm_pb2.InfoRequest)
+        for name, handler in ((rpc.FORWARD, self.rpc_forward), (rpc.BACKWARD, self.rpc_backward)):
+            await p2p.add_protobuf_handler(
+                name, handler, swarm_pb2.ForwardRequest, stream_input=True, stream_output=True
+            )
+        await p2p.add_protobuf_handler(
+            rpc.INFERENCE,
+            self.rpc_inference,
+            swarm_pb2.InferenceRequest,
+            stream_input=True,
+            stream_output=True,
+        )
+
+    async def rpc_info(self, request: swarm_pb2.InfoRequest, context: P2PContext) -> swarm_pb2.InfoResponse:
+        return swarm_pb2.InfoResponse(info_json=self.info_json())
+
+    async def rpc_forward(self, requests: AsyncIterator[swarm_pb2.ForwardRequest], context: P2PContext):
+        async for response in self._stateless(requests, backward=False):
+            yield response
+
+    async def rpc_backward(self, requests: AsyncIterator[swarm_pb2.ForwardRequest], context: P2PContext):
+        async for response in self._stateless(requests, backward=True):
+            yield response
+
+    async def _stateless(self, requests: AsyncIterator[swarm_pb2.ForwardRequest], backward: bool):
+        try:
+            first = await self._next(requests, "the request")
+            if first is None:
+                raise ValidationError("empty request stream")
+            a, b = self._check_span(first.span)
+            assembler = codec.TensorAssembler(expected=4 if backward else 3)
+            assembler.feed(first.tensors)
+            while not assembler.complete:
+                more = await self._next(requests, "the rest of the request's tensors")
+                if more is None:
+                    raise ValidationError("the request stream ended before its tensors were complete")
+                assembler.feed(more.tensors)
+            tensors = assembler.tensors()
+            hidden_BTD, mask_BS, positions_BT = self._check_inputs(*tensors[:3], past=0, batch_size=None)
+            if backward:
+                grad_BTD = _check_float("grad_outputs", tensors[3], hidden_BTD.shape)
+                result = await self._compute(
+                    self._backward, hidden_BTD, mask_BS, positions_BT, grad_BTD, a, b
+                )
+            else:
+                result = await self._compute(self._forward, hidden_BTD, mask_BS, positions_BT, a, b)
+            for parts in codec.pack([result]):
+                yield swarm_pb2.ForwardResponse(tensors=parts)
+        except SwarmError as e:
+            # Read the caller's stream to its end first: closing it while the caller still writes would break
+            # its pipe, and it would see "broken pipe" instead of our explanation.
+            await self._drain(requests)
+            raise rpc.tag_error(e) from None
+
+    async def _drain(self, requests: AsyncIterator) -> None:
+        try:
+            async with asyncio.timeout(_DRAIN_SECONDS):
+                async for _ in requests:
+                    pass
+        except Exception:
+            logger.debug("Could not drain a failed request's stream", exc_info=True)
+
+    def _forward(self, hidden_BTD, mask_BS, positions_BT, a, b) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.span.forward(hidden_BTD, mask_BS, positions_BT, a, b).to(hidden_BTD.dtype)
+
+    def _backward(self, hidden_BTD, mask_BS, positions_BT, grad_BTD, a, b) -> torch.Tensor:
+        with torch.enable_grad():
+            inputs_BTD = hidden_BTD.to(self.span.dtype).requires_grad_(True)
+            outputs_BTD = self.span.forward(inputs_BTD, mask_BS, positions_BT, a, b)
+            (grad_inputs_BTD,) = torch.autograd.grad(outputs_BTD, inputs_BTD, grad_BTD.to(outputs_BTD.dtype))
+        return grad_inputs_BTD.to(hidden_BTD.dtype)
+
+    async def rpc_inference(self, requests: AsyncIterator[swarm_pb2.InferenceRequest], context: P2PContext):
+        try:
+            first = await self._next(requests, "the open message")
+            if first is None or first.WhichOneof("kind") != "open":
+                raise SessionError("an inference stream must start with an open message")
+            a, b = self._check_span(first.open.span)
+            batch_size, max_length = first.open.batch_size, first.open.max_length
+            if not 1 <= batch_size or not 1 <= max_length <= self.settings.max_length:
+                raise ValidationError(
+                    f"session needs 1 <= batch_size and 1 <= max_length <= {self.settings.max_length}, "
+                    f"got batch_size={batch_size}, max_length={max_length}"
+                )
+            with self.budget.reserve(batch_size * max_length):
+                self.open_sessions += 1
+                try:
+                    yield swarm_pb2.InferenceResponse(step_id=0, position=0)
+                    async for response in self._session(requests, a, b, batch_size, max_length):
+                        yield response
+                finally:
+                    self.open_sessions -= 1
+        except SwarmError as e:
+            raise rpc.tag_error(e) from None
+
+    async def _session(self, requests, a: int, b: int, batch_size: int, max_length: int):
+        cache = self.span.new_cache(a, b)
+        position = 0
+        while True:
+            request = await self._next(requests, "the next step")
+            if request is None:
+                return  # the client closed the session
+            if request.WhichOneof("kind") != "step":
+                raise SessionError(f"expected a step, got {request.WhichOneof('kind')!r}")
+            step_id = request.step.step_id
+            assembler = codec.TensorAssembler(expected=3)
+            assembler.feed(request.step.tensors)
+            while not assembler.complete:
+                more = await self._next(requests, "the rest of the step's tensors")
+                if more is None or more.WhichOneof("kind") != "parts":
+                    raise SessionError("the step ended before its tensors were complete")
+                assembler.feed(more.parts.tensors)
+            hidden_BTD, mask_BS, positions_BT = self._check_inputs(
+                *assembler.tensors(), past=position, batch_size=batch_size
+            )
+            if position + hidden_BTD.shape[1] > max_length:
+                raise ValidationError(
+                    f"step of {hidden_BTD.shape[1]} tokens at position {position} exceeds the session's "
+                    f"max_length {max_length}"
+                )
+            out_BTD = await self._compute(self._step, hidden_BTD, mask_BS, positions_BT, a, b, cache)
+            position += hidden_BTD.shape[1]
+            for parts in codec.pack([out_BTD]):
+                yield swarm_pb2.InferenceResponse(step_id=step_id, tensors=parts, position=position)
+
+    def _step(self, hidden_BTD, mask_BS, positions_BT, a, b, cache) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.span.forward(hidden_BTD, mask_BS, positions_BT, a, b, cache).to(hidden_BTD.dtype)
+
+    async def _compute(self, fn, *args):
+        self.in_flight += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        finally:
+            self.in_flight -= 1
+
+    async def _next(self, requests: AsyncIterator, what: str):
+        """The next message, None at the end of the stream, SessionError after the idle timeout."""
+        try:
+            return await asyncio.wait_for(anext(requests), self.settings.session_idle_timeout)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            raise SessionError(
+                f"no {what} within {self.settings.session_idle_timeout:.0f} s; the session is closed"
+            ) from None
+
+    def _check_span(self, span: swarm_pb2.Span) -> tuple[int, int]:
+        if span.model_id != self.model_id:
+            raise ValidationError(f"this peer serves model {self.model_id!r}, not {span.model_id!r}")
+        self.span.check_range(span.start_block, span.end_block)
+        return span.start_block, span.end_block
+
+    def _check_inputs(self, hidden_BTD, mask_BS, positions_BT, *, past: int, batch_size: int | None):
+        """Validates one step's tensors against the span and the session's state; returns them normalized."""
+        if hidden_BTD.ndim != 3 or hidden_BTD.shape[-1] != self.span.hidden_size or 0 in hidden_BTD.shape:
+            raise ValidationError(
+                f"hidden states must be (batch, tokens, {self.span.hidden_size}), got {list(hidden_BTD.shape)}"
+            )
+        hidden_BTD = _check_float("hidden states", hidden_BTD, hidden_BTD.shape)
+        B, T, _ = hidden_BTD.shape
+        if batch_size is not None and B != batch_size:
+            raise ValidationError(f"this session was opened for batch size {batch_size}, got {B}")
+        if B * T > self.settings.max_batch_tokens:
+            raise ValidationError(
+                f"{B}x{T} tokens exceed this peer's limit of {self.settings.max_batch_tokens}"
+            )
+        if mask_BS.shape != (B, past + T) or mask_BS.dtype not in (torch.int64, torch.int32, torch.bool):
+            raise ValidationError(
+                f"attention mask must be integer (batch, past + tokens) = ({B}, {past + T}), "
+                f"got {mask_BS.dtype} {list(mask_BS.shape)}"
+            )
+        if not ((mask_BS == 0) | (mask_BS == 1)).all():
+            raise ValidationError("attention mask values must be 0 or 1")
+        if positions_BT.shape not in ((B, T), (1, T)) or positions_BT.dtype not in (torch.int64, torch.int32):
+            raise ValidationError(f"position ids must be integer ({B}, {T}), got {list(positions_BT.shape)}")
+        max_positions = getattr(self.span.config, "max_position_embeddings", None) or 2**20
+        if positions_BT.min() < 0 or positions_BT.max() >= max_positions:
+            raise ValidationError(f"position ids must lie in [0, {max_positions})")
+        return hidden_BTD, mask_BS.long(), positions_BT.long()
+
+    def shutdown(self) -> None:
+        self.budget.close()
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _check_float(what: str, tensor: torch.Tensor, shape) -> torch.Tensor:
+    if not tensor.is_floating_point():
+        raise ValidationError(f"{what} must be a floating-point tensor, got {tensor.dtype}")
+    if tensor.shape != shape:
+        raise ValidationError(f"{what} must have shape {list(shape)}, got {list(tensor.shape)}")
+    if not torch.isfinite(tensor).all():
+        raise ValidationError(f"{what} contain NaN or infinity")
+    return tensor

@@ -1,0 +1,1 @@
+"""Everything that crosses the wire: protobuf messages, the tensor codec, RPC names and error tags."""

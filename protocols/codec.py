@@ -1,0 +1,115 @@
+"""Tensors on the wire: hivemind-serialized, split into parts that fit one P2P message, checked on arrival.
+
+A P2P message is capped at 4 MiB, so every tensor is split with hivemind's ``split_for_streaming`` and the parts
+are grouped into messages of at most ``MAX_MESSAGE_BYTES``. ``TensorAssembler`` joins parts back, across
+messages, and ``deserialize`` refuses anything that is not a well-formed floating or integer tensor of a sane
+size, so garbage from the network becomes a ``ValidationError`` instead of a crash.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.proto import runtime_pb2
+from hivemind.utils.streaming import split_for_streaming
+
+from swarm_peer.errors import ValidationError
+
+__all__ = ["MAX_MESSAGE_BYTES", "serialize", "deserialize", "pack", "TensorAssembler", "NONE", "FLOAT16"]
+
+MAX_MESSAGE_BYTES = 2 * 1024 * 1024  # half of hivemind's 4 MiB cap, leaving room for framing
+MAX_TENSOR_BYTES = 1 << 31
+NONE = runtime_pb2.CompressionType.NONE
+FLOAT16 = runtime_pb2.CompressionType.FLOAT16
+_DTYPES = {"float32", "float16", "bfloat16", "int64", "int32", "bool"}
+_ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "bool": 1}
+
+
+def serialize(tensor: torch.Tensor, compression: int = NONE) -> runtime_pb2.Tensor:
+    """One tensor -> one hivemind ``Tensor`` message (not yet split). Floating tensors may be compressed."""
+    if not tensor.is_floating_point():
+        compression = NONE
+    return serialize_torch_tensor(tensor.detach().cpu(), compression)
+
+
+def pack(tensors: Sequence[torch.Tensor], compression: int = NONE) -> list[list[runtime_pb2.Tensor]]:
+    """Serializes and splits ``tensors`` into groups of parts, one group per message, each under the cap."""
+    messages: list[list[runtime_pb2.Tensor]] = [[]]
+    size = 0
+    for tensor in tensors:
+        for part in split_for_streaming(serialize(tensor, compression), MAX_MESSAGE_BYTES):
+            part_size = len(part.buffer) + 64
+            if messages[-1] and size + part_size > MAX_MESSAGE_BYTES:
+                messages.append([])
+                size = 0
+            messages[-1].append(part)
+            size += part_size
+    return messages
+
+
+def deserialize(message: runtime_pb2.Tensor) -> torch.Tensor:
+    """A complete (reassembled) ``Tensor`` message -> a tensor, or ``ValidationError`` if it is malformed."""
+    if message.dtype not in _DTYPES:
+        raise ValidationError(f"unsupported tensor dtype {message.dtype!r}")
+    if len(message.size) > 4:
+        raise ValidationError(f"tensor has {len(message.size)} dimensions; at most 4 are accepted")
+    numel = math.prod(message.size)
+    if numel * _ITEM_BYTES[message.dtype] > MAX_TENSOR_BYTES:
+        raise ValidationError(f"tensor of shape {list(message.size)} is too large")
+    try:
+        tensor = deserialize_torch_tensor(message)
+    except Exception as e:  # hivemind raises whatever numpy/torch raise on a bad buffer
+        raise ValidationError(f"cannot decode tensor of shape {list(message.size)}: {e}") from None
+    if list(tensor.shape) != list(message.size):
+        raise ValidationError(f"tensor buffer does not match its declared shape {list(message.size)}")
+    return tensor
+
+
+class TensorAssembler:
+    """Collects parts of ``expected`` tensors, possibly spread over several messages, in order.
+
+    >>> asm = TensorAssembler(expected=3)
+    >>> for parts in messages: asm.feed(parts)
+    >>> if asm.complete: hidden, mask, positions = asm.tensors()
+    """
+
+    def __init__(self, expected: int):
+        self.expected = expected
+        self._done: list[runtime_pb2.Tensor] = []
+        self._current: list[runtime_pb2.Tensor] = []
+        self._remaining = 0
+
+    @property
+    def complete(self) -> bool:
+        return len(self._done) == self.expected
+
+    def feed(self, parts: Iterable[runtime_pb2.Tensor]) -> None:
+        for part in parts:
+            if self.complete:
+                raise ValidationError(f"received more than the {self.expected} tensors this message expects")
+            if self._remaining == 0:
+                if part.chunks < 1 or part.chunks > MAX_TENSOR_BYTES // MAX_MESSAGE_BYTES + 1:
+                    raise ValidationError(f"tensor part declares an invalid number of chunks: {part.chunks}")
+                self._remaining = part.chunks
+            self._current.append(part)
+            self._remaining -= 1
+            if self._remaining == 0:
+                self._done.append(_combine(self._current))
+                self._current = []
+
+    def tensors(self) -> list[torch.Tensor]:
+        if not self.complete:
+            raise ValidationError(f"expected {self.expected} tensors, received {len(self._done)}")
+        return [deserialize(message) for message in self._done]
+
+
+def _combine(parts: list[runtime_pb2.Tensor]) -> runtime_pb2.Tensor:
+    combined = runtime_pb2.Tensor()
+    combined.CopyFrom(parts[0])
+    combined.chunks = 1
+    if len(parts) > 1:
+        combined.buffer = b"".join(part.buffer for part in parts)
+    return combined

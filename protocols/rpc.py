@@ -1,0 +1,46 @@
+"""RPC names and how errors cross the wire.
+
+Every handler is a hivemind P2P protobuf handler registered under a versioned name. A peer refuses bad input by
+raising one of our errors; hivemind sends its text back and the caller sees ``P2PHandlerError``. We tag the text
+with the error's kind (``[busy] ...``), so ``remote_error`` can rebuild the right class on the client:
+``BusyError`` and plain ``PeerError`` may be retried elsewhere, ``ValidationError`` is the caller's own fault.
+"""
+
+from __future__ import annotations
+
+import re
+
+from swarm_peer.errors import BusyError, PeerError, SessionError, SwarmError, ValidationError
+
+__all__ = ["INFO", "FORWARD", "BACKWARD", "INFERENCE", "tag_error", "remote_error"]
+
+INFO = "swarm.v1.info"
+FORWARD = "swarm.v1.forward"
+BACKWARD = "swarm.v1.backward"
+INFERENCE = "swarm.v1.inference"
+
+_TAGS: dict[type[SwarmError], str] = {BusyError: "busy", ValidationError: "invalid", SessionError: "session"}
+_TAG_RE = re.compile(r"\[(busy|invalid|session)\] (.*)", re.DOTALL)
+
+
+def tag_error(error: SwarmError) -> Exception:
+    """The exception a handler raises so that its kind survives the trip: ``[busy] cache budget exhausted``."""
+    for cls, tag in _TAGS.items():
+        if isinstance(error, cls):
+            return RuntimeError(f"[{tag}] {error}")
+    return RuntimeError(str(error))
+
+
+def remote_error(error: BaseException, peer: str) -> SwarmError:
+    """Maps a failed call (``P2PHandlerError``, timeout, broken stream) to our error tree."""
+    text = str(error)
+    match = _TAG_RE.search(text)
+    if match is None:
+        return PeerError(f"peer {peer}: {text or type(error).__name__}")
+    tag, message = match.groups()
+    message = message.rstrip("')\"")
+    if tag == "busy":
+        return BusyError(f"peer {peer} is busy: {message}")
+    if tag == "session":
+        return SessionError(f"peer {peer}: {message}")
+    return ValidationError(f"peer {peer} rejected the request: {message}")

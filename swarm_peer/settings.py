@@ -1,0 +1,80 @@
+"""Typed settings, one object per process. The CLI fills them; library code never reads the environment.
+
+>>> NetworkSettings(initial_peers=["/ip4/127.0.0.1/tcp/31337/p2p/12D3Koo..."], client_mode=True)
+>>> PeerSettings(model="smollm2", blocks=(0, 10), network=NetworkSettings(...))
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = ["NetworkSettings", "PeerSettings", "ClientSettings"]
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NetworkSettings(_Settings):
+    """How a process joins the swarm's DHT and libp2p network."""
+
+    initial_peers: tuple[str, ...] = Field((), description="multiaddrs of peers already in the swarm")
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 for every interface)")
+    port: int = Field(0, ge=0, le=65535, description="TCP port to listen on; 0 picks a free one")
+    identity_path: str | None = Field(
+        None, description="private key file giving a stable peer id across restarts"
+    )
+    announce_maddrs: tuple[str, ...] = Field(
+        (), description="public multiaddrs to announce instead of the local ones"
+    )
+    client_mode: bool = Field(
+        False, description="make outgoing connections only (for peers behind NAT or firewalls)"
+    )
+    use_relay: bool = Field(True, description="allow reaching and being reached through libp2p relays")
+    use_auto_relay: bool = Field(
+        False, description="look for relays automatically when not publicly reachable"
+    )
+
+
+class PeerSettings(_Settings):
+    """A peer that hosts a span of a model's blocks."""
+
+    model: str = Field(description="checkpoint directory, or 'smollm2' for the bundled demo model")
+    blocks: tuple[int, int] | None = Field(None, description="span [start, end) to serve; None = choose one")
+    num_blocks: int | None = Field(None, ge=1, description="how many blocks to serve when choosing the span")
+    device: str = Field("cpu", description="torch device of the blocks")
+    dtype: str = Field("float32", description="dtype of the blocks: float32, bfloat16 or float16")
+    cache_tokens: int = Field(
+        8192, ge=1, description="KV-cache budget: sum of batch * max_length over sessions"
+    )
+    max_batch_tokens: int = Field(8192, ge=1, description="largest batch * new tokens in one request")
+    max_length: int = Field(8192, ge=1, description="longest sequence an inference session may reach")
+    session_idle_timeout: float = Field(
+        300.0, gt=0, description="seconds before an idle session's cache is freed"
+    )
+    announce_period: float = Field(
+        30.0, gt=0, description="seconds between DHT announcements (records live 2x)"
+    )
+    shutdown_grace: float = Field(10.0, ge=0, description="seconds to finish in-flight work on SIGTERM")
+    public_name: str | None = Field(
+        None, max_length=64, description="a name shown to others in swarm listings"
+    )
+    compute_threads: int | None = Field(
+        None, ge=1, description="torch threads for compute; None = torch's default"
+    )
+    network: NetworkSettings = Field(default_factory=NetworkSettings)
+
+    @field_validator("blocks")
+    @classmethod
+    def _span(cls, blocks):
+        if blocks is not None and not 0 <= blocks[0] < blocks[1]:
+            raise ValueError(f"blocks must be START:END with 0 <= START < END, not {blocks[0]}:{blocks[1]}")
+        return blocks
+
+
+class ClientSettings(_Settings):
+    """A client that routes through the swarm."""
+
+    network: NetworkSettings = Field(default_factory=lambda: NetworkSettings(client_mode=True))
+    request_timeout: float = Field(60.0, gt=0, description="seconds one RPC may take before it fails")
+    route_timeout: float = Field(30.0, gt=0, description="seconds to wait for peers that cover every block")

@@ -1,0 +1,64 @@
+"""Shared fixtures: small real checkpoints and real local swarms (separate processes on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config  # noqa: E402
+
+from swarm_peer.cli.local_swarm import LocalSwarm  # noqa: E402
+from swarm_peer.models import DEMO_MODEL, resolve_checkpoint  # noqa: E402
+from swarm_peer.settings import ClientSettings, NetworkSettings  # noqa: E402
+
+_SMALL = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=256,
+)
+TINY_CONFIGS = {
+    "llama": lambda: LlamaConfig(num_hidden_layers=4, **_SMALL),
+    # a sliding window shorter than the test sequences, so the window really is exercised
+    "mistral": lambda: MistralConfig(num_hidden_layers=3, sliding_window=6, **_SMALL),
+    # bias in q/k/v, GQA, and a mix of full and sliding-window layers
+    "qwen2": lambda: Qwen2Config(
+        num_hidden_layers=4, use_sliding_window=True, sliding_window=6, max_window_layers=2, **_SMALL
+    ),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, str]:
+    """Random-weight checkpoints of several families, saved with save_pretrained."""
+    paths = {}
+    for family, make_config in TINY_CONFIGS.items():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(make_config())
+        path = tmp_path_factory.mktemp(f"tiny-{family}")
+        model.save_pretrained(path)
+        paths[family] = str(path)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    """The bundled demo model, converted once into the cache dir."""
+    return str(resolve_checkpoint(DEMO_MODEL).path)
+
+
+def client_settings(swarm: LocalSwarm, **kwargs) -> ClientSettings:
+    return ClientSettings(
+        network=NetworkSettings(initial_peers=tuple(swarm.initial_peers), client_mode=True), **kwargs
+    )
+
+
+def reference_model(path: str):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model.eval()

@@ -1,0 +1,215 @@
+"""A peer refuses bad requests with clear errors, keeps serving, and keeps its KV-cache budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hivemind.p2p import P2P
+from hivemind.proto import runtime_pb2
+
+from swarm_peer import DistributedModelForCausalLM
+from swarm_peer.cli.local_swarm import LocalSwarm
+from swarm_peer.client.remote import call_span
+from swarm_peer.client.routing import Hop
+from swarm_peer.client.session import InferenceSession
+from swarm_peer.errors import BusyError, SessionError, ValidationError
+from swarm_peer.protocols import codec, rpc, swarm_pb2
+
+from .conftest import client_settings, reference_model
+
+CACHE_TOKENS = 96
+
+
+@pytest.fixture(scope="module")
+def peer(tiny_checkpoints):
+    """One peer serving all 4 blocks of the tiny Llama, with a small cache budget."""
+    path = tiny_checkpoints["llama"]
+    with LocalSwarm(
+        path, [(0, 4)], peer_args=["--cache-tokens", str(CACHE_TOKENS), "--max-length", "64"]
+    ) as swarm:
+        model = DistributedModelForCausalLM.from_pretrained(
+            path, settings=client_settings(swarm, route_timeout=5)
+        )
+        try:
+            (hop,) = model.router.plan()
+            yield model, hop, reference_model(path)
+        finally:
+            model.shutdown()
+
+
+def _inputs(B=1, T=3, D=64):
+    return [torch.randn(B, T, D), torch.ones(B, T, dtype=torch.long), torch.arange(T).expand(B, T)]
+
+
+def _forward(model, hop, tensors, *, model_id=None, start=None, end=None):
+    hop = Hop(hop.peer_id, hop.start if start is None else start, hop.end if end is None else end)
+    return model.swarm.run(call_span(model.swarm, rpc.FORWARD, model_id or model.model_id, hop, tensors))
+
+
+def _assert_still_serves(model, hop, ref):
+    x = _inputs()
+    out = _forward(model, hop, x)
+    with torch.no_grad():
+        want = x[0]
+        for layer in ref.model.layers:
+            want = layer(want, position_embeddings=ref.model.rotary_emb(want, x[2]), attention_mask=None)
+    torch.testing.assert_close(out, want, atol=1e-4, rtol=0)
+
+
+BAD_REQUESTS = {
+    "wrong hidden size": lambda: [
+        torch.randn(1, 3, 65),
+        torch.ones(1, 3, dtype=torch.long),
+        torch.arange(3)[None],
+    ],
+    "integer hidden states": lambda: [
+        torch.ones(1, 3, 64, dtype=torch.long),
+        torch.ones(1, 3, dtype=torch.long),
+        torch.arange(3)[None],
+    ],
+    "2-d hidden states": lambda: [
+        torch.randn(3, 64),
+        torch.ones(1, 3, dtype=torch.long),
+        torch.arange(3)[None],
+    ],
+    "mask of wrong length": lambda: [
+        torch.randn(1, 3, 64),
+        torch.ones(1, 5, dtype=torch.long),
+        torch.arange(3)[None],
+    ],
+    "mask values not 0/1": lambda: [torch.randn(1, 3, 64), torch.full((1, 3), 7), torch.arange(3)[None]],
+    "float mask": lambda: [torch.randn(1, 3, 64), torch.ones(1, 3), torch.arange(3)[None]],
+    "negative positions": lambda: [
+        torch.randn(1, 3, 64),
+        torch.ones(1, 3, dtype=torch.long),
+        -torch.arange(3)[None],
+    ],
+    "positions past the model's limit": lambda: [
+        torch.randn(1, 3, 64),
+        torch.ones(1, 3, dtype=torch.long),
+        torch.arange(1000, 1003)[None],
+    ],
+    "NaN hidden states": lambda: [
+        torch.full((1, 3, 64), float("nan")),
+        torch.ones(1, 3, dtype=torch.long),
+        torch.arange(3)[None],
+    ],
+    "too many tokens": lambda: [
+        torch.randn(1, 9000, 64),
+        torch.ones(1, 9000, dtype=torch.long),
+        torch.arange(9000)[None] % 200,
+    ],
+    "missing tensors": lambda: [torch.randn(1, 3, 64)],
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_tensors_are_refused_and_peer_keeps_serving(peer, case):
+    model, hop, ref = peer
+    with pytest.raises(ValidationError):
+        _forward(model, hop, BAD_REQUESTS[case]())
+    _assert_still_serves(model, hop, ref)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "span",
+    [dict(model_id="other-model-123"), dict(start=2, end=6), dict(start=3, end=3), dict(start=5, end=7)],
+)
+def test_unknown_model_or_blocks_are_refused(peer, span):
+    model, hop, ref = peer
+    with pytest.raises(ValidationError):
+        _forward(model, hop, _inputs(), **span)
+    _assert_still_serves(model, hop, ref)
+
+
+@pytest.mark.timeout(120)
+def test_garbage_tensor_bytes_and_garbage_stream(peer):
+    model, hop, ref = peer
+    bogus = runtime_pb2.Tensor(buffer=b"\x01\x02garbage", size=[1, 3, 64], dtype="float32", chunks=1)
+    span = swarm_pb2.Span(model_id=model.model_id, start_block=0, end_block=4)
+
+    async def send_bogus_tensor():
+        from hivemind.utils.asyncio import as_aiter
+
+        parts = codec.pack(_inputs()[1:])[0]
+        request = swarm_pb2.ForwardRequest(span=span, tensors=[bogus, *parts])
+        stream = await model.swarm.p2p.iterate_protobuf_handler(
+            hop.peer_id, rpc.FORWARD, as_aiter(request), swarm_pb2.ForwardResponse
+        )
+        return [r async for r in stream]
+
+    with pytest.raises(Exception, match="cannot decode|does not match"):
+        model.swarm.run(send_bogus_tensor())
+
+    async def send_garbage_bytes():
+        _, reader, writer = await model.swarm.p2p.call_binary_stream_handler(hop.peer_id, rpc.FORWARD)
+        await P2P.send_raw_data(b"\xff" * 100, writer)
+        writer.close()
+
+    model.swarm.run(send_garbage_bytes())
+    _assert_still_serves(model, hop, ref)
+
+
+@pytest.mark.timeout(120)
+def test_session_errors(peer):
+    model, hop, ref = peer
+
+    async def step_without_open():
+        from hivemind.utils.asyncio import as_aiter
+
+        step = swarm_pb2.InferenceRequest(
+            step=swarm_pb2.InferenceStep(step_id=1, tensors=codec.pack(_inputs())[0])
+        )
+        stream = await model.swarm.p2p.iterate_protobuf_handler(
+            hop.peer_id, rpc.INFERENCE, as_aiter(step), swarm_pb2.InferenceResponse
+        )
+        return [r async for r in stream]
+
+    with pytest.raises(Exception, match="must start with an open"):
+        model.swarm.run(step_without_open())
+    # longer than the peer's --max-length
+    with pytest.raises(ValidationError, match="max_length"):
+        InferenceSession(model.swarm, model.router, model.model_id, max_length=65).open()
+    # stepping past the session's own max_length: refused by the client before sending, and by the peer
+    with InferenceSession(model.swarm, model.router, model.model_id, max_length=4) as session:
+        session.step(*_inputs(T=3))
+        with pytest.raises(ValidationError, match="max_length"):
+            session.step(*_inputs(T=3))
+    # a step whose batch differs from the session's
+    with InferenceSession(model.swarm, model.router, model.model_id, max_length=8) as session:
+        with pytest.raises(ValidationError, match="batch size"):
+            session.step(*_inputs(B=2))
+    with pytest.raises(SessionError):
+        session.step(*_inputs())
+    _assert_still_serves(model, hop, ref)
+
+
+@pytest.mark.timeout(120)
+def test_cache_budget_refuses_then_serves_after_close(peer):
+    model, hop, ref = peer
+    first = InferenceSession(model.swarm, model.router, model.model_id, max_length=64)
+    first.open()
+    try:
+        with pytest.raises(BusyError, match="cache budget"):
+            InferenceSession(model.swarm, model.router, model.model_id, max_length=64).open()
+        # a session that fits in what is left is served meanwhile
+        with InferenceSession(
+            model.swarm, model.router, model.model_id, max_length=CACHE_TOKENS - 64
+        ) as small:
+            small.step(*_inputs())
+    finally:
+        first.close()
+    # the peer frees the cache when the stream closes; allow it a moment
+    for attempt in range(50):
+        try:
+            with InferenceSession(model.swarm, model.router, model.model_id, max_length=64) as again:
+                again.step(*_inputs())
+            break
+        except BusyError:
+            if attempt == 49:
+                raise
+            import time
+
+            time.sleep(0.1)
