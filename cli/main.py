@@ -132,11 +132,28 @@ def _parse_blocks(ctx, param, value):
     show_default=True,
     help="longest sequence one inference session may reach",
 )
+@click.option(
+    "--max-batch-tokens",
+    type=click.IntRange(min=1),
+    default=8192,
+    show_default=True,
+    help="largest batch * new tokens in one request",
+)
 @click.option("--public-name", help="a name shown to others in swarm listings")
 @click.option("--compute-threads", type=click.IntRange(min=1), help="torch threads for compute")
 @_network_options
 def join(
-    model, blocks, num_blocks, device, dtype, cache_tokens, max_length, public_name, compute_threads, **kwargs
+    model,
+    blocks,
+    num_blocks,
+    device,
+    dtype,
+    cache_tokens,
+    max_length,
+    max_batch_tokens,
+    public_name,
+    compute_threads,
+    **kwargs,
 ):
     """Serve blocks of MODEL (a checkpoint dir, or 'smollm2') to the swarm."""
     from swarm_peer.peer.server import Peer
@@ -152,6 +169,7 @@ def join(
         dtype=dtype,
         cache_tokens=cache_tokens,
         max_length=max_length,
+        max_batch_tokens=max_batch_tokens,
         public_name=public_name,
         compute_threads=compute_threads,
         network=_network_settings(kwargs),

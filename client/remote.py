@@ -37,12 +37,18 @@ async def call_span(runtime: SwarmRuntime, name: str, model_id: str, hop: Hop, t
         for i, parts in enumerate(codec.pack(tensors))
     ]
     try:
-        responses = await runtime.p2p.iterate_protobuf_handler(
-            hop.peer_id, name, as_aiter(*requests), swarm_pb2.ForwardResponse
-        )
         assembler = codec.TensorAssembler(expected=1)
-        async for response in responses:
+        if len(requests) == 1:
+            response = await runtime.p2p.call_protobuf_handler(
+                hop.peer_id, name, requests[0], swarm_pb2.ForwardResponse
+            )
             assembler.feed(response.tensors)
+        else:
+            responses = await runtime.p2p.iterate_protobuf_handler(
+                hop.peer_id, rpc.streamed(name), as_aiter(*requests), swarm_pb2.ForwardResponse
+            )
+            async for response in responses:
+                assembler.feed(response.tensors)
         return assembler.tensors()[0]
     except SwarmError:
         raise

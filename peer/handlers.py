@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from hivemind.p2p import P2P, P2PContext
+from hivemind.utils.asyncio import as_aiter
 
 from swarm_peer.errors import SessionError, SwarmError, ValidationError
 from swarm_peer.peer.blocks import BlockSpan
@@ -52,8 +53,9 @@ class BlockHandlers:
     async def register(self, p2p: P2P) -> None:
         await p2p.add_protobuf_handler(rpc.INFO, self.rpc_info, swarm_pb2.InfoRequest)
         for name, handler in ((rpc.FORWARD, self.rpc_forward), (rpc.BACKWARD, self.rpc_backward)):
+            await p2p.add_protobuf_handler(name, _unary(handler), swarm_pb2.ForwardRequest)
             await p2p.add_protobuf_handler(
-                name, handler, swarm_pb2.ForwardRequest, stream_input=True, stream_output=True
+                rpc.streamed(name), handler, swarm_pb2.ForwardRequest, stream_input=True, stream_output=True
             )
         await p2p.add_protobuf_handler(
             rpc.INFERENCE,
@@ -235,6 +237,20 @@ class BlockHandlers:
     def shutdown(self) -> None:
         self.budget.close()
         self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _unary(handler):
+    """Serves a one-message request with a streaming handler whose answer is one message."""
+
+    async def unary(request: swarm_pb2.ForwardRequest, context: P2PContext) -> swarm_pb2.ForwardResponse:
+        responses = [response async for response in handler(as_aiter(request), context)]
+        if len(responses) != 1:
+            raise rpc.tag_error(
+                ValidationError("the answer is too large for one message: use the stream RPC")
+            )
+        return responses[0]
+
+    return unary
 
 
 def _check_float(what: str, tensor: torch.Tensor, shape) -> torch.Tensor:

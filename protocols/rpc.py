@@ -12,12 +12,22 @@ import re
 
 from swarm_peer.errors import BusyError, PeerError, SessionError, SwarmError, ValidationError
 
-__all__ = ["INFO", "FORWARD", "BACKWARD", "INFERENCE", "tag_error", "remote_error"]
+__all__ = ["INFO", "FORWARD", "BACKWARD", "INFERENCE", "streamed", "tag_error", "remote_error"]
 
 INFO = "swarm.v1.info"
 FORWARD = "swarm.v1.forward"
 BACKWARD = "swarm.v1.backward"
 INFERENCE = "swarm.v1.inference"
+
+
+def streamed(name: str) -> str:
+    """The streaming variant of a unary RPC, for requests larger than one message: ``swarm.v1.forward.stream``.
+
+    Requests that fit one message go unary: hivemind answers them over its persistent control connection, which
+    is faster and always delivers the peer's error text (a stream closed right after an error can lose it).
+    """
+    return f"{name}.stream"
+
 
 _TAGS: dict[type[SwarmError], str] = {BusyError: "busy", ValidationError: "invalid", SessionError: "session"}
 _TAG_RE = re.compile(r"\[(busy|invalid|session)\] (.*)", re.DOTALL)

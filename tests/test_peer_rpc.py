@@ -25,7 +25,9 @@ def peer(tiny_checkpoints):
     """One peer serving all 4 blocks of the tiny Llama, with a small cache budget."""
     path = tiny_checkpoints["llama"]
     with LocalSwarm(
-        path, [(0, 4)], peer_args=["--cache-tokens", str(CACHE_TOKENS), "--max-length", "64"]
+        path,
+        [(0, 4)],
+        peer_args=["--cache-tokens", str(CACHE_TOKENS), "--max-length", "64", "--max-batch-tokens", "10000"],
     ) as swarm:
         model = DistributedModelForCausalLM.from_pretrained(
             path, settings=client_settings(swarm, route_timeout=5)
@@ -46,8 +48,8 @@ def _forward(model, hop, tensors, *, model_id=None, start=None, end=None):
     return model.swarm.run(call_span(model.swarm, rpc.FORWARD, model_id or model.model_id, hop, tensors))
 
 
-def _assert_still_serves(model, hop, ref):
-    x = _inputs()
+def _assert_still_serves(model, hop, ref, x=None):
+    x = x or _inputs()
     out = _forward(model, hop, x)
     with torch.no_grad():
         want = x[0]
@@ -95,9 +97,9 @@ BAD_REQUESTS = {
         torch.arange(3)[None],
     ],
     "too many tokens": lambda: [
-        torch.randn(1, 9000, 64),
-        torch.ones(1, 9000, dtype=torch.long),
-        torch.arange(9000)[None] % 200,
+        torch.randn(51, 200, 64),
+        torch.ones(51, 200, dtype=torch.long),
+        torch.arange(200).expand(51, 200),
     ],
     "missing tensors": lambda: [torch.randn(1, 3, 64)],
 }
@@ -110,6 +112,14 @@ def test_bad_tensors_are_refused_and_peer_keeps_serving(peer, case):
     with pytest.raises(ValidationError):
         _forward(model, hop, BAD_REQUESTS[case]())
     _assert_still_serves(model, hop, ref)
+
+
+@pytest.mark.timeout(120)
+def test_request_larger_than_one_message_is_streamed(peer):
+    model, hop, ref = peer
+    x = _inputs(B=48, T=200)  # 2.4 MiB of hidden states: more than one P2P message
+    assert len(codec.pack(x)) > 1
+    _assert_still_serves(model, hop, ref, x)
 
 
 @pytest.mark.timeout(120)
@@ -131,20 +141,19 @@ def test_garbage_tensor_bytes_and_garbage_stream(peer):
     span = swarm_pb2.Span(model_id=model.model_id, start_block=0, end_block=4)
 
     async def send_bogus_tensor():
-        from hivemind.utils.asyncio import as_aiter
-
         parts = codec.pack(_inputs()[1:])[0]
         request = swarm_pb2.ForwardRequest(span=span, tensors=[bogus, *parts])
-        stream = await model.swarm.p2p.iterate_protobuf_handler(
-            hop.peer_id, rpc.FORWARD, as_aiter(request), swarm_pb2.ForwardResponse
+        return await model.swarm.p2p.call_protobuf_handler(
+            hop.peer_id, rpc.FORWARD, request, swarm_pb2.ForwardResponse
         )
-        return [r async for r in stream]
 
     with pytest.raises(Exception, match="cannot decode|does not match"):
         model.swarm.run(send_bogus_tensor())
 
     async def send_garbage_bytes():
-        _, reader, writer = await model.swarm.p2p.call_binary_stream_handler(hop.peer_id, rpc.FORWARD)
+        _, reader, writer = await model.swarm.p2p.call_binary_stream_handler(
+            hop.peer_id, rpc.streamed(rpc.FORWARD)
+        )
         await P2P.send_raw_data(b"\xff" * 100, writer)
         writer.close()
 
