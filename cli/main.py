@@ -108,6 +108,20 @@ def _parse_blocks(ctx, param, value):
     return start, end
 
 
+def _peer_option(field: str):
+    """A ``join`` option whose default and help come from ``PeerSettings``, so the two never disagree."""
+    from swarm_peer.settings import PeerSettings
+
+    info = PeerSettings.model_fields[field]
+    return click.option(
+        "--" + field.replace("_", "-"),
+        type=click.IntRange(min=1),
+        default=info.default,
+        show_default=True,
+        help=info.description,
+    )
+
+
 @cli.command()
 @click.argument("model")
 @click.option("--blocks", callback=_parse_blocks, help="span START:END of blocks to serve, e.g. 0:15")
@@ -118,27 +132,9 @@ def _parse_blocks(ctx, param, value):
 @click.option(
     "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True
 )
-@click.option(
-    "--cache-tokens",
-    type=click.IntRange(min=1),
-    default=8192,
-    show_default=True,
-    help="KV-cache budget: sum of batch * max_length over open sessions",
-)
-@click.option(
-    "--max-length",
-    type=click.IntRange(min=1),
-    default=8192,
-    show_default=True,
-    help="longest sequence one inference session may reach",
-)
-@click.option(
-    "--max-batch-tokens",
-    type=click.IntRange(min=1),
-    default=8192,
-    show_default=True,
-    help="largest batch * new tokens in one request",
-)
+@_peer_option("cache_tokens")
+@_peer_option("max_length")
+@_peer_option("max_batch_tokens")
 @click.option("--public-name", help="a name shown to others in swarm listings")
 @click.option("--compute-threads", type=click.IntRange(min=1), help="torch threads for compute")
 @_network_options
