@@ -144,9 +144,7 @@ class DistributedModelForCausalLM:
             )
         self.swarm = runtime or SwarmRuntime(settings)
         self.checkpoint = checkpoint
-        self.router = Router(
-            self.swarm.dht, checkpoint.model_id, checkpoint.num_blocks, route_timeout=settings.route_timeout
-        )
+        self.router = Router(self.swarm, checkpoint.model_id, checkpoint.num_blocks, self.swarm.settings)
         self._active_session = None
         base = getattr(self, self.base_model_prefix)
         blocks = RemoteSequential(self.swarm, self.router, checkpoint.model_id)

@@ -5,28 +5,27 @@ Shape legend: B batch, T tokens, D hidden size.
 ``RemoteSequential(hidden_BTD, attention_mask_BT, position_ids_BT)`` runs every block of the model through the
 swarm (forward RPCs along a planned route). Its backward sends the output gradient back along the same route
 (backward RPCs, each peer recomputing its span from the inputs it saw), so gradients w.r.t. the inputs flow as if
-the blocks were local. A hop that fails is retried on another route, a bounded number of times.
+the blocks were local. A hop that fails is banned and its blocks are planned again on other peers, with growing
+pauses, until ``ClientSettings.retry_timeout``; errors that are the caller's own fault are raised at once.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 from hivemind.utils.asyncio import as_aiter
 from torch import nn
 
+from swarm_peer.client.health import Retries
 from swarm_peer.client.routing import Hop, Router
 from swarm_peer.client.runtime import SwarmRuntime
-from swarm_peer.errors import PeerError, SwarmError
+from swarm_peer.errors import SwarmError
 from swarm_peer.protocols import codec, rpc, swarm_pb2
 
 __all__ = ["RemoteSequential", "call_span"]
 
 logger = logging.getLogger(__name__)
-
-MAX_ATTEMPTS = 3
 
 
 async def call_span(runtime: SwarmRuntime, name: str, model_id: str, hop: Hop, tensors) -> torch.Tensor:
@@ -72,29 +71,50 @@ class RemoteSequential(nn.Module):
         return _RemoteChain.apply(hidden_BTD, attention_mask_BT, position_ids_BT, self)
 
     def call(self, name: str, hop: Hop, tensors) -> torch.Tensor:
-        t0 = time.perf_counter()
         out = self.runtime.run(call_span(self.runtime, name, self.model_id, hop, tensors))
-        self.router.record_latency(hop.peer_id, time.perf_counter() - t0)
+        self.router.health.forgive(hop.peer_id)
         return out
 
     def run_chain(
-        self, hidden_BTD, attention_mask_BT, position_ids_BT
+        self, hidden_BTD, attention_mask_BT, position_ids_BT, start: int | None = None, end: int | None = None
     ) -> tuple[torch.Tensor, list, list[Hop]]:
-        """Forward through a fresh route; returns the output, the input of each hop, and the route."""
-        for attempt in range(MAX_ATTEMPTS):
-            route = self.router.plan(self.start, self.end)
-            inputs, x = [], hidden_BTD
-            try:
-                for hop in route:
-                    inputs.append(x)
-                    x = self.call(rpc.FORWARD, hop, [x, attention_mask_BT, position_ids_BT])
-                return x, inputs, route
-            except PeerError as e:
-                if not e.retryable or attempt + 1 == MAX_ATTEMPTS:
-                    raise
-                logger.warning("Forward failed (%s); retrying on another route", e)
-                self.router.ban(hop.peer_id)
-        raise AssertionError("unreachable")
+        """Forward through blocks [start, end); returns the output, the input of each hop, and the hops.
+
+        A hop that fails is banned and the rest of the chain is planned again from the block it should have
+        started, so work already done is kept.
+        """
+        start, end = (self.start if start is None else start), (self.end if end is None else end)
+        retries = Retries(self.router.health, timeout=self.runtime.settings.retry_timeout)
+        inputs, route, x, block = [], [], hidden_BTD, start
+        while block < end:
+            for hop in retries.plan(self.router.forward_route, block, end):
+                try:
+                    y = self.call(rpc.FORWARD, hop, [x, attention_mask_BT, position_ids_BT])
+                except Exception as e:
+                    retries.failed(hop.peer_id, e)
+                    break  # plan the rest again from this block
+                inputs.append(x)
+                route.append(hop)
+                x, block = y, hop.end
+        return x, inputs, route
+
+    def backward_hop(
+        self, hop: Hop, hidden_BTD, attention_mask_BT, position_ids_BT, grad_BTD
+    ) -> torch.Tensor:
+        """Gradient w.r.t. the input of ``hop``; if its peer fails, recomputes the span elsewhere."""
+        tensors = [hidden_BTD, attention_mask_BT, position_ids_BT, grad_BTD]
+        try:
+            return self.call(rpc.BACKWARD, hop, tensors)
+        except Exception as e:
+            Retries(self.router.health, timeout=self.runtime.settings.retry_timeout).failed(hop.peer_id, e)
+        logger.info("Backward through blocks %d:%d is replanned on other peers", hop.start, hop.end)
+        _, inputs, route = self.run_chain(hidden_BTD, attention_mask_BT, position_ids_BT, hop.start, hop.end)
+        return self.backward_chain(route, inputs, attention_mask_BT, position_ids_BT, grad_BTD)
+
+    def backward_chain(self, route, inputs, attention_mask_BT, position_ids_BT, grad_BTD) -> torch.Tensor:
+        for hop, x in zip(reversed(route), reversed(inputs), strict=True):
+            grad_BTD = self.backward_hop(hop, x, attention_mask_BT, position_ids_BT, grad_BTD)
+        return grad_BTD
 
 
 class _RemoteChain(torch.autograd.Function):
@@ -108,7 +128,7 @@ class _RemoteChain(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_BTD):
         attention_mask_BT, position_ids_BT = ctx.saved_tensors
-        grad = grad_BTD.contiguous()
-        for hop, x in zip(reversed(ctx.route), reversed(ctx.inputs), strict=True):
-            grad = ctx.module.call(rpc.BACKWARD, hop, [x, attention_mask_BT, position_ids_BT, grad])
+        grad = ctx.module.backward_chain(
+            ctx.route, ctx.inputs, attention_mask_BT, position_ids_BT, grad_BTD.contiguous()
+        )
         return grad, None, None, None

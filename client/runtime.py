@@ -9,13 +9,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Coroutine
+import time
+from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
 
 import hivemind
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, PeerID
 
 from swarm_peer.dht import create_dht
+from swarm_peer.protocols import rpc, swarm_pb2
 from swarm_peer.settings import ClientSettings
 
 __all__ = ["SwarmRuntime"]
@@ -45,6 +47,13 @@ class SwarmRuntime:
             future.cancel()
             raise
 
+    def ping(self, peers: Iterable[PeerID], timeout: float = 2.0) -> dict[PeerID, float | None]:
+        """Round-trip seconds of an info call to each peer, in parallel; None for a peer that did not answer."""
+        peers = list(peers)
+        return dict(
+            zip(peers, self.run(_ping_all(self.p2p, peers, timeout), timeout=timeout + 5), strict=True)
+        )
+
     def shutdown(self) -> None:
         """Cancels the loop's tasks (open streams, the P2P replica's connections), stops it, and the DHT."""
         if self.loop.is_closed():
@@ -58,6 +67,22 @@ class SwarmRuntime:
         self.loop.close()
         if self.owns_dht:
             self.dht.shutdown()
+
+
+async def _ping_all(p2p: P2P, peers: list[PeerID], timeout: float) -> list[float | None]:
+    async def ping(peer: PeerID) -> float | None:
+        t0 = time.perf_counter()
+        try:
+            async with asyncio.timeout(timeout):
+                await p2p.call_protobuf_handler(
+                    peer, rpc.INFO, swarm_pb2.InfoRequest(), swarm_pb2.InfoResponse
+                )
+        except Exception as e:
+            logger.debug("Ping to %s failed: %r", peer, e)
+            return None
+        return time.perf_counter() - t0
+
+    return list(await asyncio.gather(*map(ping, peers)))
 
 
 async def _cancel_other_tasks() -> None:

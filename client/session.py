@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 import torch
 
+from swarm_peer.client.health import Retries
 from swarm_peer.client.routing import Hop, Router
 from swarm_peer.client.runtime import SwarmRuntime
 from swarm_peer.errors import SessionError, SwarmError, ValidationError
@@ -27,6 +27,8 @@ from swarm_peer.protocols import codec, rpc, swarm_pb2
 __all__ = ["InferenceSession"]
 
 logger = logging.getLogger(__name__)
+
+_REPLAY_TOKENS = 1024  # batch * tokens per replayed message, well under a peer's max_batch_tokens
 
 
 class _SpanStream:
@@ -91,7 +93,14 @@ class _SpanStream:
 
 
 class InferenceSession:
-    """A multi-hop inference session over blocks [start, end) of one model."""
+    """A multi-hop inference session over blocks [start, end) of one model, with failover.
+
+    The session keeps, for every block boundary of its route, the hidden states it sent there at every step
+    (``_history``). When a hop fails (its peer died, refused, timed out or dropped the session), its peer is
+    banned, its blocks [a, b) are planned again (possibly over several peers), the new peers' caches are rebuilt
+    by replaying the history of boundary ``a`` (the replacement's outputs fill the history of the boundaries
+    inside [a, b)), and the step goes on. The caller sees no error and the same outputs.
+    """
 
     def __init__(
         self,
@@ -116,6 +125,10 @@ class InferenceSession:
             None  # tokens processed so far, kept by generate() for prefix checks
         )
         self._streams: list[_SpanStream] = []
+        self._history: dict[int, list[torch.Tensor]] = {}  # block boundary -> hidden_BTD sent there, per step
+        self._steps: list[
+            tuple[torch.Tensor, torch.Tensor]
+        ] = []  # per step: attention_mask_BS, position_ids_BT
         self._step_id = 0
         self._closed = False
 
@@ -126,18 +139,35 @@ class InferenceSession:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @property
+    def route(self) -> list[Hop]:
+        return [stream.hop for stream in self._streams]
+
     def open(self) -> None:
-        route = self.router.plan(self.start, self.end)
         try:
-            for hop in route:
-                stream = _SpanStream(self.runtime, self.model_id, hop)
-                self._streams.append(stream)
-                t0 = time.perf_counter()
-                self.runtime.run(stream.open(self.max_length, self.batch_size))
-                self.router.record_latency(hop.peer_id, time.perf_counter() - t0)
+            self._streams = self._open_route(self.start, self.end)
         except BaseException:
             self.close()
             raise
+
+    def _open_route(self, start: int, end: int) -> list[_SpanStream]:
+        """Opens streams on a route for [start, end), re-planning around peers that fail or refuse."""
+        retries = Retries(self.router.health, timeout=self.runtime.settings.retry_timeout)
+        while True:
+            route = retries.plan(
+                self.router.inference_route, start, end, cache_tokens=self.batch_size * self.max_length
+            )
+            streams: list[_SpanStream] = []
+            try:
+                for hop in route:
+                    streams.append(_SpanStream(self.runtime, self.model_id, hop))
+                    self.runtime.run(streams[-1].open(self.max_length, self.batch_size))
+                    self._replay(streams[-1])
+                return streams
+            except Exception as e:
+                for stream in streams:
+                    self.runtime.loop.call_soon_threadsafe(stream.close)
+                retries.failed(streams[-1].hop.peer_id, e)
 
     def step(self, hidden_BTD: torch.Tensor, attention_mask_BS: torch.Tensor, position_ids_BT: torch.Tensor):
         """Sends T new tokens through every hop; returns the last block's hidden states (B, T, D)."""
@@ -150,12 +180,80 @@ class InferenceSession:
             raise ValidationError(
                 f"{T} more tokens at position {self.position} exceed the session's max_length {self.max_length}"
             )
-        self._step_id += 1
-        x = hidden_BTD.detach()
-        for stream in self._streams:
-            x = self.runtime.run(stream.step(self._step_id, [x, attention_mask_BS, position_ids_BT]))
+        self._steps.append((attention_mask_BS, position_ids_BT.expand(B, T)))
+        try:
+            x = self._run_from(0, hidden_BTD.detach())
+        except BaseException:
+            self._steps.pop()
+            for history in self._history.values():
+                del history[len(self._steps) :]
+            raise
         self.position += T
         return x.to(hidden_BTD.dtype)
+
+    def _run_from(self, index: int, x_BTD: torch.Tensor) -> torch.Tensor:
+        """Runs this step from hop ``index`` on, failing over as often as needed."""
+        retries = Retries(self.router.health, timeout=self.runtime.settings.retry_timeout)
+        while True:
+            progress = [index]
+            try:
+                # One trip to the runtime's loop for the whole chain: a crossing between threads costs about as
+                # much as a hop's transport.
+                return self.runtime.run(self._chain(progress, x_BTD))
+            except Exception as e:
+                index = progress[0]
+                failed = self._streams[index]
+                retries.failed(failed.hop.peer_id, e)
+                logger.info(
+                    "Blocks %d:%d failed over from peer %s",
+                    failed.hop.start,
+                    failed.hop.end,
+                    failed.hop.peer_id,
+                )
+                self.runtime.loop.call_soon_threadsafe(failed.close)
+                self._streams[index : index + 1] = self._open_route(failed.hop.start, failed.hop.end)
+                x_BTD = self._history[failed.hop.start][-1]
+
+    async def _chain(self, progress: list[int], x_BTD: torch.Tensor) -> torch.Tensor:
+        mask_BS, positions_BT = self._steps[-1]
+        for index in range(progress[0], len(self._streams)):
+            progress[0] = index
+            stream = self._streams[index]
+            self._remember(stream.hop.start, x_BTD)
+            self._step_id += 1
+            x_BTD = await stream.step(self._step_id, [x_BTD, mask_BS, positions_BT])
+            self.router.health.forgive(stream.hop.peer_id)
+        return x_BTD
+
+    def _remember(self, block: int, x_BTD: torch.Tensor) -> None:
+        """Records the current step's input of ``block`` (replacing it when the step is retried)."""
+        history = self._history.setdefault(block, [])
+        del history[len(self._steps) - 1 :]
+        history.append(x_BTD)
+
+    def _replay(self, stream: _SpanStream) -> None:
+        """Rebuilds a new stream's cache from the inputs its first block got in the finished steps."""
+        done = len(self._steps) - 1 if self._steps else 0  # the current step (if any) is sent by _chain
+        if done == 0:
+            return
+        past = self._history[stream.hop.start][:done]
+        lengths = [x.shape[1] for x in past]
+        hidden_BTD = torch.cat(past, dim=1)
+        positions_BT = torch.cat([positions for _, positions in self._steps[:done]], dim=1)
+        mask_BS = self._steps[done - 1][0]
+        chunk = max(1, _REPLAY_TOKENS // self.batch_size)
+        outputs = []
+        for t in range(0, hidden_BTD.shape[1], chunk):
+            u = min(t + chunk, hidden_BTD.shape[1])
+            self._step_id += 1
+            outputs.append(
+                self.runtime.run(
+                    stream.step(self._step_id, [hidden_BTD[:, t:u], mask_BS[:, :u], positions_BT[:, t:u]])
+                )
+            )
+        if stream.hop.end < self.end:  # the next hop's history, as this peer computes it
+            self._history[stream.hop.end] = list(torch.cat(outputs, dim=1).split(lengths, dim=1))
+        logger.info("Replayed %d tokens to peer %s", hidden_BTD.shape[1], stream.hop.peer_id)
 
     def close(self) -> None:
         if self._closed:

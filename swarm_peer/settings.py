@@ -78,3 +78,11 @@ class ClientSettings(_Settings):
     network: NetworkSettings = Field(default_factory=lambda: NetworkSettings(client_mode=True))
     request_timeout: float = Field(60.0, gt=0, description="seconds one RPC may take before it fails")
     route_timeout: float = Field(30.0, gt=0, description="seconds to wait for peers that cover every block")
+    retry_timeout: float = Field(
+        120.0, gt=0, description="seconds a call may spend retrying failed peers before it gives up"
+    )
+    ban_seconds: float = Field(
+        2.0, gt=0, description="first ban of a failing peer; each further failure doubles it"
+    )
+    max_ban_seconds: float = Field(300.0, gt=0, description="longest ban of a failing peer")
+    ping_ttl: float = Field(60.0, gt=0, description="seconds a measured round-trip time stays fresh")

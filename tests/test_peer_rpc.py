@@ -33,7 +33,7 @@ def peer(tiny_checkpoints):
             path, settings=client_settings(swarm, route_timeout=5)
         )
         try:
-            (hop,) = model.router.plan()
+            (hop,) = model.router.inference_route()
             yield model, hop, reference_model(path)
         finally:
             model.shutdown()
