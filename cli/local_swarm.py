@@ -33,6 +33,7 @@ class SwarmProcess:
     process: subprocess.Popen
     log_path: Path
     lines: queue.Queue = field(default_factory=queue.Queue)
+    ready_line: str = ""
 
     def wait_line(self, predicate, timeout: float) -> str:
         deadline = time.monotonic() + timeout
@@ -50,6 +51,22 @@ class SwarmProcess:
             if predicate(line):
                 return line
 
+    def wait_ready(self, timeout: float) -> str:
+        """Waits for a peer's "Serving blocks A:B of MODEL as PEER_ID" line; keeps it as ``ready_line``."""
+        self.ready_line = self.wait_line(lambda line: line.startswith(READY_PREFIX), timeout)
+        return self.ready_line
+
+    @property
+    def peer_id(self) -> str:
+        """A ready peer's id (base58), from its ready line."""
+        return self.ready_line.rsplit(" ", 1)[-1]
+
+    @property
+    def blocks(self) -> tuple[int, int]:
+        """The span a ready peer started with, from its ready line."""
+        start, end = self.ready_line[len(READY_PREFIX) :].split()[0].split(":")
+        return int(start), int(end)
+
     def log_tail(self, chars: int = 3000) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-chars:]
@@ -57,9 +74,12 @@ class SwarmProcess:
             return ""
 
     def terminate(self, timeout: float) -> None:
-        """SIGTERM the process group, then SIGKILL what is left after ``timeout``."""
+        """SIGTERM the process, then SIGKILL its group (its DHT process, p2pd) after it exits or ``timeout``.
+
+        Only the leader gets SIGTERM: it still needs its DHT process and p2pd to announce OFFLINE on its way out.
+        """
         if self.process.poll() is None:
-            _signal_group(self.process, signal.SIGTERM)
+            self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -103,17 +123,28 @@ class LocalSwarm:
             for start, end in self.spans:
                 self.add_peer(start, end, wait=False)
             for peer in self.peers:
-                peer.wait_line(lambda line: line.startswith(READY_PREFIX), self.start_timeout)
+                peer.wait_ready(self.start_timeout)
         except BaseException:
             self.stop()
             raise
 
-    def add_peer(self, start: int, end: int, *, extra_args: list[str] | None = None, wait: bool = True):
-        args = ["join", self.model, "--initial-peers", *self.initial_peers, "--blocks", f"{start}:{end}"]
-        peer = self._spawn(f"peer {start}:{end}", args + self.peer_args + list(extra_args or []))
+    def add_peer(
+        self,
+        start: int | None = None,
+        end: int | None = None,
+        *,
+        extra_args: list[str] | None = None,
+        wait: bool = True,
+    ) -> SwarmProcess:
+        """Starts a peer on blocks [start, end), or (no span given) on the blocks it chooses itself."""
+        args = ["join", self.model, "--initial-peers", *self.initial_peers]
+        if start is not None:
+            args += ["--blocks", f"{start}:{end}"]
+        name = f"peer {len(self.peers)} {start}:{end}" if start is not None else f"peer {len(self.peers)}"
+        peer = self._spawn(name, args + self.peer_args + list(extra_args or []))
         self.peers.append(peer)
         if wait:
-            peer.wait_line(lambda line: line.startswith(READY_PREFIX), self.start_timeout)
+            peer.wait_ready(self.start_timeout)
         return peer
 
     def _spawn(self, name: str, args: list[str]) -> SwarmProcess:

@@ -1,8 +1,9 @@
-"""``swarm-peer`` commands: dht, join, generate, demo.
+"""``swarm-peer`` commands: dht, join, generate, status, demo.
 
     swarm-peer dht --host 127.0.0.1 --port 31337 --identity boot.key
     swarm-peer join MODEL --initial-peers MADDR --blocks 0:15 [--device cpu] [--dtype float32]
     swarm-peer generate MODEL --initial-peers MADDR --max-new-tokens 40 "The capital of France is"
+    swarm-peer status --initial-peers MADDR [MODEL]
     swarm-peer demo
 
 MODEL is a local checkpoint directory, or ``smollm2`` for the bundled demo model. Logging goes to stderr;
@@ -108,18 +109,47 @@ def _parse_blocks(ctx, param, value):
     return start, end
 
 
-def _peer_option(field: str):
+_COUNT = click.IntRange(min=1)
+
+
+def _peer_option(field: str, type=_COUNT, **extra):
     """A ``join`` option whose default and help come from ``PeerSettings``, so the two never disagree."""
     from swarm_peer.settings import PeerSettings
 
     info = PeerSettings.model_fields[field]
     return click.option(
         "--" + field.replace("_", "-"),
-        type=click.IntRange(min=1),
+        field,
+        type=type,
         default=info.default,
         show_default=True,
         help=info.description,
+        **extra,
     )
+
+
+_PEER_FIELDS = (
+    "cache_tokens",
+    "max_length",
+    "max_batch_tokens",
+    "throughput",
+    "bandwidth_mbps",
+    "rebalance_period",
+    "balance_quality",
+    "announce_period",
+    "shutdown_grace",
+    "session_idle_timeout",
+    "added_latency",
+)
+
+
+def _parse_throughput(ctx, param, value: str):
+    if value in ("auto", "eval"):
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter("expected tokens/s (a number), 'auto' or 'eval'") from None
 
 
 @cli.command()
@@ -135,6 +165,14 @@ def _peer_option(field: str):
 @_peer_option("cache_tokens")
 @_peer_option("max_length")
 @_peer_option("max_batch_tokens")
+@_peer_option("throughput", type=str, callback=_parse_throughput)
+@_peer_option("bandwidth_mbps", type=click.FloatRange(min=0, min_open=True))
+@_peer_option("rebalance_period", type=click.FloatRange(min=0))
+@_peer_option("balance_quality", type=click.FloatRange(min=0, max=1, min_open=True))
+@_peer_option("announce_period", type=click.FloatRange(min=0, min_open=True))
+@_peer_option("shutdown_grace", type=click.FloatRange(min=0))
+@_peer_option("session_idle_timeout", type=click.FloatRange(min=0, min_open=True))
+@_peer_option("added_latency", type=click.FloatRange(min=0), hidden=True)
 @click.option("--public-name", help="a name shown to others in swarm listings")
 @click.option("--compute-threads", type=click.IntRange(min=1), help="torch threads for compute")
 @_network_options
@@ -144,9 +182,6 @@ def join(
     num_blocks,
     device,
     dtype,
-    cache_tokens,
-    max_length,
-    max_batch_tokens,
     public_name,
     compute_threads,
     **kwargs,
@@ -157,16 +192,16 @@ def join(
 
     if blocks and num_blocks:
         raise click.UsageError("give either --blocks or --num-blocks, not both")
+    if kwargs["rebalance_period"] == 0:
+        kwargs["rebalance_period"] = None  # never move
     settings = PeerSettings(
         model=model,
         blocks=blocks,
         num_blocks=num_blocks,
         device=device,
         dtype=dtype,
-        cache_tokens=cache_tokens,
-        max_length=max_length,
-        max_batch_tokens=max_batch_tokens,
         public_name=public_name,
+        **{field: kwargs.pop(field) for field in _PEER_FIELDS},
         compute_threads=compute_threads,
         network=_network_settings(kwargs),
     )
@@ -205,6 +240,23 @@ def generate(model, prompt, max_new_tokens, chat, do_sample, temperature, top_p,
         top_p=top_p,
         seed=seed,
     )
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="seconds to wait for the swarm when joining and per lookup",
+)
+@_network_options
+def status(model, timeout, **kwargs):
+    """One table of the swarm: who serves which blocks of MODEL (default: every model); exit 1 on a gap."""
+    from swarm_peer.cli.status import run_status
+
+    sys.exit(run_status(model, _network_settings(kwargs, client_mode=True), timeout=timeout))
 
 
 @cli.command()

@@ -65,6 +65,10 @@ class PeerHealth:
         """A call to ``peer`` succeeded: its next failure starts the backoff from the beginning."""
         self._failures.pop(peer, None)
 
+    def failures(self, peer: Hashable) -> int:
+        """Failures of ``peer`` since its last success."""
+        return self._failures.get(peer, 0)
+
     def is_banned(self, peer: Hashable) -> bool:
         return self._banned_until.get(peer, 0.0) > time.monotonic()
 

@@ -2,15 +2,18 @@
 
     dht = create_dht(initial_peers=peers, identity_path="peer.id")
     info = ServerInfo(state=ServerState.ONLINE, start_block=0, end_block=8, throughput=812.5)
-    with Announcer(dht, "llama-7b", lambda: info, period=30):
+    with Announcer(dht, "llama-7b", lambda: info, period=30, num_blocks=32):
         servers = online_servers(dht, "llama-7b", range(32))   # [{PeerID: ServerInfo}, ...] per block
+        models = list_models(dht)                                # {"llama-7b": 32}: the models peers serve
 
 Records live under ``"{model_id}.{block}"`` in a subkey owned by the announcing peer (its peer id and RSA
 key); hivemind's ``RSASignatureValidator`` keeps others from overwriting them and ``SwarmRecordValidator``
-rejects malformed, misplaced or impersonating records.
+rejects malformed, misplaced or impersonating records. Each peer also lists its model under ``MODELS_KEY``
+(``catalog``, ``model_record``), so that the models a swarm serves can be found without knowing them.
 """
 
 from swarm_peer.dht.announce import Announcer, declare_span
+from swarm_peer.dht.catalog import list_models
 from swarm_peer.dht.identity import load_identity, peer_id_from_public_key
 from swarm_peer.dht.keys import (
     block_key,
@@ -21,6 +24,15 @@ from swarm_peer.dht.keys import (
     validate_model_id,
 )
 from swarm_peer.dht.lookup import get_block_servers, online_servers
+from swarm_peer.dht.model_record import (
+    MODELS_KEY,
+    ModelInfo,
+    model_from_dht_value,
+    model_subkey,
+    model_to_dht_value,
+    models_key_id,
+    parse_model_subkey,
+)
 from swarm_peer.dht.node import (
     DEFAULT_TIMEOUT,
     create_dht,
@@ -44,9 +56,11 @@ from swarm_peer.dht.validation import SwarmRecordValidator
 __all__ = [
     "DEFAULT_TIMEOUT",
     "MAX_VALUE_BYTES",
+    "MODELS_KEY",
     "RECORD_TAG",
     "SCHEMA_VERSION",
     "Announcer",
+    "ModelInfo",
     "ServerInfo",
     "ServerState",
     "SwarmRecordValidator",
@@ -58,10 +72,16 @@ __all__ = [
     "from_dht_value",
     "get_block_servers",
     "is_swarm_record",
+    "list_models",
     "load_identity",
     "local_peer_id",
     "local_subkey",
+    "model_from_dht_value",
+    "model_subkey",
+    "model_to_dht_value",
+    "models_key_id",
     "online_servers",
+    "parse_model_subkey",
     "parse_peer_subkey",
     "peer_id_from_public_key",
     "peer_subkey",

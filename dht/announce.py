@@ -2,7 +2,7 @@
 
     declare_span(dht, "llama-7b", info, expiration_time=get_dht_time() + 60)   # once
 
-    announcer = Announcer(dht, "llama-7b", lambda: current_info(), period=30)   # keep it announced
+    announcer = Announcer(dht, "llama-7b", lambda: current_info(), period=30, num_blocks=32)  # keep it up
     announcer.start()
     ...
     announcer.update()     # something changed (state, span, cache left): re-announce now
@@ -11,7 +11,9 @@
 A record lives in this peer's own subkey of ``block_key(model_id, b)`` (``local_subkey``), signed by the
 peer's key, so nobody else can overwrite or erase it. hivemind keeps, per subkey, the value with the latest
 expiration time: a new record replaces the old one only if it expires later, so announcements use
-non-decreasing expiration times (``Announcer`` guarantees it).
+non-decreasing expiration times (``Announcer`` guarantees it). Given the model's ``num_blocks``, both also
+list the model in the swarm's catalog (``model_record``, ``catalog.list_models``), so that status pages can
+find it.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from collections.abc import Callable, Sequence
 
 import hivemind
 from hivemind.utils import get_dht_time
+from pydantic import ValidationError as PydanticValidationError
 
 from swarm_peer.dht.keys import block_key, block_ranges, validate_model_id
+from swarm_peer.dht.model_record import MODELS_KEY, ModelInfo, model_subkey, model_to_dht_value
 from swarm_peer.dht.node import DEFAULT_TIMEOUT, local_subkey, run_in_dht
 from swarm_peer.dht.records import ServerInfo, ServerState, to_dht_value
 from swarm_peer.errors import ValidationError
@@ -47,22 +51,32 @@ async def _store_span(
     ranges: tuple[tuple[int, int], ...],
     subkey: bytes,
     expiration_time: float,
-) -> dict[int, bool] | None:
-    """In the DHT process: store the record of every block of ``ranges`` in one ``store_many``.
+    num_blocks: int | None = None,
+) -> tuple[dict[int, bool], bool | None] | None:
+    """In the DHT process: store the record of every block of ``ranges`` in one ``store_many``, and with
+    ``num_blocks`` the model record (``model_record``) in the same request.
 
-    Returns {block: stored}, or None on timeout. Blocks travel as [start, end) ranges and values are built
-    here, so that the request over the pipe stays small however long the span.
+    Returns ({block: stored}, model record stored or None if not asked), or None on timeout. Blocks travel as
+    [start, end) ranges and values are built here, so that the request over the pipe stays small however long
+    the span.
     """
     blocks = [block for start, end in ranges for block in range(start, end)]
     keys = [block_key(model_id, block) for block in blocks]
     values = [to_dht_value(info, model_id=model_id, block=block) for block in blocks]
+    subkeys = [subkey] * len(keys)
+    if num_blocks is not None:
+        keys.append(MODELS_KEY)
+        values.append(model_to_dht_value(ModelInfo(model_id=model_id, num_blocks=num_blocks)))
+        subkeys.append(model_subkey(model_id, subkey))
     try:
         store_ok = await asyncio.wait_for(
-            node.store_many(keys, values, expiration_time, subkeys=[subkey] * len(keys)), timeout
+            node.store_many(keys, values, expiration_time, subkeys=subkeys), timeout
         )
     except TimeoutError:
         return None
-    return {block: bool(store_ok[key, subkey]) for block, key in zip(blocks, keys, strict=True)}
+    block_keys = keys[: len(blocks)]
+    stored = {block: bool(store_ok[key, subkey]) for block, key in zip(blocks, block_keys, strict=True)}
+    return stored, None if num_blocks is None else bool(store_ok[MODELS_KEY, subkeys[-1]])
 
 
 def declare_span(
@@ -73,18 +87,23 @@ def declare_span(
     expiration_time: float,
     blocks: Sequence[int] | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    num_blocks: int | None = None,
 ) -> bool:
     """Store ``info`` under this peer's subkey of every block of its span, until ``expiration_time``.
 
     ``blocks`` restricts the store to some blocks of the span (default: all of ``[start_block, end_block)``).
+    ``num_blocks`` (the model's number of blocks) also lists the model in the swarm's catalog, in the same DHT
+    request: ``ModelInfo(model_id, num_blocks)`` under ``MODELS_KEY`` (see ``catalog.list_models``).
     ``expiration_time`` is absolute, in ``hivemind.get_dht_time()`` seconds; it must be later than that of
     the record it replaces, or the DHT keeps the old one. ``dht`` must come from ``create_dht``.
 
-    Returns True if the DHT accepted the record of every block, False if some store was rejected or the DHT
-    did not answer within ``timeout`` (logged as a warning). Raises ``ValidationError`` if ``info`` cannot be
-    announced (block outside the span, record over the size cap, bad model id, foreign ``dht``).
+    Returns True if the DHT accepted every record, False if some store was rejected or the DHT did not answer
+    within ``timeout`` (logged as a warning). Raises ``ValidationError`` if ``info`` cannot be announced
+    (block outside the span, record over the size cap, bad model id or ``num_blocks``, foreign ``dht``).
     """
     validate_model_id(model_id)
+    if num_blocks is not None:
+        _model_info(model_id, num_blocks)  # raise here, not in the DHT process
     blocks = tuple(range(info.start_block, info.end_block) if blocks is None else blocks)
     for block in blocks:
         to_dht_value(info, model_id=model_id, block=block)  # raise here, not in the DHT process
@@ -93,7 +112,7 @@ def declare_span(
     subkey = local_subkey(dht)
     expiration_time = float(expiration_time)  # store_many tells one time from a list by isinstance(float)
     try:
-        stored = run_in_dht(
+        result = run_in_dht(
             dht,
             _store_span,
             timeout=timeout,
@@ -102,16 +121,27 @@ def declare_span(
             ranges=block_ranges(blocks),
             subkey=subkey,
             expiration_time=expiration_time,
+            num_blocks=num_blocks,
         )
     except TimeoutError:
-        stored = None
-    if stored is None:
+        result = None
+    if result is None:
         logger.warning("Announcing %s blocks %s timed out after %.1f s", model_id, _spans(blocks), timeout)
         return False
+    stored, listed = result
     rejected = [block for block, ok in stored.items() if not ok]
     if rejected:
         logger.warning("The DHT did not store the records of %s blocks %s", model_id, _spans(rejected))
-    return not rejected
+    if listed is False:
+        logger.warning("The DHT did not store the model record of %s", model_id)
+    return not rejected and listed is not False
+
+
+def _model_info(model_id: str, num_blocks: int) -> ModelInfo:
+    try:
+        return ModelInfo(model_id=model_id, num_blocks=num_blocks)
+    except PydanticValidationError as e:
+        raise ValidationError(f"cannot list {model_id} with num_blocks={num_blocks!r}: {e}") from e
 
 
 def _spans(blocks: Sequence[int]) -> str:
@@ -125,7 +155,9 @@ class Announcer(threading.Thread):
     Every ``period`` seconds (and at once after ``update()``) it declares ``info_fn()`` with an expiration of
     ``2 * period`` from now. When the span moves, the blocks it left get an OFFLINE record. ``stop()``
     declares the final state and joins. Every DHT call is bounded by ``timeout``; a failed announcement is
-    logged and retried at the next period, and an exception from ``info_fn`` skips that round.
+    logged and retried at the next period, and an exception from ``info_fn`` skips that round. With
+    ``num_blocks`` (the model's number of blocks), every announcement also lists the model in the swarm's
+    catalog, in the same DHT request (see ``declare_span``).
 
     Usable as a context manager: ``with Announcer(dht, "llama-7b", info_fn): ...`` starts and stops it.
     """
@@ -138,14 +170,18 @@ class Announcer(threading.Thread):
         period: float = 30.0,
         *,
         timeout: float = DEFAULT_TIMEOUT,
+        num_blocks: int | None = None,
     ):
         validate_model_id(model_id)
+        if num_blocks is not None:
+            _model_info(model_id, num_blocks)
         if not period > 0:
             raise ValidationError(f"announce period must be positive, got {period}")
         local_subkey(dht)  # fail now, not in the thread, if the DHT cannot sign
         super().__init__(name=f"swarm-announcer-{model_id}", daemon=True)
         self.dht, self.model_id, self.info_fn = dht, model_id, info_fn
         self.period, self.timeout = period, timeout
+        self.num_blocks = num_blocks  # lists the model with every announcement, if given
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
         self._final_state = ServerState.OFFLINE
@@ -224,7 +260,14 @@ class Announcer(threading.Thread):
                         blocks=left,
                         timeout=self.timeout,
                     )
-            declare_span(self.dht, self.model_id, info, expiration_time=expiration_time, timeout=self.timeout)
+            declare_span(
+                self.dht,
+                self.model_id,
+                info,
+                expiration_time=expiration_time,
+                timeout=self.timeout,
+                num_blocks=self.num_blocks,
+            )
         except Exception:
             logger.warning("Announcing %s failed", self.model_id, exc_info=True)
         # even a failed store may have reached some replicas: the next record must expire later

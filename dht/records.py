@@ -65,6 +65,7 @@ _WIRE_NAMES = {
     "dtype": "dt",
     "public_name": "pn",
     "next_pings": "np",
+    "network_tps": "nt",
 }
 _ENVELOPE = ("t", "v", "m", "b")  # tag, schema version, model id, block index
 assert not set(_ENVELOPE) & set(_WIRE_NAMES.values()), "wire names must not collide with the envelope"
@@ -100,6 +101,9 @@ class ServerInfo(BaseModel):
     throughput: _NonNegativeFloat = Field(0.0, description="tokens/s the span can process; 0 = unknown")
     inference_rps: _NonNegativeFloat = Field(
         0.0, description="inference steps/s the span can serve; 0 = unknown"
+    )
+    network_tps: _NonNegativeFloat = Field(
+        0.0, description="tokens/s the peer's link carries (hidden states in and out); 0 = unknown"
     )
     cache_tokens_left: int = Field(
         0, ge=0, strict=True, description="free attention-cache capacity, in tokens"

@@ -6,15 +6,18 @@ the hash of a fixed key name, while our keys are dynamic (``"{model_id}.{block}"
 
 What it accepts and rejects (``validate`` returns False to reject):
 
-- a value that is not a swarm record (no ``"swarm.server"`` tag): accepted, other hivemind components
-  (averagers, progress trackers) share the DHT;
+- a value that is not a swarm record (no ``"swarm.server"`` or ``"swarm.model"`` tag) outside
+  ``MODELS_KEY``: accepted, other hivemind components (averagers, progress trackers) share the DHT;
 - a value that does not deserialize: rejected (hivemind would fail on it when returning it from a get);
 - a tagged record whose embedded (model id, block) does not hash to ``record.key``: rejected, so a record
   cannot be replayed under another key;
 - a tagged record whose subkey is not ``<peer id>[owner:<rsa key>]`` (unsigned), or whose peer id is not the
   libp2p id of that RSA key: rejected, so a peer cannot announce itself as another peer;
 - a tagged record of this schema version with malformed fields (``from_dht_value`` raises): rejected;
-  records of a newer schema version are accepted once their envelope checks out (mixed-version swarms).
+  records of a newer schema version are accepted once their envelope checks out (mixed-version swarms);
+- under ``MODELS_KEY``, only model records (``model_record``) in an owned subkey
+  ``<model id>@<peer id>[owner:<rsa key>]`` of the same model id, checked the same way; a model record under
+  any other key is rejected.
 
 Ordering with ``RSASignatureValidator``: hivemind's ``CompositeValidator`` sorts validators by ``priority``,
 signs in increasing and validates in decreasing priority, stripping each validator's signature before the
@@ -30,10 +33,19 @@ from __future__ import annotations
 import logging
 
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.p2p import PeerID
 from hivemind.utils import MSGPackSerializer
 
 from swarm_peer.dht.identity import peer_id_from_public_key
 from swarm_peer.dht.keys import block_key_id, parse_peer_subkey
+from swarm_peer.dht.model_record import (
+    MODEL_SCHEMA_VERSION,
+    is_model_record,
+    model_from_dht_value,
+    model_record_version,
+    models_key_id,
+    parse_model_subkey,
+)
 from swarm_peer.dht.records import (
     MAX_VALUE_BYTES,
     SCHEMA_VERSION,
@@ -46,6 +58,8 @@ from swarm_peer.errors import ValidationError
 __all__ = ["SwarmRecordValidator"]
 
 logger = logging.getLogger(__name__)
+
+_MODELS_KEY_ID = models_key_id()
 
 
 class SwarmRecordValidator(RecordValidatorBase):
@@ -62,10 +76,14 @@ class SwarmRecordValidator(RecordValidatorBase):
         except Exception as e:  # msgpack raises several unrelated types on garbage
             logger.debug("Rejected a value that does not deserialize (%s: %s)", type(e).__name__, e)
             return False
-        if not is_swarm_record(value):
+        is_model_entry = record.key == _MODELS_KEY_ID or is_model_record(value)
+        if not (is_model_entry or is_swarm_record(value)):
             return True
         try:
-            self._check(record, value)
+            if is_model_entry:
+                self._check_model(record, value)
+            else:
+                self._check(record, value)
         except ValidationError as e:
             logger.debug("Rejected a swarm record: %s", e)
             return False
@@ -79,15 +97,24 @@ class SwarmRecordValidator(RecordValidatorBase):
         model_id, block = record_key(value)
         if record.key != block_key_id(model_id, block):
             raise ValidationError(f"record for {model_id}.{block} is stored under another key")
-        try:
-            subkey = MSGPackSerializer.loads(record.subkey)
-        except Exception as e:
-            raise ValidationError(f"subkey does not deserialize: {e}") from e
-        peer_id, public_key = parse_peer_subkey(subkey)
-        if peer_id_from_public_key(public_key) != peer_id:
-            raise ValidationError(f"subkey claims peer {peer_id} but is owned by another key")
+        _check_owner(*parse_peer_subkey(_subkey(record)))
         if value["v"] == SCHEMA_VERSION:
             from_dht_value(value)
+
+    @staticmethod
+    def _check_model(record: DHTRecord, value: object) -> None:
+        """Raise ``ValidationError`` unless ``value`` is a model record under ``MODELS_KEY``, owned as above."""
+        if len(record.value) > MAX_VALUE_BYTES:
+            raise ValidationError(f"record is {len(record.value)} bytes, over the cap of {MAX_VALUE_BYTES}")
+        if record.key != _MODELS_KEY_ID:
+            raise ValidationError("model record stored under another key")
+        version = model_record_version(value)  # also: the models key holds nothing but model records
+        model_id, peer_id, public_key = parse_model_subkey(_subkey(record))
+        _check_owner(peer_id, public_key)
+        if model_id != value["m"]:
+            raise ValidationError(f"record for model {value['m']} is stored in the subkey of {model_id}")
+        if version == MODEL_SCHEMA_VERSION:
+            model_from_dht_value(value)
 
     def merge_with(self, other: RecordValidatorBase) -> bool:
         # stateless: a second instance adds nothing
@@ -96,3 +123,16 @@ class SwarmRecordValidator(RecordValidatorBase):
     @property
     def priority(self) -> int:
         return 0  # below RSASignatureValidator (10): validate after its signature is checked and stripped
+
+
+def _subkey(record: DHTRecord) -> object:
+    try:
+        return MSGPackSerializer.loads(record.subkey)
+    except Exception as e:
+        raise ValidationError(f"subkey does not deserialize: {e}") from e
+
+
+def _check_owner(peer_id: PeerID, public_key: bytes) -> None:
+    """Raise ``ValidationError`` unless ``peer_id`` is the libp2p id of the subkey's owner key."""
+    if peer_id_from_public_key(public_key) != peer_id:
+        raise ValidationError(f"subkey claims peer {peer_id} but is owned by another key")

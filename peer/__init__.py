@@ -1,6 +1,6 @@
 """A hosting peer: block loading, KV-cache budget, RPC handlers, lifecycle."""
 
 from swarm_peer.peer.blocks import BlockSpan
-from swarm_peer.peer.server import Peer, choose_span
+from swarm_peer.peer.server import Peer
 
-__all__ = ["BlockSpan", "Peer", "choose_span"]
+__all__ = ["BlockSpan", "Peer"]

@@ -40,8 +40,16 @@ class BlockSpan:
     """Blocks ``[start, end)`` of a checkpoint, runnable as any sub-span ``[a, b)`` inside them."""
 
     def __init__(
-        self, checkpoint: Checkpoint, start: int, end: int, *, dtype: str = "float32", device: str = "cpu"
+        self,
+        checkpoint: Checkpoint,
+        start: int,
+        end: int,
+        *,
+        dtype: str = "float32",
+        device: str = "cpu",
+        reuse: BlockSpan | None = None,
     ):
+        """Loads blocks [start, end); those that ``reuse`` (a span of the same weights) holds are shared, not read."""
         num_blocks = checkpoint.num_blocks
         if not 0 <= start < end <= num_blocks:
             raise ValidationError(f"blocks {start}:{end} are not inside the model's 0:{num_blocks}")
@@ -51,7 +59,12 @@ class BlockSpan:
         self.dtype_name, self.dtype, self.device = dtype, DTYPES[dtype], torch.device(device)
         self.config = copy.deepcopy(checkpoint.config)
         self.config._attn_implementation = "sdpa"
-        self.layers = nn.ModuleList(self._load_layer(i) for i in range(start, end)).requires_grad_(False)
+        self.layers = nn.ModuleList(
+            reuse.layers[i - reuse.start]
+            if reuse is not None and reuse.start <= i < reuse.end
+            else self._load_layer(i)
+            for i in range(start, end)
+        ).requires_grad_(False)
         self._runners: dict[tuple[int, int], nn.Module] = {}
 
     @cached_property
@@ -108,12 +121,6 @@ class BlockSpan:
             assert not leftovers, f"tensors left on the meta device: {leftovers}"
             self._runners[(a, b)] = base.eval()
         return self._runners[(a, b)]
-
-    def check_range(self, a: int, b: int) -> None:
-        if not self.start <= a < b <= self.end:
-            raise ValidationError(
-                f"blocks {a}:{b} are not served here (this peer serves {self.start}:{self.end})"
-            )
 
     def forward(
         self,

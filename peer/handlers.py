@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,7 +26,7 @@ import torch
 from hivemind.p2p import P2P, P2PContext
 from hivemind.utils.asyncio import as_aiter
 
-from swarm_peer.errors import SessionError, SwarmError, ValidationError
+from swarm_peer.errors import PeerError, SessionError, SwarmError, ValidationError
 from swarm_peer.peer.blocks import BlockSpan
 from swarm_peer.peer.cache import CacheBudget
 from swarm_peer.protocols import codec, rpc, swarm_pb2
@@ -49,6 +50,7 @@ class BlockHandlers:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.in_flight = 0
         self.open_sessions = 0
+        self._handover_at = 0.0  # after a move, sessions on the old span are handed back from this time on
 
     async def register(self, p2p: P2P) -> None:
         await p2p.add_protobuf_handler(rpc.INFO, self.rpc_info, swarm_pb2.InfoRequest)
@@ -65,7 +67,18 @@ class BlockHandlers:
             stream_output=True,
         )
 
+    def switch(self, span: BlockSpan, drain_seconds: float) -> None:
+        """Serves ``span`` from now on. Sessions open on the old span go on for ``drain_seconds``; after that, their
+        next step is refused with a ``SessionError``, which hands them back to their clients (they fail over)."""
+        self.span = span
+        self._handover_at = time.monotonic() + drain_seconds
+
+    async def _emulated_latency(self) -> None:
+        if self.settings.added_latency:
+            await asyncio.sleep(self.settings.added_latency)
+
     async def rpc_info(self, request: swarm_pb2.InfoRequest, context: P2PContext) -> swarm_pb2.InfoResponse:
+        await self._emulated_latency()
         return swarm_pb2.InfoResponse(info_json=self.info_json())
 
     async def rpc_forward(self, requests: AsyncIterator[swarm_pb2.ForwardRequest], context: P2PContext):
@@ -81,7 +94,8 @@ class BlockHandlers:
             first = await self._next(requests, "the request")
             if first is None:
                 raise ValidationError("empty request stream")
-            a, b = self._check_span(first.span)
+            span, a, b = self._check_span(first.span)
+            await self._emulated_latency()
             assembler = codec.TensorAssembler(expected=4 if backward else 3)
             assembler.feed(first.tensors)
             while not assembler.complete:
@@ -94,10 +108,10 @@ class BlockHandlers:
             if backward:
                 grad_BTD = _check_float("grad_outputs", tensors[3], hidden_BTD.shape)
                 result = await self._compute(
-                    self._backward, hidden_BTD, mask_BS, positions_BT, grad_BTD, a, b
+                    self._backward, span, hidden_BTD, mask_BS, positions_BT, grad_BTD, a, b
                 )
             else:
-                result = await self._compute(self._forward, hidden_BTD, mask_BS, positions_BT, a, b)
+                result = await self._compute(self._forward, span, hidden_BTD, mask_BS, positions_BT, a, b)
             for parts in codec.pack([result]):
                 yield swarm_pb2.ForwardResponse(tensors=parts)
         except SwarmError as e:
@@ -114,14 +128,14 @@ class BlockHandlers:
         except Exception:
             logger.debug("Could not drain a failed request's stream", exc_info=True)
 
-    def _forward(self, hidden_BTD, mask_BS, positions_BT, a, b) -> torch.Tensor:
+    def _forward(self, span, hidden_BTD, mask_BS, positions_BT, a, b) -> torch.Tensor:
         with torch.inference_mode():
-            return self.span.forward(hidden_BTD, mask_BS, positions_BT, a, b).to(hidden_BTD.dtype)
+            return span.forward(hidden_BTD, mask_BS, positions_BT, a, b).to(hidden_BTD.dtype)
 
-    def _backward(self, hidden_BTD, mask_BS, positions_BT, grad_BTD, a, b) -> torch.Tensor:
+    def _backward(self, span, hidden_BTD, mask_BS, positions_BT, grad_BTD, a, b) -> torch.Tensor:
         with torch.enable_grad():
-            inputs_BTD = hidden_BTD.to(self.span.dtype).requires_grad_(True)
-            outputs_BTD = self.span.forward(inputs_BTD, mask_BS, positions_BT, a, b)
+            inputs_BTD = hidden_BTD.to(span.dtype).requires_grad_(True)
+            outputs_BTD = span.forward(inputs_BTD, mask_BS, positions_BT, a, b)
             (grad_inputs_BTD,) = torch.autograd.grad(outputs_BTD, inputs_BTD, grad_BTD.to(outputs_BTD.dtype))
         return grad_inputs_BTD.to(hidden_BTD.dtype)
 
@@ -130,7 +144,7 @@ class BlockHandlers:
             first = await self._next(requests, "the open message")
             if first is None or first.WhichOneof("kind") != "open":
                 raise SessionError("an inference stream must start with an open message")
-            a, b = self._check_span(first.open.span)
+            span, a, b = self._check_span(first.open.span)
             batch_size, max_length = first.open.batch_size, first.open.max_length
             if not 1 <= batch_size or not 1 <= max_length <= self.settings.max_length:
                 raise ValidationError(
@@ -141,15 +155,15 @@ class BlockHandlers:
                 self.open_sessions += 1
                 try:
                     yield swarm_pb2.InferenceResponse(step_id=0, position=0)
-                    async for response in self._session(requests, a, b, batch_size, max_length):
+                    async for response in self._session(requests, span, a, b, batch_size, max_length):
                         yield response
                 finally:
                     self.open_sessions -= 1
         except SwarmError as e:
             raise rpc.tag_error(e) from None
 
-    async def _session(self, requests, a: int, b: int, batch_size: int, max_length: int):
-        cache = self.span.new_cache(a, b)
+    async def _session(self, requests, span: BlockSpan, a: int, b: int, batch_size: int, max_length: int):
+        cache = span.new_cache(a, b)
         position = 0
         while True:
             request = await self._next(requests, "the next step")
@@ -165,6 +179,10 @@ class BlockHandlers:
                 if more is None or more.WhichOneof("kind") != "parts":
                     raise SessionError("the step ended before its tensors were complete")
                 assembler.feed(more.parts.tensors)
+            if span is not self.span and time.monotonic() >= self._handover_at:
+                raise SessionError(
+                    f"this peer moved to blocks {self.span.start}:{self.span.end}; continue the session elsewhere"
+                )
             hidden_BTD, mask_BS, positions_BT = self._check_inputs(
                 *assembler.tensors(), past=position, batch_size=batch_size
             )
@@ -173,14 +191,15 @@ class BlockHandlers:
                     f"step of {hidden_BTD.shape[1]} tokens at position {position} exceeds the session's "
                     f"max_length {max_length}"
                 )
-            out_BTD = await self._compute(self._step, hidden_BTD, mask_BS, positions_BT, a, b, cache)
+            out_BTD = await self._compute(self._step, span, hidden_BTD, mask_BS, positions_BT, a, b, cache)
+            await self._emulated_latency()
             position += hidden_BTD.shape[1]
             for parts in codec.pack([out_BTD]):
                 yield swarm_pb2.InferenceResponse(step_id=step_id, tensors=parts, position=position)
 
-    def _step(self, hidden_BTD, mask_BS, positions_BT, a, b, cache) -> torch.Tensor:
+    def _step(self, span, hidden_BTD, mask_BS, positions_BT, a, b, cache) -> torch.Tensor:
         with torch.inference_mode():
-            return self.span.forward(hidden_BTD, mask_BS, positions_BT, a, b, cache).to(hidden_BTD.dtype)
+            return span.forward(hidden_BTD, mask_BS, positions_BT, a, b, cache).to(hidden_BTD.dtype)
 
     async def _compute(self, fn, *args):
         self.in_flight += 1
@@ -200,11 +219,18 @@ class BlockHandlers:
                 f"no {what} within {self.settings.session_idle_timeout:.0f} s; the session is closed"
             ) from None
 
-    def _check_span(self, span: swarm_pb2.Span) -> tuple[int, int]:
-        if span.model_id != self.model_id:
-            raise ValidationError(f"this peer serves model {self.model_id!r}, not {span.model_id!r}")
-        self.span.check_range(span.start_block, span.end_block)
-        return span.start_block, span.end_block
+    def _check_span(self, request: swarm_pb2.Span) -> tuple[BlockSpan, int, int]:
+        """The span that serves the requested blocks (the current one; the caller keeps it for the request)."""
+        if request.model_id != self.model_id:
+            raise ValidationError(f"this peer serves model {self.model_id!r}, not {request.model_id!r}")
+        a, b, span = request.start_block, request.end_block, self.span
+        num_blocks = span.checkpoint.num_blocks
+        if not 0 <= a < b <= num_blocks:
+            raise ValidationError(f"blocks {a}:{b} are not inside the model's 0:{num_blocks}")
+        if not span.start <= a < b <= span.end:
+            # not the caller's fault: its view of the swarm is stale (this peer may just have moved)
+            raise PeerError(f"blocks {a}:{b} are not served here (this peer serves {span.start}:{span.end})")
+        return span, a, b
 
     def _check_inputs(self, hidden_BTD, mask_BS, positions_BT, *, past: int, batch_size: int | None):
         """Validates one step's tensors against the span and the session's state; returns them normalized."""

@@ -4,6 +4,10 @@ Order matters (DESIGN.md, "what is known to bite"): the DHT forks its own proces
 the main thread, before torch starts threads. Then the blocks are loaded, the handlers registered on a replica
 of the DHT's P2P daemon, and the span announced as ONLINE every ``announce_period``.
 
+Without ``--blocks`` the peer measures its speed (``throughput``, cached) and takes the weakest window of the
+swarm (``balance.choose_span``). While serving, at a randomized period, it checks whether moving would raise the
+swarm's bottleneck enough (``balance.plan_move``) and, if so, moves (``rebalance``).
+
 On SIGTERM or SIGINT the peer announces OFFLINE (clients stop routing to it), refuses new sessions, waits up to
 ``shutdown_grace`` seconds for in-flight work, and exits.
 """
@@ -13,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import random
 import signal
 import time
 from collections.abc import Callable
@@ -21,14 +27,17 @@ import hivemind
 import torch
 
 import swarm_peer
-from swarm_peer.dht import Announcer, ServerInfo, ServerState, create_dht, online_servers
+from swarm_peer.dht import Announcer, ServerInfo, ServerState, create_dht, get_block_servers
 from swarm_peer.errors import ValidationError
 from swarm_peer.models import Checkpoint, resolve_checkpoint
-from swarm_peer.peer.blocks import BlockSpan
+from swarm_peer.peer import balance
+from swarm_peer.peer.balance import spans_from_servers
+from swarm_peer.peer.blocks import DTYPES, BlockSpan
 from swarm_peer.peer.handlers import BlockHandlers
+from swarm_peer.peer.throughput import announced, cached_probe
 from swarm_peer.settings import PeerSettings
 
-__all__ = ["Peer", "choose_span"]
+__all__ = ["Peer", "blocks_that_fit"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +52,17 @@ class Peer:
         self.dht: hivemind.DHT = create_dht(**settings.network.model_dump())
         if settings.compute_threads:
             torch.set_num_threads(settings.compute_threads)
-        start, end = settings.blocks or choose_span(self.dht, self.checkpoint, settings.num_blocks)
+        self.probe = (
+            None
+            if isinstance(settings.throughput, float)
+            else cached_probe(
+                self.checkpoint,
+                device=settings.device,
+                dtype=settings.dtype,
+                remeasure=settings.throughput == "eval",
+            )
+        )
+        start, end = settings.blocks or self._choose_span()
         if end > self.checkpoint.num_blocks:
             raise ValidationError(
                 f"blocks {start}:{end} exceed the model's {self.checkpoint.num_blocks} blocks"
@@ -55,14 +74,41 @@ class Peer:
             "Loaded blocks %d:%d of %s in %.1f s", start, end, self.model_id, time.perf_counter() - t0
         )
         self.handlers = BlockHandlers(self.span, self.model_id, settings, self._info_json)
-        self.announcer = Announcer(self.dht, self.model_id, self.server_info, period=settings.announce_period)
+        self.announcer = Announcer(
+            self.dht,
+            self.model_id,
+            self.server_info,
+            period=settings.announce_period,
+            num_blocks=self.checkpoint.num_blocks,
+        )
         self._stop = asyncio.Event()
+
+    def speed(self, num_blocks: int) -> dict[str, float]:
+        """What this peer announces about its speed when it serves ``num_blocks`` blocks."""
+        if self.probe is None:
+            return {"throughput": float(self.settings.throughput)}
+        return announced(
+            self.probe,
+            num_blocks=num_blocks,
+            hidden_size=int(self.checkpoint.config.hidden_size),
+            dtype=self.settings.dtype,
+            bandwidth_mbps=self.settings.bandwidth_mbps,
+        )
+
+    def _choose_span(self) -> tuple[int, int]:
+        """The weakest window of the swarm, as long as ``--num-blocks`` or as many blocks as fit in memory."""
+        total = self.checkpoint.num_blocks
+        length = min(self.settings.num_blocks or blocks_that_fit(self.checkpoint, self.settings), total)
+        spans = spans_from_servers(get_block_servers(self.dht, self.model_id, range(total)))
+        spans.pop(self.dht.peer_id, None)  # a restarting peer's own old records: it is choosing anew
+        return balance.choose_span(spans, total, length)
 
     def server_info(self) -> ServerInfo:
         return ServerInfo(
             state=self.state,
             start_block=self.span.start,
             end_block=self.span.end,
+            **self.speed(self.span.end - self.span.start),
             cache_tokens_left=self.handlers.budget.tokens_left,
             version=swarm_peer.__version__,
             dtype=self.settings.dtype,
@@ -92,10 +138,67 @@ class Peer:
         )
         if on_ready is not None:
             on_ready()
+        rebalancing = (
+            asyncio.create_task(self._rebalance_forever()) if self.settings.rebalance_period else None
+        )
         try:
             await self._stop.wait()
         finally:
+            if rebalancing is not None:
+                rebalancing.cancel()
             await self._leave()
+
+    async def _rebalance_forever(self) -> None:
+        """Every ``rebalance_period`` seconds on average (randomized, so peers do not decide in lockstep)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.settings.rebalance_period * random.uniform(0.5, 1.5))
+            try:
+                await loop.run_in_executor(None, self.rebalance)
+            except Exception:
+                logger.warning("A rebalancing check failed; the peer keeps its blocks", exc_info=True)
+
+    def rebalance(self) -> bool:
+        """Moves to another span if that raises the swarm's bottleneck enough (``balance.plan_move``).
+
+        The new blocks are loaded first (blocks shared with the current span are reused, not read again), the
+        decision is checked again against a fresh view of the swarm, and only then does the peer switch, announce
+        its new span, and give sessions on the old one ``shutdown_grace`` seconds before handing them back.
+        """
+        start = self._planned_start()
+        if start is None:
+            return False
+        end = start + self.span.end - self.span.start
+        logger.info(
+            "Rebalancing: loading blocks %d:%d to replace %d:%d", start, end, self.span.start, self.span.end
+        )
+        span = BlockSpan(
+            self.checkpoint,
+            start,
+            end,
+            dtype=self.settings.dtype,
+            device=self.settings.device,
+            reuse=self.span,
+        )
+        if self._planned_start() != start:
+            logger.info(
+                "Rebalancing: the swarm changed meanwhile; staying on %d:%d", self.span.start, self.span.end
+            )
+            return False
+        old = self.span
+        self.span = span
+        self.handlers.switch(span, drain_seconds=self.settings.shutdown_grace)
+        self.announcer.update()
+        logger.info("Moved from blocks %d:%d to %d:%d", old.start, old.end, start, end)
+        return True
+
+    def _planned_start(self) -> int | None:
+        total = self.checkpoint.num_blocks
+        spans = spans_from_servers(get_block_servers(self.dht, self.model_id, range(total)))
+        me = self.dht.peer_id
+        if me not in spans:
+            return None  # our own record is not visible yet
+        return balance.plan_move(me, spans, total, quality=self.settings.balance_quality)
 
     async def _leave(self) -> None:
         logger.info("Leaving: announcing offline and finishing in-flight work")
@@ -112,11 +215,21 @@ class Peer:
         self._stop.set()
 
 
-def choose_span(dht: hivemind.DHT, checkpoint: Checkpoint, num_blocks: int | None) -> tuple[int, int]:
-    """The ``num_blocks`` contiguous blocks where the swarm has the fewest live peers (earliest on ties)."""
-    total = checkpoint.num_blocks
-    size = min(num_blocks or total, total)
-    servers = online_servers(dht, checkpoint.model_id, range(total))
-    coverage = [len(peers) for peers in servers]
-    best = min(range(total - size + 1), key=lambda s: (sum(coverage[s : s + size]), s))
-    return best, best + size
+def blocks_that_fit(checkpoint: Checkpoint, settings: PeerSettings) -> int:
+    """How many blocks half of the device's free memory holds (the rest is left for caches and the system)."""
+    config = checkpoint.config
+    hidden = int(config.hidden_size)
+    heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    params = (
+        2 * hidden * heads * head_dim
+        + 2 * hidden * kv_heads * head_dim
+        + 3 * hidden * int(config.intermediate_size)
+    )
+    block_bytes = params * DTYPES[settings.dtype].itemsize
+    if settings.device.startswith("cuda"):
+        free = torch.cuda.mem_get_info(torch.device(settings.device))[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(1, int(free * 0.5 // block_bytes))

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from swarm_peer.errors import ValidationError
 
-__all__ = ["Checkpoint", "resolve_checkpoint", "cache_dir", "DEMO_MODEL"]
+__all__ = ["Checkpoint", "resolve_checkpoint", "cache_dir", "DEMO_MODEL", "atomic_write", "read_json"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class Checkpoint:
         stamp = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
         memo = cache_dir() / "fingerprints.json"
         key = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()
-        known = _read_json(memo)
+        known = read_json(memo)
         if key in known:
             return known[key]
         digest = hashlib.sha256()
@@ -119,9 +119,9 @@ class Checkpoint:
                     digest.update(chunk)
         value = digest.hexdigest()[:_FINGERPRINT_CHARS]
         with _locked(memo.with_suffix(".lock")):
-            known = _read_json(memo)
+            known = read_json(memo)
             known[key] = value
-            _atomic_write(memo, json.dumps(known).encode())
+            atomic_write(memo, json.dumps(known).encode())
         return value
 
     @property
@@ -196,14 +196,16 @@ class _locked:
         self.file.close()
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON object from ``path``; ``{}`` when the file is missing or unreadable (a cache, rebuilt on demand)."""
     try:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replaces ``path`` with ``data`` at once, so concurrent readers never see a half-written file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)

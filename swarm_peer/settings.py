@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = ["NetworkSettings", "PeerSettings", "ClientSettings"]
@@ -59,10 +61,38 @@ class PeerSettings(_Settings):
     public_name: str | None = Field(
         None, max_length=64, description="a name shown to others in swarm listings"
     )
+    throughput: float | Literal["auto", "eval"] = Field(
+        "auto",
+        description="tokens/s to announce for the span, or 'auto' (measured once, then cached) or 'eval' "
+        "(measure again)",
+    )
+    bandwidth_mbps: float = Field(
+        100.0,
+        gt=0,
+        description="the peer's network bandwidth in Mbit/s, for its announced network throughput",
+    )
+    rebalance_period: float | None = Field(
+        120.0,
+        gt=0,
+        description="mean seconds between rebalancing checks (randomized); None (0 in the CLI) = never move",
+    )
+    balance_quality: float = Field(
+        0.75, gt=0, le=1, description="move only if the swarm's bottleneck would grow by at least 1/quality"
+    )
+    added_latency: float = Field(
+        0.0, ge=0, description="seconds added to every reply, to emulate a slow link (testing)"
+    )
     compute_threads: int | None = Field(
         None, ge=1, description="torch threads for compute; None = torch's default"
     )
     network: NetworkSettings = Field(default_factory=NetworkSettings)
+
+    @field_validator("throughput")
+    @classmethod
+    def _throughput(cls, throughput):
+        if not isinstance(throughput, str) and not throughput > 0:
+            raise ValueError(f"throughput must be positive, 'auto' or 'eval', not {throughput}")
+        return throughput
 
     @field_validator("blocks")
     @classmethod

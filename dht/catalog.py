@@ -1,0 +1,75 @@
+"""The swarm's catalog of served models: every hosting peer lists its model under ``MODELS_KEY``.
+
+    declare_span(dht, "llama-7b", info, expiration_time=get_dht_time() + 60, num_blocks=32)   # a peer
+    list_models(dht)   # {"llama-7b": 32, ...}, from every peer's record
+
+``declare_span(..., num_blocks=...)`` (and so ``Announcer(..., num_blocks=...)``) stores the model record in
+the same request and with the same expiration as the span's records, so a model leaves the catalog when its
+last peer's records expire. The record format is in ``model_record``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from typing import Any
+
+import hivemind
+
+from swarm_peer.dht.identity import peer_id_from_public_key
+from swarm_peer.dht.model_record import (
+    MODELS_KEY,
+    model_from_dht_value,
+    parse_model_subkey,
+)
+from swarm_peer.dht.node import DEFAULT_TIMEOUT, run_in_dht
+from swarm_peer.errors import ValidationError
+
+__all__ = ["list_models"]
+
+logger = logging.getLogger(__name__)
+
+
+async def _get_models(_dht: hivemind.DHT, node: hivemind.DHTNode, *, timeout: float) -> dict[Any, Any] | None:
+    """In the DHT process: the latest {subkey: value} under ``MODELS_KEY`` ({} if none); None on timeout."""
+    try:
+        # latest=True: ask all nearest nodes and merge their subkeys (every peer writes its own subkey)
+        found = await asyncio.wait_for(node.get(MODELS_KEY, latest=True), timeout)
+    except TimeoutError:
+        return None
+    if found is None or not isinstance(found.value, dict):
+        return {}  # a non-dictionary value cannot be a peer's record (the validator refuses one anyway)
+    return {subkey: entry.value for subkey, entry in found.value.items()}
+
+
+def list_models(dht: hivemind.DHT, *, timeout: float | None = None) -> dict[str, int]:
+    """The models peers declare, as {model_id: num_blocks}, sorted by model id.
+
+    Entries are kept only if they are well-formed model records in a subkey owned by the peer it names and
+    made for the model it names; anything else is skipped with a debug log. Should peers disagree on a
+    model's number of blocks, the number most of them declare wins (the larger on a tie, so that a gap is
+    shown rather than hidden).
+    Raises ``TimeoutError`` if the DHT does not answer within ``timeout`` (default ``DEFAULT_TIMEOUT``).
+    """
+    timeout = DEFAULT_TIMEOUT if timeout is None else timeout
+    entries = run_in_dht(dht, _get_models, timeout=timeout)
+    if entries is None:
+        raise TimeoutError(f"listing the swarm's models took over {timeout:.1f} s")
+    votes: dict[str, Counter[int]] = {}
+    for subkey, value in entries.items():
+        try:
+            model_id, peer_id, public_key = parse_model_subkey(subkey)
+            if peer_id_from_public_key(public_key) != peer_id:
+                raise ValidationError(f"subkey of {peer_id} is owned by another key")
+            info = model_from_dht_value(value)
+            if info.model_id != model_id:
+                raise ValidationError(f"record for model {info.model_id} in the subkey of {model_id}")
+        except ValidationError as e:
+            logger.debug("Ignored an entry under %s: %s", MODELS_KEY, e)
+            continue
+        votes.setdefault(info.model_id, Counter())[info.num_blocks] += 1
+    return {
+        model_id: max(counts, key=lambda num_blocks: (counts[num_blocks], num_blocks))
+        for model_id, counts in sorted(votes.items())
+    }

@@ -1,0 +1,122 @@
+"""The throughput probe: how fast this peer computes one block, measured once per model/device/dtype.
+
+On join a peer runs one real block of the model on its device and dtype: a forward pass over a batch of
+``_FORWARD_TOKENS`` tokens (tokens/s through one block) and a run of single-token inference steps with a KV cache
+(steps/s through one block). The figures are cached on disk, keyed by model, device, dtype and torch version, so a
+restart does not measure again. What the peer announces for its span of ``n`` blocks (``announced``):
+
+- ``throughput`` = min(forward tokens/s per block / n, network tokens/s): tokens/s it adds to each of its blocks;
+- ``inference_rps`` = inference steps/s per block / n: how many steps/s a session through its span can make;
+- ``network_tps``: tokens/s its link carries, estimated from the declared bandwidth (hidden states in and out).
+
+>>> probe = measure_block(checkpoint, device="cpu", dtype="float32")     # or cached_probe(...)
+>>> announced(probe, num_blocks=10, hidden_size=576, dtype="float32", bandwidth_mbps=100)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from swarm_peer.models import Checkpoint, atomic_write, cache_dir, read_json
+from swarm_peer.peer.blocks import DTYPES, BlockSpan
+
+__all__ = ["BlockProbe", "announced", "cached_probe", "measure_block", "network_tps"]
+
+logger = logging.getLogger(__name__)
+
+_FORWARD_TOKENS = 128
+_INFERENCE_STEPS = 16
+_REPEATS = 3
+_CACHE_FILE = "throughput.json"
+
+
+@dataclass(frozen=True)
+class BlockProbe:
+    """Measured speed of one block: forward tokens/s and inference steps/s (batch 1)."""
+
+    forward_tps: float
+    inference_sps: float
+
+
+def measure_block(checkpoint: Checkpoint, *, device: str, dtype: str) -> BlockProbe:
+    """Loads block 0 and times it; median over a few repeats, after one warm-up."""
+    span = BlockSpan(checkpoint, 0, 1, dtype=dtype, device=device)
+    D = span.hidden_size
+    hidden_BTD = torch.randn(1, _FORWARD_TOKENS, D, generator=torch.Generator().manual_seed(0))
+    mask_BS = torch.ones(1, _FORWARD_TOKENS, dtype=torch.long)
+    positions_BT = torch.arange(_FORWARD_TOKENS).unsqueeze(0)
+
+    def forward() -> None:
+        span.forward(hidden_BTD, mask_BS, positions_BT, 0, 1)
+
+    def inference() -> None:
+        cache = span.new_cache(0, 1)
+        for t in range(_INFERENCE_STEPS):
+            span.forward(
+                hidden_BTD[:, t : t + 1], mask_BS[:, : t + 1], positions_BT[:, t : t + 1], 0, 1, cache
+            )
+
+    with torch.inference_mode():
+        forward_seconds = _median_seconds(forward, device)
+        inference_seconds = _median_seconds(inference, device)
+    return BlockProbe(_FORWARD_TOKENS / forward_seconds, _INFERENCE_STEPS / inference_seconds)
+
+
+def _median_seconds(fn, device: str) -> float:
+    figures = []
+    for _ in range(_REPEATS + 1):
+        t0 = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+        figures.append(time.perf_counter() - t0)
+    return statistics.median(figures[1:])
+
+
+def cached_probe(checkpoint: Checkpoint, *, device: str, dtype: str, remeasure: bool = False) -> BlockProbe:
+    """The cached probe for this model/device/dtype/torch, measuring (and caching) it when missing."""
+    key = f"{checkpoint.model_id}|{device}|{dtype}|torch-{torch.__version__}"
+    path = cache_dir() / _CACHE_FILE
+    entries = read_json(path)
+    if not isinstance(entries, dict):
+        entries = {}
+    if not remeasure and key in entries:
+        try:
+            return BlockProbe(**entries[key])
+        except TypeError:
+            logger.warning("Ignoring a malformed entry of %s for %s", path, key)
+    t0 = time.perf_counter()
+    probe = measure_block(checkpoint, device=device, dtype=dtype)
+    logger.info(
+        "Measured one block in %.1f s: %.0f tokens/s forward, %.1f steps/s inference",
+        time.perf_counter() - t0,
+        probe.forward_tps,
+        probe.inference_sps,
+    )
+    entries[key] = asdict(probe)
+    atomic_write(path, json.dumps(entries, indent=1).encode())
+    return probe
+
+
+def network_tps(*, hidden_size: int, dtype: str, bandwidth_mbps: float) -> float:
+    """Tokens/s a link of ``bandwidth_mbps`` carries: each token's hidden state goes in and comes out."""
+    bytes_per_token = 2 * hidden_size * DTYPES[dtype].itemsize
+    return bandwidth_mbps * 1e6 / 8 / bytes_per_token
+
+
+def announced(
+    probe: BlockProbe, *, num_blocks: int, hidden_size: int, dtype: str, bandwidth_mbps: float
+) -> dict[str, float]:
+    """The ``ServerInfo`` fields for a span of ``num_blocks``: throughput, inference_rps, network_tps."""
+    network = network_tps(hidden_size=hidden_size, dtype=dtype, bandwidth_mbps=bandwidth_mbps)
+    return {
+        "throughput": min(probe.forward_tps / num_blocks, network),
+        "inference_rps": probe.inference_sps / num_blocks,
+        "network_tps": network,
+    }
