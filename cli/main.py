@@ -140,6 +140,9 @@ _PEER_FIELDS = (
     "shutdown_grace",
     "session_idle_timeout",
     "added_latency",
+    "adapters",
+    "max_lora_rank",
+    "lora_cache_mb",
 )
 
 
@@ -173,6 +176,9 @@ def _parse_throughput(ctx, param, value: str):
 @_peer_option("shutdown_grace", type=click.FloatRange(min=0))
 @_peer_option("session_idle_timeout", type=click.FloatRange(min=0, min_open=True))
 @_peer_option("added_latency", type=click.FloatRange(min=0), hidden=True)
+@_peer_option("adapters", type=str, multiple=True, metavar="[NAME=]PATH")
+@_peer_option("max_lora_rank")
+@_peer_option("lora_cache_mb", type=click.FloatRange(min=0, min_open=True))
 @click.option("--public-name", help="a name shown to others in swarm listings")
 @click.option("--compute-threads", type=click.IntRange(min=1), help="torch threads for compute")
 @_network_options

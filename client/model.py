@@ -26,12 +26,15 @@ import logging
 from functools import cache
 
 import torch
+from peft import LoraConfig
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from swarm_peer.client.remote import RemoteSequential
+from swarm_peer.client.lora import RemoteLora, block_linears
+from swarm_peer.client.prompts import PromptTuning
+from swarm_peer.client.remote import CallExtras, RemoteSequential
 from swarm_peer.client.routing import Router
 from swarm_peer.client.runtime import SwarmRuntime
 from swarm_peer.client.session import InferenceSession
@@ -54,7 +57,7 @@ class RemoteCache(Cache):
         self.session = session
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.session.position
+        return self.session.position - self.session.prefix_tokens
 
     @property
     def is_compileable(self) -> bool:
@@ -62,18 +65,31 @@ class RemoteCache(Cache):
 
 
 class RemoteModel(nn.Module):
-    """Stands in for the family's base model: embeddings -> remote blocks -> final norm."""
+    """Stands in for the family's base model: [prompts +] embeddings -> remote blocks -> final norm.
+
+    With prompt tuning (``self.prompts``), the P trained prompt embeddings go before the sequence (on the first
+    step of a session), the attention mask and positions grow by P, and the outputs of the prompt tokens are cut
+    off again, so callers see hidden states for their own tokens only.
+    """
 
     def __init__(self, config, embed_tokens: nn.Module, norm: nn.Module, blocks: RemoteSequential):
         super().__init__()
         self.config = config
         self.embed_tokens, self.norm, self.blocks = embed_tokens, norm, blocks
+        self.prompts: PromptTuning | None = None
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embed_tokens
 
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.embed_tokens = value
+
+    def deep_prompts(self, batch_size: int = 1) -> torch.Tensor | None:
+        """The deep prompts as the blocks take them: (N, batch, P, D), or None."""
+        if self.prompts is None or self.prompts.deep_NPD is None:
+            return None
+        deep_NPD = self.prompts.deep_NPD
+        return deep_NPD.unsqueeze(1).expand(-1, batch_size, -1, -1)
 
     def forward(
         self,
@@ -94,20 +110,35 @@ class RemoteModel(nn.Module):
             raise ValidationError(
                 "a distributed model keeps its cache remotely: use model.inference_session()"
             )
+        P = 0 if self.prompts is None else self.prompts.num_tokens
         past = session.position if session is not None else 0
+        if session is not None and past > 0 and session.prefix_tokens != P:
+            raise ValidationError("prompts cannot be added to or removed from a session that has started")
+        seen = past - P if past else 0  # the caller's own tokens already in the session
         if attention_mask is None:
-            attention_mask = torch.ones(B, past + T, dtype=torch.long)
-        elif attention_mask.ndim != 2 or attention_mask.shape != (B, past + T):
+            attention_mask = torch.ones(B, seen + T, dtype=torch.long)
+        elif attention_mask.ndim != 2 or attention_mask.shape != (B, seen + T):
             raise ValidationError(
-                f"attention_mask must be 2D (batch, past + tokens) = ({B}, {past + T}), got {list(attention_mask.shape)}"
+                f"attention_mask must be 2D (batch, past + tokens) = ({B}, {seen + T}), got {list(attention_mask.shape)}"
             )
         if position_ids is None:  # as the local base models do
-            position_ids = torch.arange(past, past + T).unsqueeze(0)
+            position_ids = torch.arange(seen, seen + T).unsqueeze(0)
         attention_mask_BS = attention_mask.long()
+        prepend = P > 0 and past == 0
+        if P:
+            attention_mask_BS = torch.cat([torch.ones(B, P, dtype=torch.long), attention_mask_BS], dim=1)
+            position_ids = position_ids + P
+        if prepend:
+            prompts_BPD = self.prompts.prompts_PD.to(hidden_BTD.dtype).expand(B, -1, -1)
+            hidden_BTD = torch.cat([prompts_BPD, hidden_BTD], dim=1)
+            position_ids = torch.cat([torch.arange(P).expand(position_ids.shape[0], P), position_ids], dim=1)
         if session is not None:
+            session.prefix_tokens = P
             hidden_BTD = session.step(hidden_BTD, attention_mask_BS, position_ids)
         else:
-            hidden_BTD = self.blocks(hidden_BTD, attention_mask_BS, position_ids)
+            hidden_BTD = self.blocks(hidden_BTD, attention_mask_BS, position_ids, self.deep_prompts(B))
+        if prepend:
+            hidden_BTD = hidden_BTD[:, P:]
         return BaseModelOutputWithPast(
             last_hidden_state=self.norm(hidden_BTD), past_key_values=past_key_values
         )
@@ -130,8 +161,13 @@ class DistributedModelForCausalLM:
         settings: ClientSettings | None = None,
         runtime: SwarmRuntime | None = None,
         dtype: torch.dtype = torch.float32,
+        adapter: str = "",
     ):
-        """Loads the local parts of ``model`` (a checkpoint dir or ``smollm2``) and connects to the swarm."""
+        """Loads the local parts of ``model`` (a checkpoint dir or ``smollm2``) and connects to the swarm.
+
+        ``adapter``: the name of a LoRA adapter that peers serve (``swarm-peer join --adapters``); routes then go
+        only through peers that serve it, and they apply it.
+        """
         checkpoint = resolve_checkpoint(model)
         config = checkpoint.config
         config._attn_implementation = "sdpa"
@@ -144,9 +180,12 @@ class DistributedModelForCausalLM:
             )
         self.swarm = runtime or SwarmRuntime(settings)
         self.checkpoint = checkpoint
-        self.router = Router(self.swarm, checkpoint.model_id, checkpoint.num_blocks, self.swarm.settings)
+        self.router = Router(
+            self.swarm, checkpoint.model_id, checkpoint.num_blocks, self.swarm.settings, adapter=adapter
+        )
         self._active_session = None
         base = getattr(self, self.base_model_prefix)
+        self._block_linears = block_linears(base.layers)
         blocks = RemoteSequential(self.swarm, self.router, checkpoint.model_id)
         setattr(self, self.base_model_prefix, RemoteModel(config, base.embed_tokens, base.norm, blocks))
         names = [name for name in checkpoint.tensor_index if not name.startswith(_BLOCK_PREFIX)]
@@ -162,11 +201,59 @@ class DistributedModelForCausalLM:
     def model_id(self) -> str:
         return self.checkpoint.model_id
 
+    @property
+    def remote(self) -> RemoteModel:
+        return getattr(self, self.base_model_prefix)
+
+    @property
+    def lora(self) -> RemoteLora | None:
+        """The client's own LoRA weights for the remote blocks (``add_lora`` / ``load_lora``), or None."""
+        return self.remote.blocks.lora
+
+    @property
+    def prompts(self) -> PromptTuning | None:
+        """The trainable prompts (``add_prompts`` / ``load_prompts``), or None."""
+        return self.remote.prompts
+
+    def add_lora(self, config: LoraConfig) -> RemoteLora:
+        """Gives the remote blocks trainable LoRA weights held by this client (PEFT's initialization)."""
+        self.remote.blocks.lora = RemoteLora(config, self._block_linears)
+        return self.lora
+
+    def load_lora(self, path: str) -> RemoteLora:
+        """Loads a PEFT LoRA folder as this client's own (trainable) LoRA weights."""
+        self.remote.blocks.lora = RemoteLora.from_pretrained(path, self._block_linears)
+        return self.lora
+
+    def add_prompts(self, num_tokens: int, deep: bool = False) -> PromptTuning:
+        """Trainable prompt embeddings (and, with ``deep``, per-block deep prompts added inside the peers)."""
+        self.remote.prompts = PromptTuning(
+            num_tokens,
+            self.config.hidden_size,
+            self.checkpoint.num_blocks,
+            deep=deep,
+            init_std=getattr(self.config, "initializer_range", 0.02),
+        )
+        return self.prompts
+
+    def load_prompts(self, path: str) -> PromptTuning:
+        self.remote.prompts = PromptTuning.from_pretrained(
+            path, self.config.hidden_size, self.checkpoint.num_blocks
+        )
+        return self.prompts
+
     @contextlib.contextmanager
     def inference_session(self, max_length: int, batch_size: int = 1):
         """Opens a session that ``generate()`` and forward calls inside the ``with`` block continue."""
+        P = 0 if self.prompts is None else self.prompts.num_tokens
+        deep = self.remote.deep_prompts()
         session = InferenceSession(
-            self.swarm, self.router, self.model_id, max_length=max_length, batch_size=batch_size
+            self.swarm,
+            self.router,
+            self.model_id,
+            max_length=max_length + P,
+            batch_size=batch_size,
+            extras_for=_session_extras(self.remote.blocks, None if deep is None else deep.detach()),
         )
         previous, self._active_session = self._active_session, session
         try:
@@ -190,7 +277,7 @@ class DistributedModelForCausalLM:
             max_length = self._max_length(input_ids.shape[1], kwargs)
             with self.inference_session(max_length=max_length, batch_size=input_ids.shape[0]) as session:
                 return self.generate(inputs, *args, session=session, **kwargs)
-        if session.position > 0 and session.token_ids is not None:
+        if session.position > session.prefix_tokens and session.token_ids is not None:
             seen = session.token_ids
             if input_ids.shape[1] <= seen.shape[1] or not torch.equal(input_ids[:, : seen.shape[1]], seen):
                 raise ValidationError(
@@ -200,7 +287,7 @@ class DistributedModelForCausalLM:
         kwargs["past_key_values"] = RemoteCache(session)
         out = super().generate(inputs, *args, **kwargs)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
-        session.token_ids = sequences[:, : session.position].clone()
+        session.token_ids = sequences[:, : session.position - session.prefix_tokens].clone()
         return out
 
     def _max_length(self, prompt_length: int, kwargs: dict) -> int:
@@ -213,6 +300,12 @@ class DistributedModelForCausalLM:
     def shutdown(self) -> None:
         """Closes the connection to the swarm (the DHT node and its event loop)."""
         self.swarm.shutdown()
+
+
+def _session_extras(blocks: RemoteSequential, deep_prompts_NBPD: torch.Tensor | None):
+    """What each hop of a session applies: a snapshot of the adapter, the LoRA and the deep prompts now."""
+    call = CallExtras(blocks, deep_prompts_NBPD)
+    return call.extras
 
 
 def _causal_lm_class(config_class) -> type[PreTrainedModel]:

@@ -55,8 +55,16 @@ class Hop:
 class Router:
     """Plans routes for one model from the DHT's current records and the client's own measurements."""
 
-    def __init__(self, runtime: SwarmRuntime, model_id: str, num_blocks: int, settings: ClientSettings):
-        self.runtime, self.model_id, self.num_blocks = runtime, model_id, num_blocks
+    def __init__(
+        self,
+        runtime: SwarmRuntime,
+        model_id: str,
+        num_blocks: int,
+        settings: ClientSettings,
+        adapter: str = "",
+    ):
+        """``adapter``: route only through peers that serve this adapter (by name), if given."""
+        self.runtime, self.model_id, self.num_blocks, self.adapter = runtime, model_id, num_blocks, adapter
         self.route_timeout = settings.route_timeout
         self.health = PeerHealth(
             ban_seconds=settings.ban_seconds,
@@ -87,16 +95,19 @@ class Router:
                 logger.debug("Route for blocks %d:%d: %s", start, end, route)
                 return route
             if time.monotonic() + _RETRY_PERIOD > deadline:
+                with_adapter = f" with adapter {self.adapter!r}" if self.adapter else ""
                 raise RoutingError(
-                    f"no usable peer serves block {missing} of {self.model_id} (looked for "
+                    f"no usable peer serves block {missing} of {self.model_id}{with_adapter} (looked for "
                     f"{self.route_timeout:.0f} s; {self.banned} peers are banned after failures); "
                     "start a peer with --blocks covering it"
                 )
             time.sleep(_RETRY_PERIOD)
 
     def _usable_servers(self, start: int, end: int) -> list[dict[PeerID, ServerInfo]]:
-        """Per block of [start, end): the online, unbanned peers that serve it."""
+        """Per block of [start, end): the online, unbanned peers that serve it (and the adapter, if any)."""
         servers = online_servers(self.runtime.dht, self.model_id, range(start, end))
+        if self.adapter:
+            servers = [{p: i for p, i in peers.items() if self.adapter in i.adapters} for peers in servers]
         self.banned = len({peer for peers in servers for peer in peers if self.health.is_banned(peer)})
         return [
             {peer: info for peer, info in peers.items() if not self.health.is_banned(peer)}

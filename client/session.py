@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -22,7 +23,8 @@ from swarm_peer.client.health import Retries
 from swarm_peer.client.routing import Hop, Router
 from swarm_peer.client.runtime import SwarmRuntime
 from swarm_peer.errors import SessionError, SwarmError, ValidationError
-from swarm_peer.protocols import codec, rpc, swarm_pb2
+from swarm_peer.protocols import codec, extras, rpc, swarm_pb2
+from swarm_peer.protocols.extras import Extras
 
 __all__ = ["InferenceSession"]
 
@@ -34,8 +36,8 @@ _REPLAY_TOKENS = 1024  # batch * tokens per replayed message, well under a peer'
 class _SpanStream:
     """One open ``swarm.v1.inference`` stream to one hop. Lives on the runtime's event loop."""
 
-    def __init__(self, runtime: SwarmRuntime, model_id: str, hop: Hop):
-        self.runtime, self.model_id, self.hop = runtime, model_id, hop
+    def __init__(self, runtime: SwarmRuntime, model_id: str, hop: Hop, extras_: Extras | None = None):
+        self.runtime, self.model_id, self.hop, self.extras = runtime, model_id, hop, extras_
         self._outbox: asyncio.Queue = asyncio.Queue()
         self._responses = None
 
@@ -45,11 +47,17 @@ class _SpanStream:
 
     async def open(self, max_length: int, batch_size: int) -> None:
         span = swarm_pb2.Span(model_id=self.model_id, start_block=self.hop.start, end_block=self.hop.end)
-        self._outbox.put_nowait(
-            swarm_pb2.InferenceRequest(
-                open=swarm_pb2.InferenceOpen(span=span, max_length=max_length, batch_size=batch_size)
-            )
-        )
+        message, tensors = extras.encode(self.extras)
+        for i, parts in enumerate(codec.pack(tensors) if tensors else [[]]):
+            if i == 0:
+                opening = swarm_pb2.InferenceOpen(
+                    span=span, max_length=max_length, batch_size=batch_size, extras=message, tensors=parts
+                )
+                self._outbox.put_nowait(swarm_pb2.InferenceRequest(open=opening))
+            else:
+                self._outbox.put_nowait(
+                    swarm_pb2.InferenceRequest(parts=swarm_pb2.TensorParts(tensors=parts))
+                )
         try:
             self._responses = await self.runtime.p2p.iterate_protobuf_handler(
                 self.hop.peer_id, rpc.INFERENCE, self._requests(), swarm_pb2.InferenceResponse
@@ -112,7 +120,10 @@ class InferenceSession:
         batch_size: int = 1,
         start: int = 0,
         end: int | None = None,
+        extras_for: Callable[[int, int], Extras] | None = None,
     ):
+        """``extras_for(a, b)``: what the hop of blocks [a, b) applies besides its weights (adapter, LoRA, deep
+        prompts); sent when the hop's stream opens."""
         if max_length < 1 or batch_size < 1:
             raise ValidationError(
                 f"max_length and batch_size must be positive, got {max_length}, {batch_size}"
@@ -121,6 +132,10 @@ class InferenceSession:
         self.max_length, self.batch_size = max_length, batch_size
         self.start, self.end = start, router.num_blocks if end is None else end
         self.position = 0
+        self.extras_for = extras_for
+        self.prefix_tokens = (
+            0  # prompt-tuning tokens the client put before the sequence (counted in position)
+        )
         self.token_ids: torch.Tensor | None = (
             None  # tokens processed so far, kept by generate() for prefix checks
         )
@@ -160,7 +175,8 @@ class InferenceSession:
             streams: list[_SpanStream] = []
             try:
                 for hop in route:
-                    streams.append(_SpanStream(self.runtime, self.model_id, hop))
+                    hop_extras = self.extras_for(hop.start, hop.end) if self.extras_for else None
+                    streams.append(_SpanStream(self.runtime, self.model_id, hop, hop_extras))
                     self.runtime.run(streams[-1].open(self.max_length, self.batch_size))
                     self._replay(streams[-1])
                 return streams

@@ -27,6 +27,8 @@ from transformers import AutoModel, DynamicCache
 
 from swarm_peer.errors import ValidationError
 from swarm_peer.models import Checkpoint
+from swarm_peer.peer import adapters as _adapters
+from swarm_peer.protocols.extras import Lora
 
 __all__ = ["BlockSpan", "DTYPES"]
 
@@ -48,8 +50,13 @@ class BlockSpan:
         dtype: str = "float32",
         device: str = "cpu",
         reuse: BlockSpan | None = None,
+        adapters: tuple[str, ...] = (),
     ):
-        """Loads blocks [start, end); those that ``reuse`` (a span of the same weights) holds are shared, not read."""
+        """Loads blocks [start, end); those that ``reuse`` (a span of the same weights) holds are shared, not read.
+
+        ``adapters`` are PEFT LoRA folders (``PATH`` or ``NAME=PATH``) served with the blocks: their weights for
+        this span are kept in ``self.adapters[name]`` (None when an adapter has none for these blocks).
+        """
         num_blocks = checkpoint.num_blocks
         if not 0 <= start < end <= num_blocks:
             raise ValidationError(f"blocks {start}:{end} are not inside the model's 0:{num_blocks}")
@@ -66,6 +73,16 @@ class BlockSpan:
             for i in range(start, end)
         ).requires_grad_(False)
         self._runners: dict[tuple[int, int], nn.Module] = {}
+        self.adapters: dict[str, Lora | None] = {}
+        for spec in adapters:
+            name, path = _adapters.adapter_name(spec)
+            if name in self.adapters:
+                raise ValidationError(f"two adapters are named {name!r}")
+            self.adapters[name] = _adapters.load_served(path, self.layers_of(start, end), self.dtype)
+
+    def layers_of(self, a: int, b: int) -> dict[int, nn.Module]:
+        """Global block index -> layer, for blocks [a, b) of this span."""
+        return {i: self.layers[i - self.start] for i in range(a, b)}
 
     @cached_property
     def hidden_size(self) -> int:
@@ -91,6 +108,7 @@ class BlockSpan:
             raise ValidationError(
                 f"block {index}: missing weights {sorted(set(missing) | set(leftovers))[:4]}"
             )
+        _adapters.install_hooks(layer, index)
         return layer.eval()
 
     @cached_property

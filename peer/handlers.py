@@ -21,15 +21,18 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 from hivemind.p2p import P2P, P2PContext
 from hivemind.utils.asyncio import as_aiter
 
-from swarm_peer.errors import PeerError, SessionError, SwarmError, ValidationError
+from swarm_peer.errors import MissingWeightsError, PeerError, SessionError, SwarmError, ValidationError
+from swarm_peer.peer import adapters
 from swarm_peer.peer.blocks import BlockSpan
 from swarm_peer.peer.cache import CacheBudget
-from swarm_peer.protocols import codec, rpc, swarm_pb2
+from swarm_peer.protocols import codec, extras, rpc, swarm_pb2
+from swarm_peer.protocols.extras import Lora
 from swarm_peer.settings import PeerSettings
 
 __all__ = ["BlockHandlers"]
@@ -47,6 +50,7 @@ class BlockHandlers:
     ):
         self.span, self.model_id, self.settings, self.info_json = span, model_id, settings, info_json
         self.budget = CacheBudget(settings.cache_tokens)
+        self.loras = adapters.LoraCache(int(settings.lora_cache_mb * 2**20))
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.in_flight = 0
         self.open_sessions = 0
@@ -82,21 +86,25 @@ class BlockHandlers:
         return swarm_pb2.InfoResponse(info_json=self.info_json())
 
     async def rpc_forward(self, requests: AsyncIterator[swarm_pb2.ForwardRequest], context: P2PContext):
-        async for response in self._stateless(requests, backward=False):
+        async for response in self._stateless(requests, context, backward=False):
             yield response
 
     async def rpc_backward(self, requests: AsyncIterator[swarm_pb2.ForwardRequest], context: P2PContext):
-        async for response in self._stateless(requests, backward=True):
+        async for response in self._stateless(requests, context, backward=True):
             yield response
 
-    async def _stateless(self, requests: AsyncIterator[swarm_pb2.ForwardRequest], backward: bool):
+    async def _stateless(
+        self, requests: AsyncIterator[swarm_pb2.ForwardRequest], context: P2PContext, backward: bool
+    ):
         try:
             first = await self._next(requests, "the request")
             if first is None:
                 raise ValidationError("empty request stream")
             span, a, b = self._check_span(first.span)
             await self._emulated_latency()
-            assembler = codec.TensorAssembler(expected=4 if backward else 3)
+            message = first.extras if first.HasField("extras") else None
+            own = 4 if backward else 3
+            assembler = codec.TensorAssembler(expected=own + extras.tensor_count(message))
             assembler.feed(first.tensors)
             while not assembler.complete:
                 more = await self._next(requests, "the rest of the request's tensors")
@@ -105,20 +113,53 @@ class BlockHandlers:
                 assembler.feed(more.tensors)
             tensors = assembler.tensors()
             hidden_BTD, mask_BS, positions_BT = self._check_inputs(*tensors[:3], past=0, batch_size=None)
+            B, T, _ = hidden_BTD.shape
+            applied = self._extras(span, a, b, message, tensors[own:], context, B, max_prompt_tokens=T)
             if backward:
                 grad_BTD = _check_float("grad_outputs", tensors[3], hidden_BTD.shape)
-                result = await self._compute(
-                    self._backward, span, hidden_BTD, mask_BS, positions_BT, grad_BTD, a, b
+                results = await self._compute(
+                    self._backward, span, hidden_BTD, mask_BS, positions_BT, grad_BTD, a, b, applied
                 )
             else:
-                result = await self._compute(self._forward, span, hidden_BTD, mask_BS, positions_BT, a, b)
-            for parts in codec.pack([result]):
+                results = [
+                    await self._compute(self._forward, span, hidden_BTD, mask_BS, positions_BT, a, b, applied)
+                ]
+            for parts in codec.pack(results):
                 yield swarm_pb2.ForwardResponse(tensors=parts)
         except SwarmError as e:
             # Read the caller's stream to its end first: closing it while the caller still writes would break
             # its pipe, and it would see "broken pipe" instead of our explanation.
             await self._drain(requests)
             raise rpc.tag_error(e) from None
+
+    def _extras(
+        self, span, a, b, message, tensors, context, batch_size: int, max_prompt_tokens: int
+    ) -> _Applied:
+        """The adapters and prompts a request asks for, checked against blocks [a, b) of ``span``."""
+        request, digest = extras.decode(message, tensors)
+        client = str(context.remote_id)
+        lora = request.lora
+        if digest is not None:
+            lora = self.loras.get(client, digest)
+            if lora is None:
+                raise MissingWeightsError(
+                    "this peer does not hold these LoRA weights (any more); send them again"
+                )
+        if lora is not None:
+            adapters.check_lora(lora, span.layers_of(a, b), self.settings.max_lora_rank)
+            self.loras.put(client, lora)
+        served = None
+        if request.adapter:
+            if request.adapter not in span.adapters:
+                raise ValidationError(
+                    f"unknown adapter {request.adapter!r}; this peer serves {sorted(span.adapters) or 'none'}"
+                )
+            served = span.adapters[request.adapter]
+        if request.prompts_NBPD is not None:
+            adapters.check_prompts(
+                request.prompts_NBPD, b - a, batch_size, span.hidden_size, max_prompt_tokens
+            )
+        return _Applied(served, lora, request.prompts_NBPD)
 
     async def _drain(self, requests: AsyncIterator) -> None:
         try:
@@ -128,16 +169,23 @@ class BlockHandlers:
         except Exception:
             logger.debug("Could not drain a failed request's stream", exc_info=True)
 
-    def _forward(self, span, hidden_BTD, mask_BS, positions_BT, a, b) -> torch.Tensor:
-        with torch.inference_mode():
+    def _forward(self, span, hidden_BTD, mask_BS, positions_BT, a, b, applied: _Applied) -> torch.Tensor:
+        with torch.inference_mode(), applied.applying(a, past=0):
             return span.forward(hidden_BTD, mask_BS, positions_BT, a, b).to(hidden_BTD.dtype)
 
-    def _backward(self, span, hidden_BTD, mask_BS, positions_BT, grad_BTD, a, b) -> torch.Tensor:
+    def _backward(self, span, hidden_BTD, mask_BS, positions_BT, grad_BTD, a, b, applied: _Applied):
+        """Gradients w.r.t. the inputs, then the deep prompts (if sent), then the client's LoRA weights."""
         with torch.enable_grad():
+            trainable = applied.trainable()
             inputs_BTD = hidden_BTD.to(span.dtype).requires_grad_(True)
-            outputs_BTD = span.forward(inputs_BTD, mask_BS, positions_BT, a, b)
-            (grad_inputs_BTD,) = torch.autograd.grad(outputs_BTD, inputs_BTD, grad_BTD.to(outputs_BTD.dtype))
-        return grad_inputs_BTD.to(hidden_BTD.dtype)
+            with trainable.applying(a, past=0):
+                outputs_BTD = span.forward(inputs_BTD, mask_BS, positions_BT, a, b)
+            leaves = [inputs_BTD, *trainable.leaves()]
+            grads = torch.autograd.grad(
+                outputs_BTD, leaves, grad_BTD.to(outputs_BTD.dtype), allow_unused=True
+            )
+        sent = [hidden_BTD, *applied.leaves()]
+        return [torch.zeros_like(x) if g is None else g.to(x.dtype) for g, x in zip(grads, sent, strict=True)]
 
     async def rpc_inference(self, requests: AsyncIterator[swarm_pb2.InferenceRequest], context: P2PContext):
         try:
@@ -151,18 +199,29 @@ class BlockHandlers:
                     f"session needs 1 <= batch_size and 1 <= max_length <= {self.settings.max_length}, "
                     f"got batch_size={batch_size}, max_length={max_length}"
                 )
+            message = first.open.extras if first.open.HasField("extras") else None
+            tensors = await self._parts(
+                requests, first.open.tensors, extras.tensor_count(message), "the open"
+            )
+            applied = self._extras(
+                span, a, b, message, tensors, context, batch_size, max_prompt_tokens=max_length
+            )
             with self.budget.reserve(batch_size * max_length):
                 self.open_sessions += 1
                 try:
                     yield swarm_pb2.InferenceResponse(step_id=0, position=0)
-                    async for response in self._session(requests, span, a, b, batch_size, max_length):
+                    async for response in self._session(
+                        requests, span, a, b, batch_size, max_length, applied
+                    ):
                         yield response
                 finally:
                     self.open_sessions -= 1
         except SwarmError as e:
             raise rpc.tag_error(e) from None
 
-    async def _session(self, requests, span: BlockSpan, a: int, b: int, batch_size: int, max_length: int):
+    async def _session(
+        self, requests, span: BlockSpan, a: int, b: int, batch_size: int, max_length: int, applied: _Applied
+    ):
         cache = span.new_cache(a, b)
         position = 0
         while True:
@@ -172,33 +231,40 @@ class BlockHandlers:
             if request.WhichOneof("kind") != "step":
                 raise SessionError(f"expected a step, got {request.WhichOneof('kind')!r}")
             step_id = request.step.step_id
-            assembler = codec.TensorAssembler(expected=3)
-            assembler.feed(request.step.tensors)
-            while not assembler.complete:
-                more = await self._next(requests, "the rest of the step's tensors")
-                if more is None or more.WhichOneof("kind") != "parts":
-                    raise SessionError("the step ended before its tensors were complete")
-                assembler.feed(more.parts.tensors)
+            tensors = await self._parts(requests, request.step.tensors, 3, "the step")
             if span is not self.span and time.monotonic() >= self._handover_at:
                 raise SessionError(
                     f"this peer moved to blocks {self.span.start}:{self.span.end}; continue the session elsewhere"
                 )
             hidden_BTD, mask_BS, positions_BT = self._check_inputs(
-                *assembler.tensors(), past=position, batch_size=batch_size
+                *tensors, past=position, batch_size=batch_size
             )
             if position + hidden_BTD.shape[1] > max_length:
                 raise ValidationError(
                     f"step of {hidden_BTD.shape[1]} tokens at position {position} exceeds the session's "
                     f"max_length {max_length}"
                 )
-            out_BTD = await self._compute(self._step, span, hidden_BTD, mask_BS, positions_BT, a, b, cache)
+            out_BTD = await self._compute(
+                self._step, span, hidden_BTD, mask_BS, positions_BT, a, b, cache, applied, position
+            )
             await self._emulated_latency()
             position += hidden_BTD.shape[1]
             for parts in codec.pack([out_BTD]):
                 yield swarm_pb2.InferenceResponse(step_id=step_id, tensors=parts, position=position)
 
-    def _step(self, span, hidden_BTD, mask_BS, positions_BT, a, b, cache) -> torch.Tensor:
-        with torch.inference_mode():
+    async def _parts(self, requests, tensors, expected: int, what: str) -> list[torch.Tensor]:
+        """``expected`` tensors: those of a session message, then those of the ``parts`` messages after it."""
+        assembler = codec.TensorAssembler(expected=expected)
+        assembler.feed(tensors)
+        while not assembler.complete:
+            more = await self._next(requests, f"the rest of {what}'s tensors")
+            if more is None or more.WhichOneof("kind") != "parts":
+                raise SessionError(f"{what} message ended before its tensors were complete")
+            assembler.feed(more.parts.tensors)
+        return assembler.tensors()
+
+    def _step(self, span, hidden_BTD, mask_BS, positions_BT, a, b, cache, applied, past) -> torch.Tensor:
+        with torch.inference_mode(), applied.applying(a, past=past):
             return span.forward(hidden_BTD, mask_BS, positions_BT, a, b, cache).to(hidden_BTD.dtype)
 
     async def _compute(self, fn, *args):
@@ -263,6 +329,32 @@ class BlockHandlers:
     def shutdown(self) -> None:
         self.budget.close()
         self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass(frozen=True)
+class _Applied:
+    """What one request adds to the frozen blocks: a served adapter, the client's LoRA, deep prompts."""
+
+    served: Lora | None = None
+    lora: Lora | None = None
+    prompts_NBPD: torch.Tensor | None = None
+
+    def applying(self, first_block: int, past: int):
+        return adapters.applying((self.served, self.lora), self.prompts_NBPD, first_block, past)
+
+    def leaves(self) -> list[torch.Tensor]:
+        """What backward returns gradients for, after the inputs: the prompts, then the LoRA's A, B pairs."""
+        prompts = [] if self.prompts_NBPD is None else [self.prompts_NBPD]
+        return prompts + ([] if self.lora is None else self.lora.tensors)
+
+    def trainable(self) -> _Applied:
+        """A copy whose prompts and LoRA weights are fresh leaves that require grad."""
+        fresh = [t.detach().clone().requires_grad_(True) for t in self.leaves()]
+        prompts = fresh.pop(0) if self.prompts_NBPD is not None else None
+        lora = None
+        if self.lora is not None:
+            lora = Lora(self.lora.modules, self.lora.scalings, tuple(fresh[0::2]), tuple(fresh[1::2]))
+        return _Applied(self.served, lora, prompts)
 
 
 def _unary(handler):

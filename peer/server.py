@@ -69,7 +69,14 @@ class Peer:
             )
         self.state = ServerState.JOINING
         t0 = time.perf_counter()
-        self.span = BlockSpan(self.checkpoint, start, end, dtype=settings.dtype, device=settings.device)
+        self.span = BlockSpan(
+            self.checkpoint,
+            start,
+            end,
+            dtype=settings.dtype,
+            device=settings.device,
+            adapters=settings.adapters,
+        )
         logger.info(
             "Loaded blocks %d:%d of %s in %.1f s", start, end, self.model_id, time.perf_counter() - t0
         )
@@ -113,6 +120,7 @@ class Peer:
             version=swarm_peer.__version__,
             dtype=self.settings.dtype,
             public_name=self.settings.public_name,
+            adapters=tuple(self.span.adapters),
         )
 
     def _info_json(self) -> bytes:
@@ -179,6 +187,7 @@ class Peer:
             dtype=self.settings.dtype,
             device=self.settings.device,
             reuse=self.span,
+            adapters=self.settings.adapters,
         )
         if self._planned_start() != start:
             logger.info(

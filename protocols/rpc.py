@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import re
 
-from swarm_peer.errors import BusyError, PeerError, SessionError, SwarmError, ValidationError
+from swarm_peer.errors import (
+    BusyError,
+    MissingWeightsError,
+    PeerError,
+    SessionError,
+    SwarmError,
+    ValidationError,
+)
 
 __all__ = ["INFO", "FORWARD", "BACKWARD", "INFERENCE", "streamed", "tag_error", "remote_error"]
 
@@ -29,8 +36,13 @@ def streamed(name: str) -> str:
     return f"{name}.stream"
 
 
-_TAGS: dict[type[SwarmError], str] = {BusyError: "busy", ValidationError: "invalid", SessionError: "session"}
-_TAG_RE = re.compile(r"\[(busy|invalid|session)\] (.*)", re.DOTALL)
+_TAGS: dict[type[SwarmError], str] = {
+    BusyError: "busy",
+    MissingWeightsError: "missing",
+    ValidationError: "invalid",
+    SessionError: "session",
+}
+_TAG_RE = re.compile(r"\[(busy|missing|invalid|session)\] (.*)", re.DOTALL)
 
 
 def tag_error(error: SwarmError) -> Exception:
@@ -51,6 +63,8 @@ def remote_error(error: BaseException, peer: str) -> SwarmError:
     message = message.rstrip("')\"")
     if tag == "busy":
         return BusyError(f"peer {peer} is busy: {message}")
+    if tag == "missing":
+        return MissingWeightsError(f"peer {peer}: {message}")
     if tag == "session":
         return SessionError(f"peer {peer}: {message}")
     return ValidationError(f"peer {peer} rejected the request: {message}")

@@ -4,7 +4,8 @@
     ├── ValidationError     a request, record, file or argument is malformed (the caller's fault; never retried)
     ├── RoutingError        no chain of live peers covers the requested blocks (within the lookup deadline)
     ├── PeerError           a remote peer failed or refused a call
-    │   └── BusyError       the peer is out of capacity (e.g. KV-cache budget); try later or elsewhere
+    │   ├── BusyError       the peer is out of capacity (e.g. KV-cache budget); try later or elsewhere
+    │   └── MissingWeightsError  the peer no longer holds the client's LoRA weights; send them again
     ├── SessionError        an inference session is closed, unknown, or used out of order
     └── ByzantineError      a peer's contribution failed verification
 
@@ -20,6 +21,7 @@ __all__ = [
     "RoutingError",
     "PeerError",
     "BusyError",
+    "MissingWeightsError",
     "SessionError",
     "ByzantineError",
 ]
@@ -47,6 +49,10 @@ class PeerError(SwarmError):
 
 class BusyError(PeerError):
     """The peer has no capacity for this request now (cache budget, queue); it may have later."""
+
+
+class MissingWeightsError(PeerError):
+    """The peer has no cached copy of the LoRA weights a request names by digest; resend them attached."""
 
 
 class SessionError(SwarmError):

@@ -79,6 +79,13 @@ class PeerSettings(_Settings):
     balance_quality: float = Field(
         0.75, gt=0, le=1, description="move only if the swarm's bottleneck would grow by at least 1/quality"
     )
+    adapters: tuple[str, ...] = Field(
+        (), max_length=16, description="PEFT LoRA folders to serve, as PATH or NAME=PATH"
+    )
+    max_lora_rank: int = Field(64, ge=1, description="largest rank of a client's LoRA weights")
+    lora_cache_mb: float = Field(
+        256.0, gt=0, description="memory for clients' LoRA weights, kept so they are sent once"
+    )
     added_latency: float = Field(
         0.0, ge=0, description="seconds added to every reply, to emulate a slow link (testing)"
     )
@@ -116,3 +123,6 @@ class ClientSettings(_Settings):
     )
     max_ban_seconds: float = Field(300.0, gt=0, description="longest ban of a failing peer")
     ping_ttl: float = Field(60.0, gt=0, description="seconds a measured round-trip time stays fresh")
+    max_chunk_tokens: int = Field(
+        8192, ge=1, description="largest batch * tokens per forward/backward call; larger batches are split"
+    )

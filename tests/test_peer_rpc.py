@@ -45,7 +45,8 @@ def _inputs(B=1, T=3, D=64):
 
 def _forward(model, hop, tensors, *, model_id=None, start=None, end=None):
     hop = Hop(hop.peer_id, hop.start if start is None else start, hop.end if end is None else end)
-    return model.swarm.run(call_span(model.swarm, rpc.FORWARD, model_id or model.model_id, hop, tensors))
+    (out,) = model.swarm.run(call_span(model.swarm, rpc.FORWARD, model_id or model.model_id, hop, tensors))
+    return out
 
 
 def _assert_still_serves(model, hop, ref, x=None):
