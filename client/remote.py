@@ -16,6 +16,7 @@ A hop that fails is banned and its blocks are planned again on other peers, with
 from __future__ import annotations
 
 import logging
+import random
 
 import torch
 from hivemind.utils.asyncio import as_aiter
@@ -35,12 +36,21 @@ logger = logging.getLogger(__name__)
 
 
 async def call_span(
-    runtime: SwarmRuntime, name: str, model_id: str, hop: Hop, tensors, message=None, expected: int = 1
+    runtime: SwarmRuntime,
+    name: str,
+    model_id: str,
+    hop: Hop,
+    tensors,
+    message=None,
+    expected: int = 1,
+    graph_id: int = 0,
 ) -> list[torch.Tensor]:
-    """One forward/backward RPC to ``hop`` with the extras ``message``; returns its ``expected`` output tensors."""
+    """One forward/backward RPC to ``hop`` with the extras ``message``; returns its ``expected`` output tensors.
+
+    ``graph_id``: a forward asks the peer to keep its graph under this id; the backward names it again."""
     span = swarm_pb2.Span(model_id=model_id, start_block=hop.start, end_block=hop.end)
     requests = [
-        swarm_pb2.ForwardRequest(span=span, tensors=parts, extras=message)
+        swarm_pb2.ForwardRequest(span=span, tensors=parts, extras=message, graph_id=graph_id)
         if i == 0
         else swarm_pb2.ForwardRequest(tensors=parts)
         for i, parts in enumerate(codec.pack(tensors))
@@ -68,8 +78,8 @@ async def call_span(
 class CallExtras:
     """What one chunk's calls carry besides hidden states: the deep prompts and a snapshot of the LoRA weights."""
 
-    def __init__(self, module: RemoteSequential, prompts_NBPD: torch.Tensor | None):
-        self.module, self.prompts_NBPD = module, prompts_NBPD
+    def __init__(self, module: RemoteSequential, prompts_NBPD: torch.Tensor | None, training: bool = False):
+        self.module, self.prompts_NBPD, self.training = module, prompts_NBPD, training
         self._loras: dict[tuple[int, int], object] = {}
 
     def extras(self, a: int, b: int) -> Extras:
@@ -109,7 +119,12 @@ class RemoteSequential(nn.Module):
                 f"got {list(prompts_NBPD.shape)}"
             )
         params = self.lora.ordered_parameters() if self.lora is not None else []
-        return _RemoteChain.apply(self, hidden_BTD, attention_mask_BT, position_ids_BT, prompts_NBPD, *params)
+        training = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (hidden_BTD, prompts_NBPD, *params)
+        )
+        return _RemoteChain.apply(
+            self, training, hidden_BTD, attention_mask_BT, position_ids_BT, prompts_NBPD, *params
+        )
 
     def chunks(self, batch_size: int, length: int) -> list[slice]:
         """Row chunks of the batch, each at most ``max_chunk_tokens`` tokens."""
@@ -119,29 +134,33 @@ class RemoteSequential(nn.Module):
         rows = max(1, limit // length)
         return [slice(i, min(i + rows, batch_size)) for i in range(0, batch_size, rows)]
 
-    def call(self, name: str, hop: Hop, tensors, extras_: Extras, expected: int = 1) -> list[torch.Tensor]:
+    def call(
+        self, name: str, hop: Hop, tensors, extras_: Extras, expected: int = 1, graph_id: int = 0
+    ) -> list[torch.Tensor]:
         lora = extras_.lora
         held = lora is not None and (str(hop.peer_id), lora.digest) in self._held
         try:
-            out = self._call(name, hop, tensors, extras_, attach=not held, expected=expected)
+            out = self._call(name, hop, tensors, extras_, not held, expected, graph_id)
         except MissingWeightsError:  # the peer dropped them from its cache
             self._held.discard((str(hop.peer_id), lora.digest))
-            out = self._call(name, hop, tensors, extras_, attach=True, expected=expected)
+            out = self._call(name, hop, tensors, extras_, True, expected, graph_id)
         if lora is not None:
             self._held.add((str(hop.peer_id), lora.digest))
         self.router.health.forgive(hop.peer_id)
         return out
 
-    def _call(self, name, hop, tensors, extras_, attach: bool, expected: int):
+    def _call(self, name, hop, tensors, extras_, attach: bool, expected: int, graph_id: int):
         message, extra_tensors = extras.encode(extras_, attach_lora=attach)
+        tensors = [*tensors, *extra_tensors]
         return self.runtime.run(
-            call_span(self.runtime, name, self.model_id, hop, [*tensors, *extra_tensors], message, expected)
+            call_span(self.runtime, name, self.model_id, hop, tensors, message, expected, graph_id)
         )
 
     def run_chain(
         self, call: CallExtras, hidden_BTD, attention_mask_BT, position_ids_BT, start=None, end=None
-    ) -> tuple[torch.Tensor, list, list[Hop]]:
-        """Forward through blocks [start, end); returns the output, the input of each hop, and the hops.
+    ) -> tuple[torch.Tensor, list, list[tuple[Hop, int]]]:
+        """Forward through blocks [start, end); returns the output, the input of each hop, and the hops (with the
+        id under which the peer keeps the graph for backward, when training).
 
         A hop that fails is banned and the rest of the chain is planned again from the block it should have
         started, so work already done is kept.
@@ -151,31 +170,34 @@ class RemoteSequential(nn.Module):
         inputs, route, x, block = [], [], hidden_BTD, start
         while block < end:
             for hop in retries.plan(self.router.forward_route, block, end):
+                graph_id = random.getrandbits(63) + 1 if call.training else 0
                 try:
                     (y,) = self.call(
                         rpc.FORWARD,
                         hop,
                         [x, attention_mask_BT, position_ids_BT],
                         call.extras(hop.start, hop.end),
+                        graph_id=graph_id,
                     )
                 except Exception as e:
                     retries.failed(hop.peer_id, e)
                     break  # plan the rest again from this block
                 inputs.append(x)
-                route.append(hop)
+                route.append((hop, graph_id))
                 x, block = y, hop.end
         return x, inputs, route
 
     def backward_hop(
-        self, call: CallExtras, hop: Hop, hidden_BTD, attention_mask_BT, position_ids_BT, grad_BTD, grads
+        self, call: CallExtras, step, hidden_BTD, attention_mask_BT, position_ids_BT, grad_BTD, grads
     ):
-        """Gradient w.r.t. the input of ``hop``, adding the extras' gradients to ``grads``; if its peer fails,
-        recomputes the span elsewhere."""
+        """Gradient w.r.t. the input of hop ``step`` (hop, graph id), adding the extras' gradients to ``grads``;
+        if its peer fails, recomputes the span elsewhere."""
+        hop, graph_id = step
         extras_ = call.extras(hop.start, hop.end)
         tensors = [hidden_BTD, attention_mask_BT, position_ids_BT, grad_BTD]
         expected = 1 + len(extras.encode(extras_)[1])
         try:
-            outputs = self.call(rpc.BACKWARD, hop, tensors, extras_, expected=expected)
+            outputs = self.call(rpc.BACKWARD, hop, tensors, extras_, expected=expected, graph_id=graph_id)
         except Exception as e:
             Retries(self.router.health, timeout=self.runtime.settings.retry_timeout).failed(hop.peer_id, e)
         else:
@@ -188,8 +210,8 @@ class RemoteSequential(nn.Module):
         return self.backward_chain(call, route, inputs, attention_mask_BT, position_ids_BT, grad_BTD, grads)
 
     def backward_chain(self, call, route, inputs, attention_mask_BT, position_ids_BT, grad_BTD, grads):
-        for hop, x in zip(reversed(route), reversed(inputs), strict=True):
-            grad_BTD = self.backward_hop(call, hop, x, attention_mask_BT, position_ids_BT, grad_BTD, grads)
+        for step, x in zip(reversed(route), reversed(inputs), strict=True):
+            grad_BTD = self.backward_hop(call, step, x, attention_mask_BT, position_ids_BT, grad_BTD, grads)
         return grad_BTD
 
 
@@ -216,13 +238,20 @@ class _Grads:
 class _RemoteChain(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, module: RemoteSequential, hidden_BTD, attention_mask_BT, position_ids_BT, prompts_NBPD, *params
+        ctx,
+        module: RemoteSequential,
+        training: bool,
+        hidden_BTD,
+        attention_mask_BT,
+        position_ids_BT,
+        prompts_NBPD,
+        *params,
     ):
         B, T, _ = hidden_BTD.shape
         ctx.module, ctx.chunks = module, []
         outputs = []
         for rows in module.chunks(B, T):
-            call = CallExtras(module, _rows(prompts_NBPD, rows, B, dim=1))
+            call = CallExtras(module, _rows(prompts_NBPD, rows, B, dim=1), training)
             mask, positions = attention_mask_BT[rows], _rows(position_ids_BT, rows, B, dim=0)
             out_BTD, inputs, route = module.run_chain(call, hidden_BTD[rows].detach(), mask, positions)
             ctx.chunks.append((rows, call, inputs, route, mask, positions))
@@ -257,7 +286,7 @@ class _RemoteChain(torch.autograd.Function):
             for name, A, B in module.lora.pairs():
                 gA, gB = lora.get(name, (torch.zeros_like(A), torch.zeros_like(B)))
                 grad_params += [gA.to(A.dtype), gB.to(B.dtype)]
-        return None, torch.cat(grad_inputs), None, None, grad_prompts, *grad_params
+        return None, None, torch.cat(grad_inputs), None, None, grad_prompts, *grad_params
 
 
 def _rows(tensor: torch.Tensor | None, rows: slice, batch_size: int, dim: int):

@@ -4,10 +4,15 @@ Shape legend: B batch, T new tokens, S tokens seen so far including the new ones
 
 - ``swarm.v1.info``: the peer's ``ServerInfo`` as JSON.
 - ``swarm.v1.forward``: hidden_BTD, attention_mask_BS (S == T), position_ids_BT -> hidden_BTD.
-- ``swarm.v1.backward``: the same plus grad_outputs_BTD -> grad_inputs_BTD (gradient w.r.t. the inputs).
+- ``swarm.v1.backward``: the same plus grad_outputs_BTD -> grad_inputs_BTD (gradient w.r.t. the inputs), then the
+  gradients w.r.t. the request's deep prompts and LoRA weights.
 - ``swarm.v1.inference``: a bidirectional stream that owns one session: open (span, max_length, batch_size), then
   steps (hidden_BTD, attention_mask_BS, position_ids_BT); the session's KV cache lives inside the stream, so no
   other client can reach it, and closing the stream (or idling past the timeout) frees it.
+
+Any of these may carry ``Extras`` (protocols.extras): a served adapter's name, deep prompts, the client's own LoRA
+weights. They are applied by hooks (peer.adapters) during that request's compute only; a client's LoRA is kept
+by (client peer id, digest) in a bounded cache, so later requests name it by digest and no client can use another's.
 
 Every request is checked before compute: model and blocks served here, dtype, shapes, lengths, mask values and
 positions. A bad request gets a tagged error reply (protocols.rpc) and the peer keeps serving everyone else.
@@ -31,6 +36,7 @@ from swarm_peer.errors import MissingWeightsError, PeerError, SessionError, Swar
 from swarm_peer.peer import adapters
 from swarm_peer.peer.blocks import BlockSpan
 from swarm_peer.peer.cache import CacheBudget
+from swarm_peer.peer.graphs import Graph, GraphCache
 from swarm_peer.protocols import codec, extras, rpc, swarm_pb2
 from swarm_peer.protocols.extras import Lora
 from swarm_peer.settings import PeerSettings
@@ -51,6 +57,7 @@ class BlockHandlers:
         self.span, self.model_id, self.settings, self.info_json = span, model_id, settings, info_json
         self.budget = CacheBudget(settings.cache_tokens)
         self.loras = adapters.LoraCache(int(settings.lora_cache_mb * 2**20))
+        self.graphs = GraphCache(settings.graph_cache_tokens)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.in_flight = 0
         self.open_sessions = 0
@@ -115,14 +122,15 @@ class BlockHandlers:
             hidden_BTD, mask_BS, positions_BT = self._check_inputs(*tensors[:3], past=0, batch_size=None)
             B, T, _ = hidden_BTD.shape
             applied = self._extras(span, a, b, message, tensors[own:], context, B, max_prompt_tokens=T)
+            key = (str(context.remote_id), first.graph_id) if first.graph_id else None
+            inputs = (hidden_BTD, mask_BS, positions_BT)
             if backward:
                 grad_BTD = _check_float("grad_outputs", tensors[3], hidden_BTD.shape)
-                results = await self._compute(
-                    self._backward, span, hidden_BTD, mask_BS, positions_BT, grad_BTD, a, b, applied
-                )
+                results = await self._compute(self._backward, span, inputs, grad_BTD, a, b, applied, key)
             else:
+                keep = key is not None and self.graphs.fits(B * T)
                 results = [
-                    await self._compute(self._forward, span, hidden_BTD, mask_BS, positions_BT, a, b, applied)
+                    await self._compute(self._forward, span, inputs, a, b, applied, key if keep else None)
                 ]
             for parts in codec.pack(results):
                 yield swarm_pb2.ForwardResponse(tensors=parts)
@@ -169,22 +177,34 @@ class BlockHandlers:
         except Exception:
             logger.debug("Could not drain a failed request's stream", exc_info=True)
 
-    def _forward(self, span, hidden_BTD, mask_BS, positions_BT, a, b, applied: _Applied) -> torch.Tensor:
-        with torch.inference_mode(), applied.applying(a, past=0):
-            return span.forward(hidden_BTD, mask_BS, positions_BT, a, b).to(hidden_BTD.dtype)
+    def _forward(self, span, inputs, a, b, applied: _Applied, key=None) -> torch.Tensor:
+        """The blocks' output; with a ``key``, computed with grad and its graph kept for the backward."""
+        hidden_BTD = inputs[0]
+        if key is None:
+            with torch.inference_mode(), applied.applying(a, past=0):
+                return span.forward(*inputs, a, b).to(hidden_BTD.dtype)
+        graph = self._graph(span, inputs, a, b, applied)
+        self.graphs.put(key, graph, tokens=hidden_BTD.shape[0] * hidden_BTD.shape[1])
+        return graph.outputs.detach().to(hidden_BTD.dtype)
 
-    def _backward(self, span, hidden_BTD, mask_BS, positions_BT, grad_BTD, a, b, applied: _Applied):
-        """Gradients w.r.t. the inputs, then the deep prompts (if sent), then the client's LoRA weights."""
+    def _graph(self, span, inputs, a, b, applied: _Applied) -> Graph:
         with torch.enable_grad():
             trainable = applied.trainable()
-            inputs_BTD = hidden_BTD.to(span.dtype).requires_grad_(True)
+            inputs_BTD = inputs[0].to(span.dtype).requires_grad_(True)
             with trainable.applying(a, past=0):
-                outputs_BTD = span.forward(inputs_BTD, mask_BS, positions_BT, a, b)
-            leaves = [inputs_BTD, *trainable.leaves()]
-            grads = torch.autograd.grad(
-                outputs_BTD, leaves, grad_BTD.to(outputs_BTD.dtype), allow_unused=True
-            )
-        sent = [hidden_BTD, *applied.leaves()]
+                outputs_BTD = span.forward(inputs_BTD, *inputs[1:], a, b)
+        return Graph(inputs, applied, outputs_BTD, [inputs_BTD, *trainable.leaves()])
+
+    def _backward(self, span, inputs, grad_BTD, a, b, applied: _Applied, key=None):
+        """Gradients w.r.t. the inputs, then the deep prompts (if sent), then the client's LoRA weights. Uses the
+        graph its forward kept under ``key`` if it is still there, else computes the forward again."""
+        graph = self.graphs.pop(key) if key is not None else None
+        if graph is None or not graph.matches(inputs, applied):
+            graph = self._graph(span, inputs, a, b, applied)
+        grads = torch.autograd.grad(
+            graph.outputs, graph.leaves, grad_BTD.to(graph.outputs.dtype), allow_unused=True
+        )
+        sent = [inputs[0], *applied.leaves()]
         return [torch.zeros_like(x) if g is None else g.to(x.dtype) for g, x in zip(grads, sent, strict=True)]
 
     async def rpc_inference(self, requests: AsyncIterator[swarm_pb2.InferenceRequest], context: P2PContext):
@@ -331,13 +351,23 @@ class BlockHandlers:
         self.executor.shutdown(wait=True, cancel_futures=True)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Applied:
     """What one request adds to the frozen blocks: a served adapter, the client's LoRA, deep prompts."""
 
     served: Lora | None = None
     lora: Lora | None = None
     prompts_NBPD: torch.Tensor | None = None
+
+    def same_as(self, other: _Applied) -> bool:
+        digest = lambda lora: None if lora is None else lora.digest  # noqa: E731
+        if self.served is not other.served or digest(self.lora) != digest(other.lora):
+            return False
+        if self.prompts_NBPD is None or other.prompts_NBPD is None:
+            return self.prompts_NBPD is other.prompts_NBPD
+        return self.prompts_NBPD.shape == other.prompts_NBPD.shape and torch.equal(
+            self.prompts_NBPD, other.prompts_NBPD
+        )
 
     def applying(self, first_block: int, past: int):
         return adapters.applying((self.served, self.lora), self.prompts_NBPD, first_block, past)

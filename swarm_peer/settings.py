@@ -86,6 +86,12 @@ class PeerSettings(_Settings):
     lora_cache_mb: float = Field(
         256.0, gt=0, description="memory for clients' LoRA weights, kept so they are sent once"
     )
+    graph_cache_tokens: int = Field(
+        8192,
+        ge=0,
+        description="batch * tokens of training forwards whose graphs are kept so their backward skips "
+        "recomputing (costs activation memory); 0 = always recompute",
+    )
     added_latency: float = Field(
         0.0, ge=0, description="seconds added to every reply, to emulate a slow link (testing)"
     )

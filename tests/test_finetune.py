@@ -23,7 +23,7 @@ from swarm_peer.protocols.extras import Extras, Lora
 
 from .conftest import client_settings, reference_model
 
-SPANS = [(0, 2), (2, 3)]  # a third peer, on 3:4, holds almost no LoRA cache (added in the fixture)
+SPANS = [(0, 2), (2, 3)]  # a third peer, on 3:4, keeps no LoRA weights and no graphs (added in the fixture)
 MAX_RANK = 16
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0)
 
@@ -43,8 +43,9 @@ def swarm(tiny_checkpoints, served_adapter):
     path = tiny_checkpoints["llama"]
     peer_args = ["--adapters", f"tune={served_adapter}", "--max-lora-rank", str(MAX_RANK)]
     with LocalSwarm(path, SPANS, peer_args=peer_args) as swarm:
-        # cannot keep any client's LoRA: every request naming weights by digest is refused and sent again
-        swarm.add_peer(3, 4, extra_args=["--lora-cache-mb", "0.000001"])
+        # It cannot keep any client's LoRA (every request naming weights by digest is refused and sent again),
+        # nor any forward's graph (every backward recomputes the forward).
+        swarm.add_peer(3, 4, extra_args=["--lora-cache-mb", "0.000001", "--graph-cache-tokens", "0"])
         yield swarm, path
 
 
@@ -318,3 +319,42 @@ def test_lora_digest_must_match_its_weights(client):
     forged = Lora(good.modules, good.scalings, good.lora_A, good.lora_B, digest=_lora().digest)
     with pytest.raises(ValidationError, match="digest"):
         _forward_with(model, hop, Extras(lora=forged))
+
+
+TEXT = (
+    "The lighthouse keeper climbed the spiral stairs every evening at dusk. He trimmed the wick, polished the "
+    "great lens, and watched the beam sweep across the dark water, counting the ships that passed the point."
+)
+
+
+@pytest.mark.timeout(600)
+def test_lora_training_on_smollm2_lowers_loss_and_saves_a_peft_adapter(smollm2_path, tmp_path):
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(smollm2_path)(TEXT, return_tensors="pt").input_ids[:, :32]
+    batch = ids.expand(2, -1)
+    with LocalSwarm(smollm2_path, [(0, 10), (10, 20), (20, 30)]) as swarm:
+        model = DistributedModelForCausalLM.from_pretrained(smollm2_path, settings=client_settings(swarm))
+        try:
+            model.requires_grad_(False)
+            lora = model.add_lora(LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+            optimizer = torch.optim.AdamW(lora.parameters(), lr=3e-3)
+            losses = []
+            for _ in range(5):
+                optimizer.zero_grad()
+                loss = model(input_ids=batch, labels=batch).loss
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+            assert losses[-1] < 0.8 * losses[0], losses
+            lora.save_pretrained(tmp_path, base_model_name_or_path=smollm2_path)
+            with torch.no_grad():
+                got = model(input_ids=ids).logits
+        finally:
+            model.shutdown()
+    local = PeftModel.from_pretrained(reference_model(smollm2_path), str(tmp_path)).eval()
+    with torch.no_grad():
+        want = local(input_ids=ids).logits
+        base = reference_model(smollm2_path)(input_ids=ids).logits
+    assert (want - base).abs().max() > 0.1  # control: training changed the model
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=0)
