@@ -22,11 +22,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
-from swarm_peer import DistributedModelForCausalLM  # noqa: E402
 from swarm_peer.cli.demo import even_spans  # noqa: E402
 from swarm_peer.cli.local_swarm import LocalSwarm  # noqa: E402
 from swarm_peer.models import DEMO_MODEL, resolve_checkpoint  # noqa: E402
-from swarm_peer.settings import ClientSettings, NetworkSettings  # noqa: E402
 
 
 def time_generate(model, input_ids, new_tokens: int, repeats: int) -> list[float]:
@@ -43,14 +41,8 @@ def time_generate(model, input_ids, new_tokens: int, repeats: int) -> list[float
 
 def swarm_figures(path: str, spans, input_ids, new_tokens: int, repeats: int) -> list[float]:
     with LocalSwarm(path, spans) as swarm:
-        settings = ClientSettings(
-            network=NetworkSettings(initial_peers=tuple(swarm.initial_peers), client_mode=True)
-        )
-        model = DistributedModelForCausalLM.from_pretrained(path, settings=settings)
-        try:
+        with swarm.client() as model:
             return time_generate(model, input_ids, new_tokens, repeats)
-        finally:
-            model.shutdown()
 
 
 def main() -> None:

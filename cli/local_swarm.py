@@ -9,6 +9,7 @@ group), so ``stop()`` ends exactly what it started, the peers' p2pd daemons incl
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
@@ -163,6 +164,21 @@ class LocalSwarm:
         threading.Thread(target=_pump, args=(process.stdout, proc.lines), daemon=True).start()
         self.processes.append(proc)
         return proc
+
+    @contextlib.contextmanager
+    def client(self, **settings):
+        """A ``DistributedModelForCausalLM`` of this swarm's model, connected to it; shut down on exit."""
+        from swarm_peer.client import DistributedModelForCausalLM
+        from swarm_peer.settings import ClientSettings, NetworkSettings
+
+        network = NetworkSettings(initial_peers=tuple(self.initial_peers), client_mode=True)
+        model = DistributedModelForCausalLM.from_pretrained(
+            self.model, settings=ClientSettings(network=network, **settings)
+        )
+        try:
+            yield model
+        finally:
+            model.shutdown()
 
     def stop(self, timeout: float = 15.0) -> None:
         for proc in reversed(self.processes):

@@ -1,8 +1,9 @@
-"""``swarm-peer`` commands: dht, join, generate, status, demo.
+"""``swarm-peer`` commands: dht, join, generate, finetune, status, demo.
 
     swarm-peer dht --host 127.0.0.1 --port 31337 --identity boot.key
     swarm-peer join MODEL --initial-peers MADDR --blocks 0:15 [--device cpu] [--dtype float32]
     swarm-peer generate MODEL --initial-peers MADDR --max-new-tokens 40 "The capital of France is"
+    swarm-peer finetune MODEL --initial-peers MADDR --data FILE.txt --output DIR [--mode lora|ptune|deep_ptune]
     swarm-peer status --initial-peers MADDR [MODEL]
     swarm-peer demo
 
@@ -13,9 +14,12 @@ stdout carries only what a script may read (multiaddrs, the "Serving blocks" lin
 from __future__ import annotations
 
 import logging
+import math
+import re
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import click
 
@@ -143,6 +147,7 @@ _PEER_FIELDS = (
     "adapters",
     "max_lora_rank",
     "lora_cache_mb",
+    "graph_cache_tokens",
 )
 
 
@@ -179,6 +184,7 @@ def _parse_throughput(ctx, param, value: str):
 @_peer_option("adapters", type=str, multiple=True, metavar="[NAME=]PATH")
 @_peer_option("max_lora_rank")
 @_peer_option("lora_cache_mb", type=click.FloatRange(min=0, min_open=True))
+@_peer_option("graph_cache_tokens", type=click.IntRange(min=0))
 @click.option("--public-name", help="a name shown to others in swarm listings")
 @click.option("--compute-threads", type=click.IntRange(min=1), help="torch threads for compute")
 @_network_options
@@ -246,6 +252,83 @@ def generate(model, prompt, max_new_tokens, chat, do_sample, temperature, top_p,
         top_p=top_p,
         seed=seed,
     )
+
+
+def _parse_target_modules(ctx, param, value: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in value.split(","))
+    bad = [name for name in names if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", name)]
+    if bad:
+        raise click.BadParameter(f"expected comma-separated module names, e.g. q_proj,v_proj; bad: {bad}")
+    return names
+
+
+@cli.command()
+@click.argument("model")
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="a UTF-8 text file to train on",
+)
+@click.option(
+    "--output",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="folder to save the PEFT adapter into",
+)
+@click.option("--mode", type=click.Choice(["lora", "ptune", "deep_ptune"]), default="lora", show_default=True)
+@click.option("--lora-r", type=_COUNT, default=8, show_default=True, help="LoRA rank")
+@click.option("--lora-alpha", type=click.FloatRange(min=0, min_open=True), default=16, show_default=True)
+@click.option(
+    "--target-modules",
+    default="q_proj,v_proj",
+    show_default=True,
+    callback=_parse_target_modules,
+    help="comma-separated linear layers of each block that LoRA adapts",
+)
+@click.option("--num-prompts", type=_COUNT, default=16, show_default=True, help="prompt tokens (ptune modes)")
+@click.option("--steps", type=_COUNT, help="optimizer steps [default: one epoch]")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), help="passes over the data")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--batch-size", type=_COUNT, default=4, show_default=True, help="blocks of text per step")
+@click.option(
+    "--seq-len", type=click.IntRange(min=2), default=128, show_default=True, help="tokens per block"
+)
+@click.option(
+    "--tokenizer",
+    type=click.Path(exists=True, file_okay=False),
+    help="tokenizer folder [default: the MODEL checkpoint]",
+)
+@click.option("--adapter", default="", help="train on top of this LoRA adapter that the peers serve")
+@click.option("--seed", type=int, default=0, show_default=True)
+@_network_options
+def finetune(model, data, output, mode, steps, epochs, batch_size, seq_len, tokenizer, **kwargs):
+    """Train a LoRA or (deep) prompts for MODEL on a text file through the swarm; save a PEFT adapter."""
+    if steps and epochs:
+        raise click.UsageError("give either --steps or --epochs, not both")
+    from swarm_peer.cli.finetune import load_blocks, run_finetune
+    from swarm_peer.models import resolve_checkpoint
+    from swarm_peer.settings import ClientSettings
+
+    checkpoint = resolve_checkpoint(model)
+    blocks_NT = load_blocks(data, tokenizer or checkpoint.path, seq_len)
+    if not steps:
+        steps = math.ceil(blocks_NT.shape[0] * (epochs or 1) / batch_size)
+    settings = ClientSettings(network=_network_settings(kwargs, client_mode=True))
+    kwargs.pop("client_mode")  # a client always is
+    logger.info(f"{blocks_NT.shape[0]} blocks of {seq_len} tokens, {steps} steps of {batch_size} blocks")
+    losses = run_finetune(
+        model,
+        settings,
+        data=data,
+        output=output,
+        mode=mode,
+        blocks_NT=blocks_NT,
+        steps=steps,
+        batch_size=batch_size,
+        **kwargs,
+    )
+    click.echo(f"first loss {losses[0]:.4f}, last loss {losses[-1]:.4f}; adapter saved to {output}")
 
 
 @cli.command()

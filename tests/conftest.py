@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -62,3 +64,14 @@ def client_settings(swarm: LocalSwarm, **kwargs) -> ClientSettings:
 def reference_model(path: str):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return model.eval()
+
+
+def run_cli(*args, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``swarm-peer ARGS`` in a fresh process, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "swarm_peer.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )

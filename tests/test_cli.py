@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 
 import pytest
@@ -12,15 +10,11 @@ from swarm_peer.cli.local_swarm import LocalSwarm
 from swarm_peer.dht import ServerState, create_dht, get_block_servers
 from swarm_peer.models import resolve_checkpoint
 
+from .conftest import run_cli
+
 
 def _cli(*args, timeout=120):
-    return subprocess.run(
-        [sys.executable, "-m", "swarm_peer.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
+    return run_cli(*args, timeout=timeout)
 
 
 @pytest.mark.timeout(400)
