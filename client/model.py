@@ -38,6 +38,7 @@ from swarm_peer.client.remote import CallExtras, RemoteSequential
 from swarm_peer.client.routing import Router
 from swarm_peer.client.runtime import SwarmRuntime
 from swarm_peer.client.session import InferenceSession
+from swarm_peer.compat import CACHE
 from swarm_peer.errors import ValidationError
 from swarm_peer.models import Checkpoint, resolve_checkpoint
 from swarm_peer.settings import ClientSettings, NetworkSettings
@@ -58,6 +59,11 @@ class RemoteCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.session.position - self.session.prefix_tokens
+
+    @property
+    def is_linear(self) -> list[bool]:
+        # attention layers, not state-space ones: generate() (transformers >= 5.24) then sends only unseen tokens
+        return [False]
 
     @property
     def is_compileable(self) -> bool:
@@ -96,11 +102,11 @@ class RemoteModel(nn.Module):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        past_key_values: Cache | None = kwargs.get(CACHE)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         hidden_BTD = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -139,9 +145,7 @@ class RemoteModel(nn.Module):
             hidden_BTD = self.blocks(hidden_BTD, attention_mask_BS, position_ids, self.deep_prompts(B))
         if prepend:
             hidden_BTD = hidden_BTD[:, P:]
-        return BaseModelOutputWithPast(
-            last_hidden_state=self.norm(hidden_BTD), past_key_values=past_key_values
-        )
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_BTD), **{CACHE: past_key_values})
 
 
 class DistributedModelForCausalLM:
@@ -266,7 +270,7 @@ class DistributedModelForCausalLM:
         self, inputs: torch.Tensor | None = None, *args, session: InferenceSession | None = None, **kwargs
     ):
         session = session or self._active_session
-        if kwargs.get("past_key_values") is not None:
+        if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
             raise ValidationError(
                 "a distributed model keeps its cache remotely: use model.inference_session()"
             )
@@ -284,7 +288,7 @@ class DistributedModelForCausalLM:
                     "in a continued session, generate() takes the whole sequence so far: the session's "
                     f"{seen.shape[1]} tokens followed by at least one new token"
                 )
-        kwargs["past_key_values"] = RemoteCache(session)
+        kwargs[CACHE] = RemoteCache(session)
         out = super().generate(inputs, *args, **kwargs)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         session.token_ids = sequences[:, : session.position - session.prefix_tokens].clone()

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from transformers import AutoModel, DynamicCache
 
+from swarm_peer.compat import CACHE
 from swarm_peer.errors import ValidationError
 from swarm_peer.models import Checkpoint
 from swarm_peer.peer import adapters as _adapters
@@ -159,8 +160,8 @@ class BlockSpan:
             inputs_embeds=hidden_BTD.to(self.device, self.dtype),
             attention_mask=attention_mask_BS.to(self.device),
             position_ids=position_ids_BT.to(self.device),
-            past_key_values=cache,
             use_cache=cache is not None,
+            **{CACHE: cache},
         )
         return out.last_hidden_state
 

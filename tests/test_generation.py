@@ -7,6 +7,7 @@ import torch
 
 from swarm_peer import DistributedModelForCausalLM
 from swarm_peer.cli.local_swarm import LocalSwarm
+from swarm_peer.compat import CACHE
 from swarm_peer.errors import ValidationError
 
 from .conftest import client_settings, reference_model
@@ -110,8 +111,8 @@ def test_concurrent_sessions_are_isolated(swarm_model):
             # interleave steps of two sessions on the same peers
             outs_a, outs_b = [], []
             for i in range(3):
-                outs_a.append(model(input_ids=a[:, i : i + 1], past_key_values=_cache(sa)).logits)
-                outs_b.append(model(input_ids=b[:, i : i + 1], past_key_values=_cache(sb)).logits)
+                outs_a.append(model(input_ids=a[:, i : i + 1], **{CACHE: _cache(sa)}).logits)
+                outs_b.append(model(input_ids=b[:, i : i + 1], **{CACHE: _cache(sb)}).logits)
         want_a = ref(input_ids=a[:, :3]).logits
         want_b = ref(input_ids=b[:, :3]).logits
     torch.testing.assert_close(torch.cat(outs_a, 1), want_a, atol=1e-4, rtol=0)
