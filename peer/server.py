@@ -6,7 +6,7 @@ of the DHT's P2P daemon, and the span announced as ONLINE every ``announce_perio
 
 Without ``--blocks`` the peer measures its speed (``throughput``, cached) and takes the weakest window of the
 swarm (``balance.choose_span``). While serving, at a randomized period, it checks whether moving would raise the
-swarm's bottleneck enough (``balance.plan_move``) and, if so, moves (``rebalance``).
+swarm's bottleneck enough (``balance.plan_move``) and, if a fresh look a little later agrees, moves (``move``).
 
 On SIGTERM or SIGINT the peer announces OFFLINE (clients stop routing to it), refuses new sessions, waits up to
 ``shutdown_grace`` seconds for in-flight work, and exits.
@@ -157,24 +157,34 @@ class Peer:
             await self._leave()
 
     async def _rebalance_forever(self) -> None:
-        """Every ``rebalance_period`` seconds on average (randomized, so peers do not decide in lockstep)."""
+        """Every ``rebalance_period`` seconds on average (randomized, so peers do not decide in lockstep), plans a
+        move, confirms it after one to two announce periods, and makes it (``move``).
+
+        The wait before confirming is what keeps peers from acting on a passing view of the swarm: by then a
+        record that lapsed (a slow announcement under load, a lookup that missed some replicas) has been
+        refreshed, and a peer that planned the same move at about the same time has announced it, so only one of
+        them moves.
+        """
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.settings.rebalance_period * random.uniform(0.5, 1.5))
             try:
-                await loop.run_in_executor(None, self.rebalance)
+                start = await loop.run_in_executor(None, self._planned_start)
+                if start is None:
+                    continue
+                await asyncio.sleep(self.settings.announce_period * random.uniform(1.0, 2.0))
+                await loop.run_in_executor(None, self.move, start)
             except Exception:
                 logger.warning("A rebalancing check failed; the peer keeps its blocks", exc_info=True)
 
-    def rebalance(self) -> bool:
-        """Moves to another span if that raises the swarm's bottleneck enough (``balance.plan_move``).
+    def move(self, start: int) -> bool:
+        """Moves to the span starting at ``start`` if a fresh view of the swarm still plans that move.
 
-        The new blocks are loaded first (blocks shared with the current span are reused, not read again), the
-        decision is checked again against a fresh view of the swarm, and only then does the peer switch, announce
-        its new span, and give sessions on the old one ``shutdown_grace`` seconds before handing them back.
+        The new blocks are loaded first (blocks shared with the current span are reused, not read again), the plan
+        is checked once more, and only then does the peer switch, announce its new span, and give sessions on the
+        old one ``shutdown_grace`` seconds before handing them back.
         """
-        start = self._planned_start()
-        if start is None:
+        if not self._still_planned(start):
             return False
         end = start + self.span.end - self.span.start
         logger.info(
@@ -189,10 +199,7 @@ class Peer:
             reuse=self.span,
             adapters=self.settings.adapters,
         )
-        if self._planned_start() != start:
-            logger.info(
-                "Rebalancing: the swarm changed meanwhile; staying on %d:%d", self.span.start, self.span.end
-            )
+        if not self._still_planned(start):
             return False
         old = self.span
         self.span = span
@@ -200,6 +207,17 @@ class Peer:
         self.announcer.update()
         logger.info("Moved from blocks %d:%d to %d:%d", old.start, old.end, start, end)
         return True
+
+    def _still_planned(self, start: int) -> bool:
+        if self._planned_start() == start:
+            return True
+        logger.info(
+            "Rebalancing: the swarm changed; staying on %d:%d instead of moving to %d",
+            self.span.start,
+            self.span.end,
+            start,
+        )
+        return False
 
     def _planned_start(self) -> int | None:
         total = self.checkpoint.num_blocks
