@@ -42,6 +42,7 @@ from swarm_peer.compat import CACHE
 from swarm_peer.errors import ValidationError
 from swarm_peer.models import Checkpoint, resolve_checkpoint
 from swarm_peer.settings import ClientSettings, NetworkSettings
+from swarm_peer.threads import compute_threads, fastest_threads
 
 __all__ = ["DistributedModelForCausalLM", "RemoteModel", "RemoteCache"]
 
@@ -155,6 +156,7 @@ class DistributedModelForCausalLM:
     router: Router
     checkpoint: Checkpoint
     _active_session: InferenceSession | None
+    _decode_threads: int
 
     @classmethod
     def from_pretrained(
@@ -199,7 +201,17 @@ class DistributedModelForCausalLM:
         leftovers = [n for n, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]
         if leftovers:
             raise ValidationError(f"checkpoint {checkpoint.path} lacks the client's weights {leftovers[:4]}")
-        return self.eval()
+        self.eval()
+        self._decode_threads = self._measure_decode_threads()
+        return self
+
+    def _measure_decode_threads(self) -> int:
+        """CPU threads for the client's share of a decode step (final norm and LM head of one token)."""
+        head = self.get_output_embeddings()
+        if head.weight.device.type != "cpu":
+            return torch.get_num_threads()
+        x_BTD = torch.randn(1, 1, self.config.hidden_size, dtype=head.weight.dtype)
+        return fastest_threads(lambda: head(self.remote.norm(x_BTD)))
 
     @property
     def model_id(self) -> str:
@@ -289,7 +301,9 @@ class DistributedModelForCausalLM:
                     f"{seen.shape[1]} tokens followed by at least one new token"
                 )
         kwargs[CACHE] = RemoteCache(session)
-        out = super().generate(inputs, *args, **kwargs)
+        # generate() computes logits for the last token only: matrix-vector sized, like a peer's decode step
+        with compute_threads(self._decode_threads):
+            out = super().generate(inputs, *args, **kwargs)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         session.token_ids = sequences[:, : session.position - session.prefix_tokens].clone()
         return out

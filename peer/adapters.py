@@ -2,11 +2,10 @@
 
 Shape legend: B batch, T tokens of this call, P prompt tokens, D hidden size, r LoRA rank.
 
-Every block gets two hooks when it is loaded (``install_hooks``): a forward hook on each ``nn.Linear`` that adds
-``scaling * B A x`` for every LoRA of the request being computed, and a pre-hook on the block that adds its deep
-prompt to the first P tokens of the sequence. What "the request being computed" means is set by ``applying(...)``
-around one compute call, on the compute thread: outside it the hooks do nothing, so two clients' adapters never
-mix and the shared weights stay frozen.
+``applying(...)`` wraps one compute call: for its duration, each ``nn.Linear`` that a LoRA of the request targets
+gets a forward hook adding ``scaling * B A x``, and each block with a deep prompt gets a pre-hook adding it to the
+first P tokens of the sequence. The hooks are removed when the call ends, so two clients' adapters never mix, the
+shared weights stay frozen, and plain requests pay nothing for adapters.
 
 ``check_lora`` holds a client's LoRA against the blocks it targets; ``load_served`` reads a PEFT LoRA folder (the
 blocks of the span only); ``LoraCache`` keeps clients' weights by (client, digest) so they are sent once.
@@ -17,9 +16,8 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -30,7 +28,6 @@ from swarm_peer.errors import ValidationError
 from swarm_peer.protocols.extras import Lora, module_key, parse_module_key, peft_scaling
 
 __all__ = [
-    "install_hooks",
     "applying",
     "check_lora",
     "check_prompts",
@@ -42,58 +39,45 @@ __all__ = [
 _PEFT_KEY = re.compile(r"(?:base_model\.model\.)?model\.layers\.(\d+)\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
 
 
-@dataclass
-class _Active:
-    loras: tuple[Lora, ...] = ()
-    prompts_NBPD: torch.Tensor | None = None
-    first_block: int = 0
-    past: int = 0
-
-
-_state = threading.local()
-
-
-def _active() -> _Active | None:
-    return getattr(_state, "active", None)
-
-
 @contextlib.contextmanager
-def applying(loras=(), prompts_NBPD: torch.Tensor | None = None, first_block: int = 0, past: int = 0):
-    """Within this block (on this thread), the hooked blocks apply ``loras`` and the deep prompts of blocks
-    ``first_block, first_block + 1, ...`` to the tokens at sequence positions ``past, past + 1, ...``."""
-    loras = tuple(lora for lora in loras if lora is not None)
-    if not loras and prompts_NBPD is None:
-        yield
-        return
-    previous = _active()
-    index = {}
+def applying(
+    layers: Mapping[int, nn.Module],
+    loras: Iterable[Lora | None] = (),
+    prompts_NBPD: torch.Tensor | None = None,
+    past: int = 0,
+):
+    """Within this block, the decoder layers ``layers`` (global block index -> layer, ascending) apply ``loras``
+    and the deep prompts (``prompts_NBPD[i]`` for the i-th of ``layers``) to the tokens at sequence positions
+    ``past, past + 1, ...``.
+
+    The hooks that do it are added on entry and removed on exit, so outside the block the layers are the frozen
+    originals and a request without adapters runs them without any hook. Only the peer's compute thread runs
+    layers, one request at a time, so no other request sees these hooks.
+    """
+    terms: dict[str, list[tuple[float, torch.Tensor, torch.Tensor]]] = {}
     for lora in loras:
-        for name, scaling, A, B in zip(*lora.fields, strict=True):
-            index.setdefault(name, []).append((scaling, A, B))
-    _state.active = _Active(loras, prompts_NBPD, first_block, past)
-    _state.lora_index = index
+        if lora is not None:
+            for name, scaling, A, B in zip(*lora.fields, strict=True):
+                terms.setdefault(name, []).append((scaling, A, B))
+    handles = []
     try:
+        for name, module_terms in terms.items():
+            block, path = parse_module_key(name)
+            if block in layers:  # a LoRA may cover more blocks than this call runs
+                module = layers[block].get_submodule(path)
+                handles.append(module.register_forward_hook(_lora_hook(module_terms)))
+        if prompts_NBPD is not None:
+            for prompts_BPD, layer in zip(prompts_NBPD, layers.values(), strict=True):
+                hook = _prompt_hook(prompts_BPD, past)
+                handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
         yield
     finally:
-        _state.active = previous
-        _state.lora_index = {} if previous is None else _state.lora_index
+        for handle in handles:
+            handle.remove()
 
 
-def install_hooks(layer: nn.Module, block: int) -> None:
-    """Makes block ``block`` (a decoder layer) apply the active LoRAs and deep prompts."""
-    for path, module in layer.named_modules():
-        if isinstance(module, nn.Linear):
-            module.register_forward_hook(_lora_hook(module_key(block, path)))
-    layer.register_forward_pre_hook(_prompt_hook(block), with_kwargs=True)
-
-
-def _lora_hook(key: str):
+def _lora_hook(terms: list[tuple[float, torch.Tensor, torch.Tensor]]):
     def hook(module, args, output):
-        if _active() is None:
-            return None
-        terms = _state.lora_index.get(key)
-        if not terms:
-            return None
         (x,) = args[:1]
         for scaling, A, B in terms:
             delta = (x.to(A.dtype) @ A.transpose(0, 1)) @ B.transpose(0, 1)
@@ -103,14 +87,10 @@ def _lora_hook(key: str):
     return hook
 
 
-def _prompt_hook(block: int):
+def _prompt_hook(prompts_BPD: torch.Tensor, past: int):
     def hook(module, args, kwargs):
-        active = _active()
-        if active is None or active.prompts_NBPD is None:
-            return None
-        prompts_BPD = active.prompts_NBPD[block - active.first_block]
         hidden_BTD = args[0] if args else kwargs["hidden_states"]
-        start, end = active.past, min(active.past + hidden_BTD.shape[1], prompts_BPD.shape[1])
+        start, end = past, min(past + hidden_BTD.shape[1], prompts_BPD.shape[1])
         if start >= end:
             return None
         added = prompts_BPD[:, start:end].to(hidden_BTD.dtype)

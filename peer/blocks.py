@@ -109,7 +109,6 @@ class BlockSpan:
             raise ValidationError(
                 f"block {index}: missing weights {sorted(set(missing) | set(leftovers))[:4]}"
             )
-        _adapters.install_hooks(layer, index)
         return layer.eval()
 
     @cached_property

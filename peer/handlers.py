@@ -40,6 +40,7 @@ from swarm_peer.peer.graphs import Graph, GraphCache
 from swarm_peer.protocols import codec, extras, rpc, swarm_pb2
 from swarm_peer.protocols.extras import Lora
 from swarm_peer.settings import PeerSettings
+from swarm_peer.threads import compute_threads
 
 __all__ = ["BlockHandlers"]
 
@@ -52,9 +53,18 @@ class BlockHandlers:
     """Serves one ``BlockSpan`` of model ``model_id`` over hivemind P2P."""
 
     def __init__(
-        self, span: BlockSpan, model_id: str, settings: PeerSettings, info_json: Callable[[], bytes]
+        self,
+        span: BlockSpan,
+        model_id: str,
+        settings: PeerSettings,
+        info_json: Callable[[], bytes],
+        *,
+        decode_threads: int | None = None,
     ):
+        """``decode_threads``: torch threads for single-token inference steps (``throughput.decode_threads``);
+        None leaves torch's setting."""
         self.span, self.model_id, self.settings, self.info_json = span, model_id, settings, info_json
+        self.decode_threads = decode_threads
         self.budget = CacheBudget(settings.cache_tokens)
         self.loras = adapters.LoraCache(int(settings.lora_cache_mb * 2**20))
         self.graphs = GraphCache(settings.graph_cache_tokens)
@@ -181,7 +191,7 @@ class BlockHandlers:
         """The blocks' output; with a ``key``, computed with grad and its graph kept for the backward."""
         hidden_BTD = inputs[0]
         if key is None:
-            with torch.inference_mode(), applied.applying(a, past=0):
+            with torch.inference_mode(), applied.applying(span, a, b, past=0):
                 return span.forward(*inputs, a, b).to(hidden_BTD.dtype)
         graph = self._graph(span, inputs, a, b, applied)
         self.graphs.put(key, graph, tokens=hidden_BTD.shape[0] * hidden_BTD.shape[1])
@@ -191,7 +201,7 @@ class BlockHandlers:
         with torch.enable_grad():
             trainable = applied.trainable()
             inputs_BTD = inputs[0].to(span.dtype).requires_grad_(True)
-            with trainable.applying(a, past=0):
+            with trainable.applying(span, a, b, past=0):
                 outputs_BTD = span.forward(inputs_BTD, *inputs[1:], a, b)
         return Graph(inputs, applied, outputs_BTD, [inputs_BTD, *trainable.leaves()])
 
@@ -284,7 +294,8 @@ class BlockHandlers:
         return assembler.tensors()
 
     def _step(self, span, hidden_BTD, mask_BS, positions_BT, a, b, cache, applied, past) -> torch.Tensor:
-        with torch.inference_mode(), applied.applying(a, past=past):
+        threads = self.decode_threads if hidden_BTD.shape[1] == 1 else None
+        with torch.inference_mode(), compute_threads(threads), applied.applying(span, a, b, past=past):
             return span.forward(hidden_BTD, mask_BS, positions_BT, a, b, cache).to(hidden_BTD.dtype)
 
     async def _compute(self, fn, *args):
@@ -369,8 +380,9 @@ class _Applied:
             self.prompts_NBPD, other.prompts_NBPD
         )
 
-    def applying(self, first_block: int, past: int):
-        return adapters.applying((self.served, self.lora), self.prompts_NBPD, first_block, past)
+    def applying(self, span: BlockSpan, a: int, b: int, past: int):
+        """Blocks [a, b) of ``span`` with these additions applied, for one compute call."""
+        return adapters.applying(span.layers_of(a, b), (self.served, self.lora), self.prompts_NBPD, past)
 
     def leaves(self) -> list[torch.Tensor]:
         """What backward returns gradients for, after the inputs: the prompts, then the LoRA's A, B pairs."""

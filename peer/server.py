@@ -34,7 +34,7 @@ from swarm_peer.peer import balance
 from swarm_peer.peer.balance import spans_from_servers
 from swarm_peer.peer.blocks import DTYPES, BlockSpan
 from swarm_peer.peer.handlers import BlockHandlers
-from swarm_peer.peer.throughput import announced, cached_probe
+from swarm_peer.peer.throughput import announced, cached_probe, decode_threads
 from swarm_peer.settings import PeerSettings
 
 __all__ = ["Peer", "blocks_that_fit"]
@@ -80,7 +80,11 @@ class Peer:
         logger.info(
             "Loaded blocks %d:%d of %s in %.1f s", start, end, self.model_id, time.perf_counter() - t0
         )
-        self.handlers = BlockHandlers(self.span, self.model_id, settings, self._info_json)
+        threads = decode_threads(self.span)
+        logger.info("Single-token steps run on %d of %d compute threads", threads, torch.get_num_threads())
+        self.handlers = BlockHandlers(
+            self.span, self.model_id, settings, self._info_json, decode_threads=threads
+        )
         self.announcer = Announcer(
             self.dht,
             self.model_id,

@@ -11,6 +11,9 @@ restart does not measure again. What the peer announces for its span of ``n`` bl
 
 >>> probe = measure_block(checkpoint, device="cpu", dtype="float32")     # or cached_probe(...)
 >>> announced(probe, num_blocks=10, hidden_size=576, dtype="float32", bandwidth_mbps=100)
+
+``decode_threads(span)`` measures, on the peer's own blocks, how many CPU threads a single-token inference step
+should use (see ``swarm_peer.threads``).
 """
 
 from __future__ import annotations
@@ -25,8 +28,16 @@ import torch
 
 from swarm_peer.models import Checkpoint, atomic_write, cache_dir, read_json
 from swarm_peer.peer.blocks import DTYPES, BlockSpan
+from swarm_peer.threads import fastest_threads
 
-__all__ = ["BlockProbe", "announced", "cached_probe", "measure_block", "network_tps"]
+__all__ = [
+    "BlockProbe",
+    "announced",
+    "cached_probe",
+    "decode_threads",
+    "measure_block",
+    "network_tps",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +77,25 @@ def measure_block(checkpoint: Checkpoint, *, device: str, dtype: str) -> BlockPr
         forward_seconds = _median_seconds(forward, device)
         inference_seconds = _median_seconds(inference, device)
     return BlockProbe(_FORWARD_TOKENS / forward_seconds, _INFERENCE_STEPS / inference_seconds)
+
+
+def decode_threads(span: BlockSpan) -> int:
+    """CPU threads for single-token inference steps through ``span``: ``fastest_threads`` of 16 such steps through
+    its first block. Accelerators keep torch's setting."""
+    if span.device.type != "cpu":
+        return torch.get_num_threads()
+    a = span.start
+    hidden_BTD = torch.randn(
+        1, _INFERENCE_STEPS, span.hidden_size, generator=torch.Generator().manual_seed(0)
+    )
+    mask_BS = torch.ones(1, _INFERENCE_STEPS, dtype=torch.long)
+
+    def steps() -> None:
+        cache = span.new_cache(a, a + 1)
+        for t in range(_INFERENCE_STEPS):
+            span.forward(hidden_BTD[:, t : t + 1], mask_BS[:, : t + 1], torch.tensor([[t]]), a, a + 1, cache)
+
+    return fastest_threads(steps)
 
 
 def _median_seconds(fn, device: str) -> float:
