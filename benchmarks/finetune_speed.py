@@ -4,7 +4,7 @@
 
 SmolLM2-135M float32, LoRA r=8 (alpha 16) on q_proj and v_proj, AdamW: one training step is forward, backward
 and the optimizer step on a batch of random token ids. Prints one table of medians over repeats (after one
-warm-up step), each against the local baseline measured in the same run:
+warm-up step), each against the local baseline measured in the same run, the two taking turns:
 1. local ``transformers`` + ``peft`` (``get_peft_model``): the baseline;
 2. ``DistributedModelForCausalLM`` + ``add_lora`` through 3 peers x 10 blocks, all processes on this machine.
 """
@@ -12,6 +12,7 @@ warm-up step), each against the local baseline measured in the same run:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
@@ -34,26 +35,31 @@ def lora_config() -> LoraConfig:
     return LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
 
 
-def time_steps(model, blocks_NT: torch.Tensor, batch_size: int, repeats: int) -> list[float]:
-    """Seconds per training step, one figure per repeat (after one warm-up step)."""
-    stamps = [time.perf_counter()]
-    train(
-        model, blocks_NT, 1 + repeats, 1e-4, batch_size, on_step=lambda *_: stamps.append(time.perf_counter())
-    )
-    return [end - start for start, end in zip(stamps[1:], stamps[2:], strict=False)]
+def time_interleaved(
+    models: dict, blocks_NT: torch.Tensor, batch_size: int, repeats: int
+) -> dict[str, list[float]]:
+    """Seconds per training step of each model, one figure per repeat (after one warm-up step each).
+
+    The models take turns within every repeat, so a slow spell of this shared machine hits them alike (timed
+    one after another, the same swarm measured anywhere from 3.0 to 4.4 s/step).
+    """
+    figures = {name: [] for name in models}
+    for repeat in range(1 + repeats):
+        for name, model in models.items():
+            t0 = time.perf_counter()
+            train(model, blocks_NT, 1, 1e-4, batch_size)
+            if repeat:
+                figures[name].append(time.perf_counter() - t0)
+    return figures
 
 
-def local_figures(path: str, blocks_NT: torch.Tensor, batch_size: int, repeats: int) -> list[float]:
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), lora_config())
-    return time_steps(model, blocks_NT, batch_size, repeats)
-
-
-def swarm_figures(path: str, spans, blocks_NT: torch.Tensor, batch_size: int, repeats: int) -> list[float]:
-    with LocalSwarm(path, spans, peer_args=["--throughput", PEER_THROUGHPUT]) as swarm:
-        with swarm.client() as model:
-            model.requires_grad_(False)
-            model.add_lora(lora_config())
-            return time_steps(model, blocks_NT, batch_size, repeats)
+def swarm_client(stack: contextlib.ExitStack, path: str, spans):
+    """A client with a fresh LoRA, of a new local swarm serving ``spans``; both are closed with ``stack``."""
+    swarm = stack.enter_context(LocalSwarm(path, spans, peer_args=["--throughput", PEER_THROUGHPUT]))
+    model = stack.enter_context(swarm.client())
+    model.requires_grad_(False)
+    model.add_lora(lora_config())
+    return model
 
 
 def main() -> None:
@@ -68,13 +74,13 @@ def main() -> None:
 
     path = str(resolve_checkpoint(DEMO_MODEL).path)
     blocks_NT = torch.randint(100, 10000, (args.batch_size, args.seq_len))
-    rows = [
-        ("local transformers + peft", local_figures(path, blocks_NT, args.batch_size, args.repeats)),
-        (
-            "swarm, 3 peers x 10 blocks",
-            swarm_figures(path, even_spans(30, 3), blocks_NT, args.batch_size, args.repeats),
-        ),
-    ]
+    with contextlib.ExitStack() as stack:
+        local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        models = {
+            "local transformers + peft": get_peft_model(local, lora_config()),
+            "swarm, 3 peers x 10 blocks": swarm_client(stack, path, even_spans(30, 3)),
+        }
+        rows = list(time_interleaved(models, blocks_NT, args.batch_size, args.repeats).items())
     tokens = args.batch_size * args.seq_len
     base = statistics.median(rows[0][1])
     print(
