@@ -66,16 +66,9 @@ def measure_block(checkpoint: Checkpoint, *, device: str, dtype: str) -> BlockPr
     def forward() -> None:
         span.forward(hidden_BTD, mask_BS, positions_BT, 0, 1)
 
-    def inference() -> None:
-        cache = span.new_cache(0, 1)
-        for t in range(_INFERENCE_STEPS):
-            span.forward(
-                hidden_BTD[:, t : t + 1], mask_BS[:, : t + 1], positions_BT[:, t : t + 1], 0, 1, cache
-            )
-
     with torch.inference_mode():
         forward_seconds = _median_seconds(forward, device)
-        inference_seconds = _median_seconds(inference, device)
+        inference_seconds = _median_seconds(_decode_steps(span), device)
     return BlockProbe(_FORWARD_TOKENS / forward_seconds, _INFERENCE_STEPS / inference_seconds)
 
 
@@ -84,18 +77,26 @@ def decode_threads(span: BlockSpan) -> int:
     its first block. Accelerators keep torch's setting."""
     if span.device.type != "cpu":
         return torch.get_num_threads()
+    return fastest_threads(_decode_steps(span))
+
+
+def _decode_steps(span: BlockSpan):
+    """A run of ``_INFERENCE_STEPS`` single-token steps with a fresh KV cache through the span's first block."""
     a = span.start
     hidden_BTD = torch.randn(
         1, _INFERENCE_STEPS, span.hidden_size, generator=torch.Generator().manual_seed(0)
     )
     mask_BS = torch.ones(1, _INFERENCE_STEPS, dtype=torch.long)
+    positions_BT = torch.arange(_INFERENCE_STEPS).unsqueeze(0)
 
     def steps() -> None:
         cache = span.new_cache(a, a + 1)
         for t in range(_INFERENCE_STEPS):
-            span.forward(hidden_BTD[:, t : t + 1], mask_BS[:, : t + 1], torch.tensor([[t]]), a, a + 1, cache)
+            span.forward(
+                hidden_BTD[:, t : t + 1], mask_BS[:, : t + 1], positions_BT[:, t : t + 1], a, a + 1, cache
+            )
 
-    return fastest_threads(steps)
+    return steps
 
 
 def _median_seconds(fn, device: str) -> float:
