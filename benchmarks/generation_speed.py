@@ -4,12 +4,14 @@
 
 Prints two tables of medians over repeats, each against a baseline measured in the same run:
 1. SmolLM2-135M float32, batch 1, greedy: local ``generate`` vs a swarm of 1 peer (30 blocks) and of
-   3 peers x 10 blocks, all processes on this machine.
-2. Per-hop overhead on a tiny 8-block Llama (compute is negligible, so time is the network path): the same
-   generation through 1, 2, 4 and 8 peers; overhead per extra hop = (ms/token(n) - ms/token(1)) / (n - 1).
+   3 peers x 10 blocks, all processes on this machine; the 3-peer swarm twice: with peers pushing each step to
+   the next peer (the default), and with the client relaying every hop (``ClientSettings(push=False)``).
+2. Per-hop overhead on a tiny 8-block Llama (compute is small, so time is mostly the path between processes):
+   the same generation through 1, 2, 4 and 8 peers; overhead per extra hop = (ms/token(n) - ms/token(1)) / (n - 1),
+   with push and with the client relaying.
 
 In table 1 all setups are up at once and take turns within each repeat (``time_interleaved``); table 2 runs
-one swarm at a time.
+one swarm at a time, its two clients taking turns.
 """
 
 from __future__ import annotations
@@ -49,10 +51,12 @@ def time_interleaved(models: dict, input_ids, new_tokens: int, repeats: int) -> 
     return figures
 
 
-def swarm_client(stack: contextlib.ExitStack, path: str, spans):
-    """A client of a new local swarm serving ``spans``; both are closed with ``stack``."""
+def swarm_clients(stack: contextlib.ExitStack, path: str, spans) -> tuple:
+    """Clients of a new local swarm serving ``spans``: with push, and (if there are several hops) relaying every
+    hop; closed with ``stack``."""
     swarm = stack.enter_context(LocalSwarm(path, spans))
-    return stack.enter_context(swarm.client())
+    push = stack.enter_context(swarm.client())
+    return push, (stack.enter_context(swarm.client(push=False)) if len(spans) > 1 else push)
 
 
 def main() -> None:
@@ -67,10 +71,12 @@ def main() -> None:
     path = str(resolve_checkpoint(DEMO_MODEL).path)
     input_ids = torch.randint(100, 10000, (1, 16))
     with contextlib.ExitStack() as stack:
+        three_push, three_relay = swarm_clients(stack, path, even_spans(30, 3))
         models = {
             "local transformers": AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(),
-            "swarm, 1 peer x 30 blocks": swarm_client(stack, path, [(0, 30)]),
-            "swarm, 3 peers x 10 blocks": swarm_client(stack, path, even_spans(30, 3)),
+            "swarm, 1 peer x 30 blocks": swarm_clients(stack, path, [(0, 30)])[0],
+            "swarm, 3 peers x 10 blocks": three_push,
+            "3 peers, client relays hops": three_relay,
         }
         rows = list(time_interleaved(models, input_ids, args.new_tokens, args.repeats).items())
     base = statistics.median(rows[0][1])
@@ -95,16 +101,23 @@ def main() -> None:
     hops = {}
     for n in (1, 2, 4, 8):  # one swarm at a time: 15 idle peers would load the machine more than the hops do
         with contextlib.ExitStack() as stack:
-            client = swarm_client(stack, tiny_dir, even_spans(8, n))
-            hops[n] = time_interleaved({n: client}, tiny_ids, args.new_tokens, args.repeats)[n]
-    one = statistics.median(hops[1])
+            push, relay = swarm_clients(stack, tiny_dir, even_spans(8, n))
+            hops[n] = time_interleaved(
+                {"push": push, "relay": relay}, tiny_ids, args.new_tokens, args.repeats
+            )
+    one = {mode: statistics.median(hops[1][mode]) for mode in ("push", "relay")}
     print(f"\nPer-hop overhead, tiny 8-block Llama, {args.new_tokens} new tokens, median of {args.repeats}")
-    print(f"| {'peers':>5} | {'ms/token':>8} | {'extra ms/token per added hop':>28} |")
-    print(f"|{'-' * 7}|{'-' * 10}|{'-' * 30}|")
+    print(
+        f"| {'peers':>5} | {'push ms/token':>13} | {'push ms/hop':>11} | {'relay ms/token':>14} | {'relay ms/hop':>12} |"
+    )
+    print(f"|{'-' * 7}|{'-' * 15}|{'-' * 13}|{'-' * 16}|{'-' * 14}|")
     for n, figures in hops.items():
-        median = statistics.median(figures)
-        per_hop = "baseline" if n == 1 else f"{(median - one) * 1e3 / (n - 1):.2f}"
-        print(f"| {n:>5} | {median * 1e3:8.2f} | {per_hop:>28} |")
+        cells = []
+        for mode, width in (("push", 13), ("relay", 14)):
+            median = statistics.median(figures[mode])
+            per_hop = "baseline" if n == 1 else f"{(median - one[mode]) * 1e3 / (n - 1):.2f}"
+            cells += [f"{median * 1e3:{width}.2f}", f"{per_hop:>{width - 2}}"]
+        print(f"| {n:>5} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@ Shape legend: B batch, T new tokens, S tokens seen so far including the new ones
 
 An ``InferenceSession`` plans a route, opens one ``swarm.v1.inference`` stream per hop (each peer reserves cache
 for ``batch_size * max_length`` tokens, or refuses with ``BusyError``), and then each ``step`` sends the new
-tokens' hidden states through the chain. ``position`` is S after the last step. Closing the session closes the
-streams, which frees the peers' caches.
+tokens' hidden states through the chain: to the first hop, with the rest of the chain as its route, and each peer
+pushes its output straight to the next (``swarm.v1.push``). Every peer still answers the client with its output,
+which the session keeps for replay; a hop that could not push is relayed by the client. ``position`` is S after
+the last step. Closing the session closes the streams, which frees the peers' caches.
 
 >>> with InferenceSession(runtime, router, model_id, max_length=128) as session:
 ...     out_BTD = session.step(hidden_BTD, attention_mask_BS, position_ids_BT)
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 
 import torch
@@ -38,6 +41,8 @@ class _SpanStream:
 
     def __init__(self, runtime: SwarmRuntime, model_id: str, hop: Hop, extras_: Extras | None = None):
         self.runtime, self.model_id, self.hop, self.extras = runtime, model_id, hop, extras_
+        # whoever knows it can push steps into this session: this peer and the hop before it
+        self.session_id = os.urandom(rpc.SESSION_ID_BYTES)
         self._outbox: asyncio.Queue = asyncio.Queue()
         self._responses = None
 
@@ -51,7 +56,12 @@ class _SpanStream:
         for i, parts in enumerate(codec.pack(tensors) if tensors else [[]]):
             if i == 0:
                 opening = swarm_pb2.InferenceOpen(
-                    span=span, max_length=max_length, batch_size=batch_size, extras=message, tensors=parts
+                    span=span,
+                    max_length=max_length,
+                    batch_size=batch_size,
+                    extras=message,
+                    tensors=parts,
+                    session_id=self.session_id,
                 )
                 self._outbox.put_nowait(swarm_pb2.InferenceRequest(open=opening))
             else:
@@ -68,15 +78,23 @@ class _SpanStream:
         except Exception as e:
             raise rpc.remote_error(e, str(self.hop.peer_id)) from None
 
-    async def step(self, step_id: int, tensors: list[torch.Tensor]) -> torch.Tensor:
+    @property
+    def push_hop(self) -> swarm_pb2.PushHop:
+        """Where the previous hop pushes this session's steps."""
+        return swarm_pb2.PushHop(peer_id=self.hop.peer_id.to_base58(), session_id=self.session_id)
+
+    def send(self, step_id: int, tensors: list[torch.Tensor], route: list[swarm_pb2.PushHop] = ()) -> None:
+        """Sends a step's tensors; ``route``: the hops after this one, to which the peer pushes its output."""
         for i, parts in enumerate(codec.pack(tensors)):
             if i == 0:
-                request = swarm_pb2.InferenceRequest(
-                    step=swarm_pb2.InferenceStep(step_id=step_id, tensors=parts)
-                )
+                step = swarm_pb2.InferenceStep(step_id=step_id, tensors=parts, route=route)
+                request = swarm_pb2.InferenceRequest(step=step)
             else:
                 request = swarm_pb2.InferenceRequest(parts=swarm_pb2.TensorParts(tensors=parts))
             self._outbox.put_nowait(request)
+
+    async def receive(self, step_id: int) -> tuple[torch.Tensor, bool]:
+        """The output of step ``step_id``, and whether the peer pushed it on to the next hop of its route."""
         try:
             assembler = codec.TensorAssembler(expected=1)
             while not assembler.complete:
@@ -84,11 +102,15 @@ class _SpanStream:
                 if response.step_id != step_id:
                     raise SessionError(f"peer answered step {response.step_id}, expected {step_id}")
                 assembler.feed(response.tensors)
-            return assembler.tensors()[0]
+            return assembler.tensors()[0], response.pushed
         except SwarmError:
             raise
         except Exception as e:
             raise rpc.remote_error(e, str(self.hop.peer_id)) from None
+
+    async def step(self, step_id: int, tensors: list[torch.Tensor]) -> torch.Tensor:
+        self.send(step_id, tensors)
+        return (await self.receive(step_id))[0]
 
     async def _read(self) -> swarm_pb2.InferenceResponse:
         try:
@@ -130,6 +152,7 @@ class InferenceSession:
             )
         self.runtime, self.router, self.model_id = runtime, router, model_id
         self.max_length, self.batch_size = max_length, batch_size
+        self.push = runtime.settings.push
         self.start, self.end = start, router.num_blocks if end is None else end
         self.position = 0
         self.extras_for = extras_for
@@ -146,6 +169,7 @@ class InferenceSession:
         ] = []  # per step: attention_mask_BS, position_ids_BT
         self._step_id = 0
         self._closed = False
+        self.relays = 0  # hops the client relayed a step to because the hop before could not push it
 
     def __enter__(self) -> InferenceSession:
         self.open()
@@ -153,6 +177,11 @@ class InferenceSession:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    @property
+    def steps(self) -> int:
+        """Steps taken so far (each ``step`` call: the prompt, then one per generated token)."""
+        return len(self._steps)
 
     @property
     def route(self) -> list[Hop]:
@@ -197,8 +226,9 @@ class InferenceSession:
                 f"{T} more tokens at position {self.position} exceed the session's max_length {self.max_length}"
             )
         self._steps.append((attention_mask_BS, position_ids_BT.expand(B, T)))
+        self._step_id += 1
         try:
-            x = self._run_from(0, hidden_BTD.detach())
+            x = self._run_from(0, hidden_BTD.detach(), self._step_id)
         except BaseException:
             self._steps.pop()
             for history in self._history.values():
@@ -207,15 +237,16 @@ class InferenceSession:
         self.position += T
         return x.to(hidden_BTD.dtype)
 
-    def _run_from(self, index: int, x_BTD: torch.Tensor) -> torch.Tensor:
-        """Runs this step from hop ``index`` on, failing over as often as needed."""
+    def _run_from(self, index: int, x_BTD: torch.Tensor, step_id: int) -> torch.Tensor:
+        """Runs this step from hop ``index`` on, failing over as often as needed. The step keeps its id through
+        retries, so a peer that already got it (pushed by a hop that failed afterwards) drops the second copy."""
         retries = Retries(self.router.health, timeout=self.runtime.settings.retry_timeout)
         while True:
             progress = [index]
             try:
                 # One trip to the runtime's loop for the whole chain: a crossing between threads costs about as
                 # much as a hop's transport.
-                return self.runtime.run(self._chain(progress, x_BTD))
+                return self.runtime.run(self._chain(progress, x_BTD, step_id))
             except Exception as e:
                 index = progress[0]
                 failed = self._streams[index]
@@ -230,14 +261,21 @@ class InferenceSession:
                 self._streams[index : index + 1] = self._open_route(failed.hop.start, failed.hop.end)
                 x_BTD = self._history[failed.hop.start][-1]
 
-    async def _chain(self, progress: list[int], x_BTD: torch.Tensor) -> torch.Tensor:
+    async def _chain(self, progress: list[int], x_BTD: torch.Tensor, step_id: int) -> torch.Tensor:
+        """Sends the step to hop ``progress[0]`` with the rest of the route; each hop pushes to the next and answers
+        with its output (kept for replay). A hop that could not push is relayed by the client."""
         mask_BS, positions_BT = self._steps[-1]
-        for index in range(progress[0], len(self._streams)):
+        relay, start = True, progress[0]
+        for index in range(start, len(self._streams)):
             progress[0] = index
             stream = self._streams[index]
             self._remember(stream.hop.start, x_BTD)
-            self._step_id += 1
-            x_BTD = await stream.step(self._step_id, [x_BTD, mask_BS, positions_BT])
+            if relay:
+                self.relays += index > start
+                route = [s.push_hop for s in self._streams[index + 1 :]] if self.push else []
+                stream.send(step_id, [x_BTD, mask_BS, positions_BT], route)
+            x_BTD, pushed = await stream.receive(step_id)
+            relay = not pushed
             self.router.health.forgive(stream.hop.peer_id)
         return x_BTD
 

@@ -8,7 +8,9 @@ Shape legend: B batch, T new tokens, S tokens seen so far including the new ones
   gradients w.r.t. the request's deep prompts and LoRA weights.
 - ``swarm.v1.inference``: a bidirectional stream that owns one session: open (span, max_length, batch_size), then
   steps (hidden_BTD, attention_mask_BS, position_ids_BT); the session's KV cache lives inside the stream, so no
-  other client can reach it, and closing the stream (or idling past the timeout) frees it.
+  other client can reach it, and closing the stream (or idling past the timeout) frees it. A step may carry the
+  rest of its chain: the peer then pushes its output to the next hop itself (peer.push).
+- ``swarm.v1.push``: a step for an open session, from the hop before it (peer.push).
 
 Any of these may carry ``Extras`` (protocols.extras): a served adapter's name, deep prompts, the client's own LoRA
 weights. They are applied by hooks (peer.adapters) during that request's compute only; a client's LoRA is kept
@@ -33,7 +35,7 @@ from hivemind.p2p import P2P, P2PContext
 from hivemind.utils.asyncio import as_aiter
 
 from swarm_peer.errors import MissingWeightsError, PeerError, SessionError, SwarmError, ValidationError
-from swarm_peer.peer import adapters
+from swarm_peer.peer import adapters, push
 from swarm_peer.peer.blocks import BlockSpan
 from swarm_peer.peer.cache import CacheBudget
 from swarm_peer.peer.graphs import Graph, GraphCache
@@ -68,18 +70,24 @@ class BlockHandlers:
         self.budget = CacheBudget(settings.cache_tokens)
         self.loras = adapters.LoraCache(int(settings.lora_cache_mb * 2**20))
         self.graphs = GraphCache(settings.graph_cache_tokens)
+        self.inboxes = push.Inboxes()
+        self.p2p: P2P | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.in_flight = 0
         self.open_sessions = 0
         self._handover_at = 0.0  # after a move, sessions on the old span are handed back from this time on
 
     async def register(self, p2p: P2P) -> None:
+        self.p2p = p2p
         await p2p.add_protobuf_handler(rpc.INFO, self.rpc_info, swarm_pb2.InfoRequest)
         for name, handler in ((rpc.FORWARD, self.rpc_forward), (rpc.BACKWARD, self.rpc_backward)):
             await p2p.add_protobuf_handler(name, _unary(handler), swarm_pb2.ForwardRequest)
             await p2p.add_protobuf_handler(
                 rpc.streamed(name), handler, swarm_pb2.ForwardRequest, stream_input=True, stream_output=True
             )
+        await p2p.add_protobuf_handler(
+            rpc.PUSH, self.rpc_push, swarm_pb2.InferencePush, stream_input=True, stream_output=True
+        )
         await p2p.add_protobuf_handler(
             rpc.INFERENCE,
             self.rpc_inference,
@@ -236,38 +244,51 @@ class BlockHandlers:
             applied = self._extras(
                 span, a, b, message, tensors, context, batch_size, max_prompt_tokens=max_length
             )
-            with self.budget.reserve(batch_size * max_length):
+            with (
+                self.budget.reserve(batch_size * max_length),
+                self.inboxes.open(first.open.session_id) as inbox,
+            ):
                 self.open_sessions += 1
+                reader = asyncio.create_task(self._client_steps(requests, inbox))
+                pusher = push.Pusher(self.p2p, self.inboxes)
                 try:
                     yield swarm_pb2.InferenceResponse(step_id=0, position=0)
                     async for response in self._session(
-                        requests, span, a, b, batch_size, max_length, applied
+                        inbox, pusher, span, a, b, batch_size, max_length, applied
                     ):
                         yield response
                 finally:
                     self.open_sessions -= 1
+                    reader.cancel()
+                    pusher.close()
         except SwarmError as e:
             raise rpc.tag_error(e) from None
 
     async def _session(
-        self, requests, span: BlockSpan, a: int, b: int, batch_size: int, max_length: int, applied: _Applied
+        self,
+        inbox: asyncio.Queue,
+        pusher: push.Pusher,
+        span: BlockSpan,
+        a: int,
+        b: int,
+        batch_size: int,
+        max_length: int,
+        applied: _Applied,
     ):
         cache = span.new_cache(a, b)
-        position = 0
+        position, last_step = 0, None
         while True:
-            request = await self._next(requests, "the next step")
-            if request is None:
+            step = await self._take(inbox)
+            if step is None:
                 return  # the client closed the session
-            if request.WhichOneof("kind") != "step":
-                raise SessionError(f"expected a step, got {request.WhichOneof('kind')!r}")
-            step_id = request.step.step_id
-            tensors = await self._parts(requests, request.step.tensors, 3, "the step")
+            if step.step_id == last_step:
+                continue  # a second copy of the step just computed (pushed and relayed)
             if span is not self.span and time.monotonic() >= self._handover_at:
                 raise SessionError(
                     f"this peer moved to blocks {self.span.start}:{self.span.end}; continue the session elsewhere"
                 )
             hidden_BTD, mask_BS, positions_BT = self._check_inputs(
-                *tensors, past=position, batch_size=batch_size
+                *step.tensors, past=position, batch_size=batch_size
             )
             if position + hidden_BTD.shape[1] > max_length:
                 raise ValidationError(
@@ -279,8 +300,54 @@ class BlockHandlers:
             )
             await self._emulated_latency()
             position += hidden_BTD.shape[1]
-            for parts in codec.pack([out_BTD]):
-                yield swarm_pb2.InferenceResponse(step_id=step_id, tensors=parts, position=position)
+            last_step = step.step_id
+            messages = codec.pack([out_BTD])
+            pushed = bool(step.route) and await pusher.push(
+                step.step_id, messages, mask_BS, positions_BT, step.route
+            )
+            for parts in messages:
+                yield swarm_pb2.InferenceResponse(
+                    step_id=step.step_id, tensors=parts, position=position, pushed=pushed
+                )
+
+    async def _client_steps(self, requests, inbox: asyncio.Queue) -> None:
+        """Moves the steps the client sends on the session's stream into its inbox, then None (end of stream) or the
+        error that ended it. Waits as long as the stream is open: pushed steps may feed the session meanwhile."""
+        try:
+            while True:
+                try:
+                    request = await anext(requests)
+                except StopAsyncIteration:
+                    break
+                if request.WhichOneof("kind") != "step":
+                    raise SessionError(f"expected a step, got {request.WhichOneof('kind')!r}")
+                tensors = await self._parts(requests, request.step.tensors, 3, "the step")
+                push.check_route(request.step.route)
+                await inbox.put(push.Step(request.step.step_id, tensors, tuple(request.step.route)))
+            await inbox.put(None)
+        except Exception as e:
+            await inbox.put(e)
+
+    async def _take(self, inbox: asyncio.Queue) -> push.Step | None:
+        """The session's next step, None when the client closed it; SessionError after the idle timeout."""
+        try:
+            item = await asyncio.wait_for(inbox.get(), self.settings.session_idle_timeout)
+        except TimeoutError:
+            raise SessionError(
+                f"no step within {self.settings.session_idle_timeout:.0f} s; the session is closed"
+            ) from None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def rpc_push(self, requests: AsyncIterator[swarm_pb2.InferencePush], context: P2PContext):
+        """Steps pushed by the hop before: each is queued in its session (or refused with a reason) and answered."""
+        async for request in requests:
+            try:
+                self.inboxes.deliver(request)
+                yield swarm_pb2.PushResponse()
+            except SwarmError as e:
+                yield swarm_pb2.PushResponse(error=str(rpc.tag_error(e)))
 
     async def _parts(self, requests, tensors, expected: int, what: str) -> list[torch.Tensor]:
         """``expected`` tensors: those of a session message, then those of the ``parts`` messages after it."""

@@ -19,12 +19,24 @@ from swarm_peer.errors import (
     ValidationError,
 )
 
-__all__ = ["INFO", "FORWARD", "BACKWARD", "INFERENCE", "streamed", "tag_error", "remote_error"]
+__all__ = [
+    "INFO",
+    "FORWARD",
+    "BACKWARD",
+    "INFERENCE",
+    "PUSH",
+    "SESSION_ID_BYTES",
+    "streamed",
+    "tag_error",
+    "remote_error",
+]
 
 INFO = "swarm.v1.info"
 FORWARD = "swarm.v1.forward"
 BACKWARD = "swarm.v1.backward"
 INFERENCE = "swarm.v1.inference"
+PUSH = "swarm.v1.push"  # a hop hands its output straight to the next hop's session
+SESSION_ID_BYTES = 16  # InferenceOpen.session_id: random, known to the client and the hop before (peer.push)
 
 
 def streamed(name: str) -> str:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from hivemind.proto import runtime_pb2 as runtime__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0bswarm.proto\x12\x08swarm.v1\x1a\rruntime.proto\"@\n\x04Span\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_block\x18\x02 \x01(\r\x12\x11\n\tend_block\x18\x03 \x01(\r\"Q\n\x06\x45xtras\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65\x65p_prompts\x18\x02 \x01(\x08\x12 \n\x04lora\x18\x03 \x01(\x0b\x32\x12.swarm.v1.LoraSpec\"O\n\x08LoraSpec\x12\x0e\n\x06\x64igest\x18\x01 \x01(\x0c\x12\x0f\n\x07modules\x18\x02 \x03(\t\x12\x10\n\x08scalings\x18\x03 \x03(\x02\x12\x10\n\x08\x61ttached\x18\x04 \x01(\x08\"|\n\x0e\x46orwardRequest\x12\x1c\n\x04span\x18\x01 \x01(\x0b\x32\x0e.swarm.v1.Span\x12\x18\n\x07tensors\x18\x02 \x03(\x0b\x32\x07.Tensor\x12 \n\x06\x65xtras\x18\x03 \x01(\x0b\x32\x10.swarm.v1.Extras\x12\x10\n\x08graph_id\x18\x04 \x01(\x04\"+\n\x0f\x46orwardResponse\x12\x18\n\x07tensors\x18\x01 \x03(\x0b\x32\x07.Tensor\"\x94\x01\n\x10InferenceRequest\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.swarm.v1.InferenceOpenH\x00\x12\'\n\x04step\x18\x02 \x01(\x0b\x32\x17.swarm.v1.InferenceStepH\x00\x12&\n\x05parts\x18\x03 \x01(\x0b\x32\x15.swarm.v1.TensorPartsH\x00\x42\x06\n\x04kind\"\x91\x01\n\rInferenceOpen\x12\x1c\n\x04span\x18\x01 \x01(\x0b\x32\x0e.swarm.v1.Span\x12\x12\n\nmax_length\x18\x02 \x01(\r\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12 \n\x06\x65xtras\x18\x04 \x01(\x0b\x32\x10.swarm.v1.Extras\x12\x18\n\x07tensors\x18\x05 \x03(\x0b\x32\x07.Tensor\":\n\rInferenceStep\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x18\n\x07tensors\x18\x02 \x03(\x0b\x32\x07.Tensor\"\'\n\x0bTensorParts\x12\x18\n\x07tensors\x18\x01 \x03(\x0b\x32\x07.Tensor\"P\n\x11InferenceResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x18\n\x07tensors\x18\x02 \x03(\x0b\x32\x07.Tensor\x12\x10\n\x08position\x18\x03 \x01(\r\"\r\n\x0bInfoRequest\"!\n\x0cInfoResponse\x12\x11\n\tinfo_json\x18\x01 \x01(\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0bswarm.proto\x12\x08swarm.v1\x1a\rruntime.proto\"@\n\x04Span\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_block\x18\x02 \x01(\r\x12\x11\n\tend_block\x18\x03 \x01(\r\"Q\n\x06\x45xtras\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65\x65p_prompts\x18\x02 \x01(\x08\x12 \n\x04lora\x18\x03 \x01(\x0b\x32\x12.swarm.v1.LoraSpec\"O\n\x08LoraSpec\x12\x0e\n\x06\x64igest\x18\x01 \x01(\x0c\x12\x0f\n\x07modules\x18\x02 \x03(\t\x12\x10\n\x08scalings\x18\x03 \x03(\x02\x12\x10\n\x08\x61ttached\x18\x04 \x01(\x08\"|\n\x0e\x46orwardRequest\x12\x1c\n\x04span\x18\x01 \x01(\x0b\x32\x0e.swarm.v1.Span\x12\x18\n\x07tensors\x18\x02 \x03(\x0b\x32\x07.Tensor\x12 \n\x06\x65xtras\x18\x03 \x01(\x0b\x32\x10.swarm.v1.Extras\x12\x10\n\x08graph_id\x18\x04 \x01(\x04\"+\n\x0f\x46orwardResponse\x12\x18\n\x07tensors\x18\x01 \x03(\x0b\x32\x07.Tensor\"\x94\x01\n\x10InferenceRequest\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.swarm.v1.InferenceOpenH\x00\x12\'\n\x04step\x18\x02 \x01(\x0b\x32\x17.swarm.v1.InferenceStepH\x00\x12&\n\x05parts\x18\x03 \x01(\x0b\x32\x15.swarm.v1.TensorPartsH\x00\x42\x06\n\x04kind\"\xa5\x01\n\rInferenceOpen\x12\x1c\n\x04span\x18\x01 \x01(\x0b\x32\x0e.swarm.v1.Span\x12\x12\n\nmax_length\x18\x02 \x01(\r\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12 \n\x06\x65xtras\x18\x04 \x01(\x0b\x32\x10.swarm.v1.Extras\x12\x18\n\x07tensors\x18\x05 \x03(\x0b\x32\x07.Tensor\x12\x12\n\nsession_id\x18\x06 \x01(\x0c\".\n\x07PushHop\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\x0c\"\\\n\rInferenceStep\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x18\n\x07tensors\x18\x02 \x03(\x0b\x32\x07.Tensor\x12 \n\x05route\x18\x03 \x03(\x0b\x32\x11.swarm.v1.PushHop\"p\n\rInferencePush\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x18\n\x07tensors\x18\x03 \x03(\x0b\x32\x07.Tensor\x12 \n\x05route\x18\x04 \x03(\x0b\x32\x11.swarm.v1.PushHop\"\x1d\n\x0cPushResponse\x12\r\n\x05\x65rror\x18\x01 \x01(\t\"\'\n\x0bTensorParts\x12\x18\n\x07tensors\x18\x01 \x03(\x0b\x32\x07.Tensor\"`\n\x11InferenceResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x18\n\x07tensors\x18\x02 \x03(\x0b\x32\x07.Tensor\x12\x10\n\x08position\x18\x03 \x01(\r\x12\x0e\n\x06pushed\x18\x04 \x01(\x08\"\r\n\x0bInfoRequest\"!\n\x0cInfoResponse\x12\x11\n\tinfo_json\x18\x01 \x01(\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,15 +45,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFERENCEREQUEST']._serialized_start=442
   _globals['_INFERENCEREQUEST']._serialized_end=590
   _globals['_INFERENCEOPEN']._serialized_start=593
-  _globals['_INFERENCEOPEN']._serialized_end=738
-  _globals['_INFERENCESTEP']._serialized_start=740
-  _globals['_INFERENCESTEP']._serialized_end=798
-  _globals['_TENSORPARTS']._serialized_start=800
-  _globals['_TENSORPARTS']._serialized_end=839
-  _globals['_INFERENCERESPONSE']._serialized_start=841
-  _globals['_INFERENCERESPONSE']._serialized_end=921
-  _globals['_INFOREQUEST']._serialized_start=923
-  _globals['_INFOREQUEST']._serialized_end=936
-  _globals['_INFORESPONSE']._serialized_start=938
-  _globals['_INFORESPONSE']._serialized_end=971
+  _globals['_INFERENCEOPEN']._serialized_end=758
+  _globals['_PUSHHOP']._serialized_start=760
+  _globals['_PUSHHOP']._serialized_end=806
+  _globals['_INFERENCESTEP']._serialized_start=808
+  _globals['_INFERENCESTEP']._serialized_end=900
+  _globals['_INFERENCEPUSH']._serialized_start=902
+  _globals['_INFERENCEPUSH']._serialized_end=1014
+  _globals['_PUSHRESPONSE']._serialized_start=1016
+  _globals['_PUSHRESPONSE']._serialized_end=1045
+  _globals['_TENSORPARTS']._serialized_start=1047
+  _globals['_TENSORPARTS']._serialized_end=1086
+  _globals['_INFERENCERESPONSE']._serialized_start=1088
+  _globals['_INFERENCERESPONSE']._serialized_end=1184
+  _globals['_INFOREQUEST']._serialized_start=1186
+  _globals['_INFOREQUEST']._serialized_end=1199
+  _globals['_INFORESPONSE']._serialized_start=1201
+  _globals['_INFORESPONSE']._serialized_end=1234
 # @@protoc_insertion_point(module_scope)

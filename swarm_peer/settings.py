@@ -129,6 +129,11 @@ class ClientSettings(_Settings):
     )
     max_ban_seconds: float = Field(300.0, gt=0, description="longest ban of a failing peer")
     ping_ttl: float = Field(60.0, gt=0, description="seconds a measured round-trip time stays fresh")
+    push: bool = Field(
+        True,
+        description="peers pass each inference step straight to the next peer of the chain; False: the client "
+        "relays every hop (one more transfer per hop; kept for comparison)",
+    )
     max_chunk_tokens: int = Field(
         8192, ge=1, description="largest batch * tokens per forward/backward call; larger batches are split"
     )

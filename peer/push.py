@@ -1,0 +1,178 @@
+"""Where an inference session's steps come from, and how a peer hands its output straight to the next hop.
+
+Shape legend: B batch, T new tokens, S tokens seen so far including the new ones, D hidden size.
+
+Without push, the client relays every hop: peer 1 answers the client, the client sends that to peer 2, and so on,
+so a chain of n peers costs 2n transfers per token. With push (as in Petals' ``rpc_push``), the client sends a step
+to the first hop only, with the rest of the chain as a route of ``(peer id, session id)`` pairs; each peer pushes
+``[its output, attention_mask_BS, position_ids_BT]`` to the next hop's session (``swarm.v1.push``) and still
+answers the client with its output, which the client keeps to replay after a failure. A token then costs n + 1
+transfers on its critical path.
+
+Each session has an ``Inbox``: steps from the client's stream and pushed steps land in one queue, and the session
+takes them in order. Each session pushes through a ``Pusher``, which keeps one stream open to each next hop it pushes to. A
+pushed step is queued and acknowledged before it is computed, so the pusher learns at once
+whether it arrived; it tells the client (``InferenceResponse.pushed``), and when it did not (the next peer is down,
+unknown to this one, busy, or the step is too large for one message) the client relays that step itself. If both
+copies arrive (a lost acknowledgement, or a replacement of a failed hop pushing the same step again), the session
+drops the second: a step id equal to the one just computed.
+
+A session id is 16 random bytes that the client gives only to the session's peer and to the hop before it; knowing
+it is what allows pushing into the session, and no other session can be reached with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from hivemind.p2p import P2P, PeerID
+
+from swarm_peer.errors import BusyError, SessionError, ValidationError
+from swarm_peer.protocols import codec, rpc, swarm_pb2
+
+__all__ = ["Step", "Inboxes", "Pusher", "check_route"]
+
+logger = logging.getLogger(__name__)
+
+MAX_ROUTE = 1024  # hops after this one; a model has fewer blocks than that
+_INBOX_STEPS = (
+    4  # queued steps per session; the chain sends one step at a time, so more is a misbehaving sender
+)
+_PUSH_TIMEOUT = 5.0  # seconds to queue a step at the next hop; after that the client relays it
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step's input: hidden_BTD, attention_mask_BS, position_ids_BT, and where its output goes next."""
+
+    step_id: int
+    tensors: list[torch.Tensor]
+    route: Sequence[swarm_pb2.PushHop] = field(default_factory=tuple)
+
+
+class Inboxes:
+    """The open sessions that accept pushed steps, by session id."""
+
+    def __init__(self):
+        self._queues: dict[bytes, asyncio.Queue] = {}
+
+    @contextlib.contextmanager
+    def open(self, session_id: bytes) -> Iterator[asyncio.Queue]:
+        """A session's inbox; pushes to ``session_id`` (if not empty) land in it until the block exits."""
+        if session_id and len(session_id) != rpc.SESSION_ID_BYTES:
+            raise ValidationError(f"a session id has {rpc.SESSION_ID_BYTES} bytes, got {len(session_id)}")
+        if session_id in self._queues:
+            raise ValidationError("this session id is already in use")
+        queue: asyncio.Queue = asyncio.Queue(maxsize=_INBOX_STEPS + 2)  # + end of stream and an error
+        if session_id:
+            self._queues[session_id] = queue
+        try:
+            yield queue
+        finally:
+            self._queues.pop(session_id, None)
+
+    def deliver(self, request: swarm_pb2.InferencePush) -> None:
+        """Queues a pushed step, or raises: unknown session, full inbox, malformed tensors or route."""
+        queue = self._queues.get(request.session_id) if request.session_id else None
+        if queue is None:
+            raise SessionError("no open session has this id on this peer")
+        check_route(request.route)
+        assembler = codec.TensorAssembler(expected=3)
+        assembler.feed(request.tensors)
+        step = Step(request.step_id, assembler.tensors(), tuple(request.route))
+        if queue.qsize() >= _INBOX_STEPS:
+            raise BusyError(f"the session already has {_INBOX_STEPS} steps waiting")
+        queue.put_nowait(step)
+
+
+def check_route(route: Sequence[swarm_pb2.PushHop]) -> None:
+    if len(route) > MAX_ROUTE:
+        raise ValidationError(f"a step's route has at most {MAX_ROUTE} hops, got {len(route)}")
+
+
+class Pusher:
+    """One session's pushes. Opening a libp2p stream costs a few round trips, so each next hop (peer, session) it
+    pushes to gets one ``swarm.v1.push`` stream, kept open until the session ends (``close``)."""
+
+    def __init__(self, p2p: P2P, inboxes: Inboxes):
+        self.p2p, self.inboxes = p2p, inboxes
+        self._streams: dict[tuple[str, bytes], _PushStream] = {}
+
+    async def push(
+        self,
+        step_id: int,
+        out_parts: list,
+        mask_BS: torch.Tensor,
+        positions_BT: torch.Tensor,
+        route: Sequence[swarm_pb2.PushHop],
+    ) -> bool:
+        """Hands ``[out, mask_BS, positions_BT]`` to ``route[0]``'s session; True once it is queued there.
+
+        ``out_parts``: the output as ``codec.pack`` serialized it for the client's answer (serialized once, sent
+        twice). False, and nothing raised, when the push cannot be made: the client relays the step instead."""
+        if len(out_parts) != 1:
+            return False  # larger than one message: the client streams it in parts
+        head, rest = route[0], route[1:]
+        request = swarm_pb2.InferencePush(
+            session_id=head.session_id,
+            step_id=step_id,
+            tensors=[*out_parts[0], *codec.pack([mask_BS, positions_BT])[0]],
+            route=rest,
+        )
+        key = (head.peer_id, head.session_id)
+        try:
+            peer = PeerID.from_base58(head.peer_id)
+            if peer == self.p2p.peer_id:  # the next hop is served here too
+                self.inboxes.deliver(request)
+                return True
+            async with asyncio.timeout(_PUSH_TIMEOUT):
+                if key not in self._streams:
+                    self._streams[key] = await _PushStream.open(self.p2p, peer)
+                error = await self._streams[key].send(request)
+            if error:
+                logger.debug("Peer %s did not take step %d: %s", head.peer_id, step_id, error)
+            return not error
+        except Exception as e:  # any failure only means the client relays this step
+            logger.debug("Could not push step %d to %s: %r", step_id, head.peer_id, e)
+            stream = self._streams.pop(key, None)
+            if stream is not None:
+                stream.close()
+            return False
+
+    def close(self) -> None:
+        for stream in self._streams.values():
+            stream.close()
+        self._streams.clear()
+
+
+class _PushStream:
+    """An open ``swarm.v1.push`` stream to one peer: a push, then its answer, in turn."""
+
+    def __init__(self):
+        self._outbox: asyncio.Queue = asyncio.Queue()
+        self._answers = None
+
+    @classmethod
+    async def open(cls, p2p: P2P, peer: PeerID) -> _PushStream:
+        stream = cls()
+        stream._answers = await p2p.iterate_protobuf_handler(
+            peer, rpc.PUSH, stream._requests(), swarm_pb2.PushResponse
+        )
+        return stream
+
+    async def _requests(self):
+        while (request := await self._outbox.get()) is not None:
+            yield request
+
+    async def send(self, request: swarm_pb2.InferencePush) -> str:
+        """Pushes one step; returns the peer's error text, "" if it queued the step."""
+        self._outbox.put_nowait(request)
+        return (await anext(self._answers)).error
+
+    def close(self) -> None:
+        self._outbox.put_nowait(None)

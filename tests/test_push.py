@@ -1,0 +1,174 @@
+"""Peers push each inference step straight to the next hop; the client relays only what could not be pushed."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hivemind.proto import runtime_pb2
+from hivemind.utils.asyncio import as_aiter
+
+from swarm_peer import DistributedModelForCausalLM
+from swarm_peer.cli.local_swarm import LocalSwarm
+from swarm_peer.client.session import _SpanStream
+from swarm_peer.errors import ValidationError
+from swarm_peer.protocols import codec, rpc, swarm_pb2
+
+from .conftest import client_settings, reference_model
+
+SPANS = [(0, 1), (1, 3), (3, 4)]
+
+
+@pytest.fixture(scope="module")
+def swarm(tiny_checkpoints):
+    path = tiny_checkpoints["llama"]
+    with LocalSwarm(path, SPANS) as swarm:
+        yield swarm, path, reference_model(path)
+
+
+@pytest.fixture(scope="module")
+def client(swarm):
+    swarm, path, ref = swarm
+    model = DistributedModelForCausalLM.from_pretrained(path, settings=client_settings(swarm))
+    try:
+        yield model, ref
+    finally:
+        model.shutdown()
+
+
+def _local_blocks(ref, hidden_BTD: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Blocks [start, end) of the local model over the whole (causal) sequence."""
+    positions_BT = torch.arange(hidden_BTD.shape[1])[None]
+    with torch.no_grad():
+        for layer in ref.model.layers[start:end]:
+            embeddings = ref.model.rotary_emb(hidden_BTD, positions_BT)
+            hidden_BTD = layer(hidden_BTD, position_embeddings=embeddings, attention_mask=None)
+    return hidden_BTD
+
+
+@pytest.mark.parametrize("push", [True, False])
+def test_generation_is_exact_and_pushed(swarm, push):
+    """With push the client sends each token to the first hop only; without, it relays every hop. Same tokens."""
+    swarm, path, ref = swarm
+    model = DistributedModelForCausalLM.from_pretrained(path, settings=client_settings(swarm, push=push))
+    try:
+        ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+        with model.inference_session(max_length=20) as session:
+            got = model.generate(ids, max_new_tokens=10, do_sample=False)
+            hops, steps = len(session.route), session.steps
+        assert hops == len(SPANS)
+        # control: without push, every hop after the first is relayed by the client on every step
+        assert session.relays == (0 if push else steps * (hops - 1))
+    finally:
+        model.shutdown()
+    want = ref.generate(ids, max_new_tokens=10, do_sample=False)
+    assert torch.equal(got, want)
+
+
+def _open(model, route, max_length=16) -> list[_SpanStream]:
+    streams = [_SpanStream(model.swarm, model.model_id, hop) for hop in route]
+    for stream in streams:
+        model.swarm.run(stream.open(max_length, 1))
+    return streams
+
+
+def _step_inputs(x_BTD, past: int):
+    T = x_BTD.shape[1]
+    return [x_BTD, torch.ones(1, past + T, dtype=torch.long), torch.arange(past, past + T)[None]]
+
+
+def test_failed_push_is_relayed_and_a_second_copy_is_dropped(client):
+    """A push into a session id the next peer does not know is refused, and the peer says so: the client relays
+    that step. A step that arrives twice (pushed, then relayed) is computed once: the next step's output is still
+    exact, which it would not be if the copy had been appended to the cache again."""
+    model, ref = client
+    first, second, third = _open(model, model.router.inference_route())
+    x_BTD = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(1))
+    run = model.swarm.run
+    try:
+        # step 1: pushed into an unknown session of the second peer: refused, so not pushed
+        bogus = swarm_pb2.PushHop(peer_id=second.hop.peer_id.to_base58(), session_id=os.urandom(16))
+        first.send(1, _step_inputs(x_BTD[:, :3], 0), [bogus])
+        h1, pushed = run(first.receive(1))
+        assert not pushed
+        # the client relays it; the second peer pushes on to the third
+        second.send(1, _step_inputs(h1, 0), [third.push_hop])
+        h2, pushed = run(second.receive(1))
+        assert pushed
+        out, pushed = run(third.receive(1))
+        assert not pushed  # the last hop has no route
+        want = _local_blocks(ref, x_BTD[:, :3], 0, 4)
+        torch.testing.assert_close(out, want, atol=1e-4, rtol=0)
+
+        # step 2 goes through by push; then the client relays the same step to the second peer as well
+        first.send(2, _step_inputs(x_BTD[:, 3:4], 3), [second.push_hop, third.push_hop])
+        h1, pushed = run(first.receive(2))
+        assert pushed
+        second.send(2, _step_inputs(h1, 3), [])
+        h2, pushed = run(second.receive(2))
+        assert pushed  # the answer to the push (the copy got none)
+        run(third.receive(2))
+        # step 3 is exact only if step 2 entered the second peer's cache once
+        first.send(3, _step_inputs(x_BTD[:, 4:5], 4), [second.push_hop, third.push_hop])
+        run(first.receive(3))
+        run(second.receive(3))
+        out, _ = run(third.receive(3))
+        want = _local_blocks(ref, x_BTD, 0, 4)[:, 4:5]
+        torch.testing.assert_close(out, want, atol=1e-4, rtol=0)
+    finally:
+        for stream in (first, second, third):
+            model.swarm.loop.call_soon_threadsafe(stream.close)
+
+
+def _push(model, peer_id, requests: list[swarm_pb2.InferencePush]) -> list[str]:
+    async def call():
+        answers = await model.swarm.p2p.iterate_protobuf_handler(
+            peer_id, rpc.PUSH, as_aiter(*requests), swarm_pb2.PushResponse
+        )
+        return [answer.error async for answer in answers]
+
+    return model.swarm.run(call())
+
+
+def test_bad_pushes_get_errors_and_the_peer_keeps_serving(client):
+    model, ref = client
+    (first,) = _open(model, model.router.inference_route(0, 1))
+    good = codec.pack(_step_inputs(torch.randn(1, 2, 64), 0))[0]
+    garbage = [runtime_pb2.Tensor(buffer=b"\x00" * 7, size=[1, 2, 64], dtype="float32", chunks=1)]
+    requests = [
+        swarm_pb2.InferencePush(session_id=os.urandom(16), step_id=1, tensors=good),  # nobody's session
+        swarm_pb2.InferencePush(session_id=b"", step_id=1, tensors=good),  # no session id
+        swarm_pb2.InferencePush(session_id=first.session_id, step_id=1, tensors=garbage + good[1:]),
+        swarm_pb2.InferencePush(session_id=first.session_id, step_id=1, tensors=good[:1]),  # too few tensors
+    ]
+    try:
+        errors = _push(model, first.hop.peer_id, requests)
+        assert [e.split("]")[0] for e in errors] == ["[session", "[session", "[invalid", "[invalid"], errors
+        # the session itself is unharmed and serves its client
+        x = _step_inputs(torch.randn(1, 2, 64), 0)
+        first.send(5, x)
+        out, _ = model.swarm.run(first.receive(5))
+        torch.testing.assert_close(out, _local_blocks(ref, x[0], 0, 1), atol=1e-4, rtol=0)
+    finally:
+        model.swarm.loop.call_soon_threadsafe(first.close)
+
+
+def test_session_ids_are_checked(client):
+    model, _ = client
+    (hop,) = model.router.inference_route(0, 1)
+    for session_id in (b"short",):
+        stream = _SpanStream(model.swarm, model.model_id, hop)
+        stream.session_id = session_id
+        with pytest.raises(ValidationError, match="session id"):
+            model.swarm.run(stream.open(16, 1))
+    # one id cannot be opened twice (an id is a session's capability; a second owner could take its steps)
+    stream = _SpanStream(model.swarm, model.model_id, hop)
+    model.swarm.run(stream.open(16, 1))
+    twin = _SpanStream(model.swarm, model.model_id, hop)
+    twin.session_id = stream.session_id
+    try:
+        with pytest.raises(ValidationError, match="already in use"):
+            model.swarm.run(twin.open(16, 1))
+    finally:
+        model.swarm.loop.call_soon_threadsafe(stream.close)
