@@ -19,6 +19,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable
+from functools import cached_property
 
 import torch
 
@@ -78,9 +79,9 @@ class _SpanStream:
         except Exception as e:
             raise rpc.remote_error(e, str(self.hop.peer_id)) from None
 
-    @property
+    @cached_property
     def push_hop(self) -> swarm_pb2.PushHop:
-        """Where the previous hop pushes this session's steps."""
+        """Where the previous hop pushes this session's steps (made once: it goes into every step's route)."""
         return swarm_pb2.PushHop(peer_id=self.hop.peer_id.to_base58(), session_id=self.session_id)
 
     def send(self, step_id: int, tensors: list[torch.Tensor], route: list[swarm_pb2.PushHop] = ()) -> None:

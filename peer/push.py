@@ -9,11 +9,11 @@ to the first hop only, with the rest of the chain as a route of ``(peer id, sess
 answers the client with its output, which the client keeps to replay after a failure. A token then costs n + 1
 transfers on its critical path.
 
-Each session has an ``Inbox``: steps from the client's stream and pushed steps land in one queue, and the session
-takes them in order. Each session pushes through a ``Pusher``, which keeps one stream open to each next hop it pushes to. A
-pushed step is queued and acknowledged before it is computed, so the pusher learns at once
-whether it arrived; it tells the client (``InferenceResponse.pushed``), and when it did not (the next peer is down,
-unknown to this one, busy, or the step is too large for one message) the client relays that step itself. If both
+Each session has an inbox (``Inboxes.open``): steps from the client's stream and pushed steps land in one queue,
+and the session takes them in order. It pushes through a ``Pusher``, which keeps one stream open to each next hop.
+A pushed step is queued and acknowledged before it is computed, so the pusher learns at once whether it arrived; it
+tells the client (``InferenceResponse.pushed``), and when it did not (the next peer is down, unknown to this one,
+busy, or the step is too large for one message) the client relays that step itself. If both
 copies arrive (a lost acknowledgement, or a replacement of a failed hop pushing the same step again), the session
 drops the second: a step id equal to the one just computed.
 
@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from hivemind.p2p import P2P, PeerID
@@ -40,9 +40,8 @@ __all__ = ["Step", "Inboxes", "Pusher", "check_route"]
 logger = logging.getLogger(__name__)
 
 MAX_ROUTE = 1024  # hops after this one; a model has fewer blocks than that
-_INBOX_STEPS = (
-    4  # queued steps per session; the chain sends one step at a time, so more is a misbehaving sender
-)
+# queued steps per session; the chain sends one step at a time, so more is a misbehaving sender
+_INBOX_STEPS = 4
 _PUSH_TIMEOUT = 5.0  # seconds to queue a step at the next hop; after that the client relays it
 
 
@@ -52,7 +51,7 @@ class Step:
 
     step_id: int
     tensors: list[torch.Tensor]
-    route: Sequence[swarm_pb2.PushHop] = field(default_factory=tuple)
+    route: Sequence[swarm_pb2.PushHop] = ()
 
 
 class Inboxes:
@@ -81,13 +80,12 @@ class Inboxes:
         queue = self._queues.get(request.session_id) if request.session_id else None
         if queue is None:
             raise SessionError("no open session has this id on this peer")
+        if queue.qsize() >= _INBOX_STEPS:
+            raise BusyError(f"the session already has {_INBOX_STEPS} steps waiting")
         check_route(request.route)
         assembler = codec.TensorAssembler(expected=3)
         assembler.feed(request.tensors)
-        step = Step(request.step_id, assembler.tensors(), tuple(request.route))
-        if queue.qsize() >= _INBOX_STEPS:
-            raise BusyError(f"the session already has {_INBOX_STEPS} steps waiting")
-        queue.put_nowait(step)
+        queue.put_nowait(Step(request.step_id, assembler.tensors(), tuple(request.route)))
 
 
 def check_route(route: Sequence[swarm_pb2.PushHop]) -> None:
@@ -115,13 +113,14 @@ class Pusher:
 
         ``out_parts``: the output as ``codec.pack`` serialized it for the client's answer (serialized once, sent
         twice). False, and nothing raised, when the push cannot be made: the client relays the step instead."""
-        if len(out_parts) != 1:
+        inputs_parts = codec.pack([mask_BS, positions_BT])
+        if len(out_parts) != 1 or len(inputs_parts) != 1:
             return False  # larger than one message: the client streams it in parts
         head, rest = route[0], route[1:]
         request = swarm_pb2.InferencePush(
             session_id=head.session_id,
             step_id=step_id,
-            tensors=[*out_parts[0], *codec.pack([mask_BS, positions_BT])[0]],
+            tensors=[*out_parts[0], *inputs_parts[0]],
             route=rest,
         )
         key = (head.peer_id, head.session_id)
