@@ -14,6 +14,7 @@ from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
 
 import hivemind
+import uvloop
 from hivemind.p2p import P2P, PeerID
 
 from swarm_peer.dht import create_dht
@@ -33,7 +34,7 @@ class SwarmRuntime:
         self.settings = settings
         self.owns_dht = dht is None
         self.dht = dht or create_dht(**settings.network.model_dump())
-        self.loop = asyncio.new_event_loop()
+        self.loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="swarm-client-loop", daemon=True)
         self._thread.start()
         self.p2p: P2P = self.run(self.dht.replicate_p2p(), timeout=30)

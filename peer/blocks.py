@@ -11,8 +11,9 @@ swarm's outputs equal local transformers' outputs.
 
 Blocks are constructed with their global index and the full config (so per-layer structure such as sliding
 attention is right), then every ``layer_idx`` attribute is renumbered from 0 within the sub-span being run, so
-that a KV cache made for that sub-span (``DynamicCache`` of the cut-down config) lines up with it. Compute runs on
-one thread at a time (peer.compute), which keeps that renumbering race-free.
+that a KV cache made for that sub-span (``DynamicCache`` of the cut-down config) lines up with it. The modules that
+carry a ``layer_idx`` are listed once per sub-span, so a decode step sets a few attributes instead of walking every
+module. Compute runs on one thread at a time (peer.compute), which keeps that renumbering race-free.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ class BlockSpan:
             for i in range(start, end)
         ).requires_grad_(False)
         self._runners: dict[tuple[int, int], nn.Module] = {}
+        # per sub-span: (module, its layer_idx within the sub-span) for every module that has a layer_idx
+        self._numbering: dict[tuple[int, int], list[tuple[nn.Module, int]]] = {}
         self.adapters: dict[str, Lora | None] = {}
         for spec in adapters:
             name, path = _adapters.adapter_name(spec)
@@ -88,6 +91,11 @@ class BlockSpan:
     @cached_property
     def hidden_size(self) -> int:
         return int(self.config.hidden_size)
+
+    @cached_property
+    def max_positions(self) -> int:
+        """Position ids must lie below this (the model's ``max_position_embeddings``, else 2**20)."""
+        return int(getattr(self.config, "max_position_embeddings", None) or 2**20)
 
     def _load_layer(self, index: int) -> nn.Module:
         with torch.device("meta"):
@@ -138,6 +146,12 @@ class BlockSpan:
             leftovers = [n for n, t in [*base.named_parameters(), *base.named_buffers()] if t.is_meta]
             assert not leftovers, f"tensors left on the meta device: {leftovers}"
             self._runners[(a, b)] = base.eval()
+            self._numbering[(a, b)] = [
+                (module, local)
+                for local, layer in enumerate(base.layers)
+                for module in layer.modules()
+                if hasattr(module, "layer_idx")
+            ]
         return self._runners[(a, b)]
 
     def forward(
@@ -151,10 +165,10 @@ class BlockSpan:
     ) -> torch.Tensor:
         """Runs global blocks ``[a, b)``. With a cache, appends this step's keys/values to it."""
         runner = self._runner(a, b)
-        for local, layer in enumerate(runner.layers):
-            for module in layer.modules():
-                if hasattr(module, "layer_idx"):
-                    module.layer_idx = local
+        for module, local in self._numbering[(a, b)]:
+            module.layer_idx = (
+                local  # the layers may be shared with other sub-spans (and spans, after a move)
+            )
         out = runner(
             inputs_embeds=hidden_BTD.to(self.device, self.dtype),
             attention_mask=attention_mask_BS.to(self.device),

@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 import hivemind
 import torch
+import uvloop
 
 import swarm_peer
 from swarm_peer.dht import Announcer, ServerInfo, ServerState, create_dht, get_block_servers
@@ -135,7 +136,8 @@ class Peer:
 
     def run(self, on_ready: Callable[[], None] | None = None) -> None:
         """Serves until SIGTERM/SIGINT; ``on_ready`` is called once the span is announced."""
-        asyncio.run(self._serve(on_ready))
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(self._serve(on_ready))
 
     async def _serve(self, on_ready: Callable[[], None] | None) -> None:
         loop = asyncio.get_running_loop()

@@ -278,6 +278,54 @@ def test_two_clients_train_their_own_lora_concurrently(swarm):
             m.shutdown()
 
 
+@pytest.mark.timeout(300)
+def test_generation_stays_exact_while_another_client_trains_a_lora(swarm):
+    """Peers run small decode steps on their event loop when the compute thread is idle; a LoRA's hooks live on
+    the shared blocks while that thread computes a training request. Generating while another client trains must
+    still give local transformers' logits: no decode step may run inside the trainer's hooks."""
+    swarm_, path = swarm
+    ref = reference_model(path).requires_grad_(False)
+    trainer, generator = (
+        DistributedModelForCausalLM.from_pretrained(path, settings=client_settings(swarm_)).requires_grad_(
+            False
+        )
+        for _ in range(2)
+    )
+    try:
+        lora = _random_lora(trainer, seed=30)
+        ids, mask, weights = _batch(seed=31)
+        # control: the trainer's LoRA moves the logits far more than the tolerance, so a leak would show
+        twin = _peft_twin(ref, lora)
+        prompt = torch.randint(1, 128, (1, 6), generator=torch.Generator().manual_seed(32))
+        assert (twin(input_ids=prompt).logits - ref(input_ids=prompt).logits).abs().max() > 1e-2
+        stop, errors = threading.Event(), []
+
+        def train():
+            try:
+                while not stop.is_set():
+                    _loss(trainer(input_ids=ids, attention_mask=mask).logits, weights).backward()
+            except Exception as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+        thread = threading.Thread(target=train)
+        thread.start()
+        try:
+            kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
+            want = ref.generate(prompt, **kwargs, output_logits=True, return_dict_in_generate=True)
+            for _ in range(4):
+                got = generator.generate(prompt, **kwargs, output_logits=True, return_dict_in_generate=True)
+                assert torch.equal(got.sequences, want.sequences)
+                for mine, theirs in zip(got.logits, want.logits, strict=True):
+                    torch.testing.assert_close(mine, theirs, atol=1e-3, rtol=0)
+        finally:
+            stop.set()
+            thread.join(timeout=120)
+        assert not errors, errors
+    finally:
+        trainer.shutdown()
+        generator.shutdown()
+
+
 def _forward_with(model, hop: Hop, extras_: Extras):
     x = torch.randn(1, 4, 64)
     message, tensors = extras.encode(extras_)
