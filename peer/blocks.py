@@ -165,10 +165,9 @@ class BlockSpan:
     ) -> torch.Tensor:
         """Runs global blocks ``[a, b)``. With a cache, appends this step's keys/values to it."""
         runner = self._runner(a, b)
+        # the layers may be shared with other sub-spans (and with another span, after a move)
         for module, local in self._numbering[(a, b)]:
-            module.layer_idx = (
-                local  # the layers may be shared with other sub-spans (and spans, after a move)
-            )
+            module.layer_idx = local
         out = runner(
             inputs_embeds=hidden_BTD.to(self.device, self.dtype),
             attention_mask=attention_mask_BS.to(self.device),

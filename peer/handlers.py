@@ -304,18 +304,9 @@ class BlockHandlers:
                     f"max_length {max_length}"
                 )
             t0 = time.perf_counter()
+            inputs = (hidden_BTD, mask_BS, positions_BT)
             out_BTD = await self._compute(
-                self._step,
-                span,
-                hidden_BTD,
-                mask_BS,
-                positions_BT,
-                a,
-                b,
-                cache,
-                applied,
-                position,
-                inline=inline,
+                self._step, span, *inputs, a, b, cache, applied, position, inline=inline
             )
             # a single-token step that took little time may run on the loop's thread next time
             inline = hidden_BTD.shape[1] == 1 and time.perf_counter() - t0 < _INLINE_SECONDS
