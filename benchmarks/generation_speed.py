@@ -51,6 +51,22 @@ def time_interleaved(models: dict, input_ids, new_tokens: int, repeats: int) -> 
     return figures
 
 
+def save_tiny_llama() -> str:
+    """A random-weight 8-block Llama (hidden size 64) saved to a new temp dir: a model whose compute is small, so
+    generation time is mostly the path between processes."""
+    tiny_dir = tempfile.mkdtemp(prefix="tiny-llama-")
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(tiny_dir)
+    return tiny_dir
+
+
 def swarm_clients(stack: contextlib.ExitStack, path: str, spans) -> tuple:
     """Clients of a new local swarm serving ``spans``: with push, and (if there are several hops) relaying every
     hop; closed with ``stack``."""
@@ -87,16 +103,7 @@ def main() -> None:
         median = statistics.median(figures)
         print(f"| {name:<28} | {1 / median:8.1f} | {median * 1e3:8.2f} | {base / median:7.2f}x |")
 
-    tiny_dir = tempfile.mkdtemp(prefix="tiny-llama-")
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-    AutoModelForCausalLM.from_config(config).save_pretrained(tiny_dir)
+    tiny_dir = save_tiny_llama()
     tiny_ids = torch.randint(0, 128, (1, 8))
     hops = {}
     for n in (1, 2, 4, 8):  # one swarm at a time: 15 idle peers would load the machine more than the hops do
