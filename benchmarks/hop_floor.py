@@ -10,7 +10,8 @@ protobuf or validation is involved: what this costs over local transformers is w
 processes costs on this machine (cold caches when a process wakes, process switches), which no change to the
 swarm's code can remove. The gap between these figures and ``generation_speed.py``'s is the swarm's own overhead.
 
-Prints, against local transformers measured in the same run (all setups take turns within each repeat):
+Both sides run the same plain greedy loop (no ``generate()``), so only the split differs. Prints, against local
+transformers measured in the same run (all setups take turns within each repeat):
 1. SmolLM2-135M float32, batch 1: 1 worker x 30 blocks and 3 workers x 10 blocks;
 2. a tiny 8-block Llama through 1, 2, 4 and 8 workers, and the cost of each extra hop.
 """
@@ -30,6 +31,7 @@ from generation_speed import save_tiny_llama  # noqa: E402  (this folder is on s
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from swarm_peer.cli.demo import even_spans  # noqa: E402
+from swarm_peer.compat import CACHE  # noqa: E402
 from swarm_peer.models import DEMO_MODEL, resolve_checkpoint  # noqa: E402
 
 _RESET, _STOP = b"reset", b"stop"
@@ -91,10 +93,10 @@ class _Chain:
 def _local_seconds_per_token(local, input_ids: torch.Tensor, new_tokens: int) -> float:
     with torch.inference_mode():
         out = local(input_ids, use_cache=True)
-        cache, ids = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, ids = getattr(out, CACHE), out.logits[:, -1:].argmax(-1)
         t0 = time.perf_counter()
         for _ in range(new_tokens):
-            out = local(ids, past_key_values=cache, use_cache=True)
+            out = local(ids, use_cache=True, **{CACHE: cache})
             ids = out.logits[:, -1:].argmax(-1)
     return (time.perf_counter() - t0) / new_tokens
 
