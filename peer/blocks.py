@@ -14,6 +14,13 @@ attention is right), then every ``layer_idx`` attribute is renumbered from 0 wit
 that a KV cache made for that sub-span (``DynamicCache`` of the cut-down config) lines up with it. The modules that
 carry a ``layer_idx`` are listed once per sub-span, so a decode step sets a few attributes instead of walking every
 module. Compute runs on one thread at a time (peer.compute), which keeps that renumbering race-free.
+
+A decode step of one sequence without padding, as in plain generation, needs no mask (every new token sees the
+whole cache) and then the base model adds only Python work around its layers: building and checking a mask it
+drops, output classes, decorators. Such steps call the layers directly, with the rotary embeddings of the base
+model. Whether that gives the base model's output bit for bit is checked once per sub-span, on random inputs,
+before it is used (a family whose base model does more falls back to it); sliding-window attention takes the
+shortcut only while the sequence fits in the window.
 """
 
 from __future__ import annotations
@@ -77,6 +84,8 @@ class BlockSpan:
         self._runners: dict[tuple[int, int], nn.Module] = {}
         # per sub-span: (module, its layer_idx within the sub-span) for every module that has a layer_idx
         self._numbering: dict[tuple[int, int], list[tuple[nn.Module, int]]] = {}
+        # per sub-span: whether its layers alone decode exactly as its base model (``_layers_suffice``)
+        self._layers_alone: dict[tuple[int, int], bool] = {}
         self.adapters: dict[str, Lora | None] = {}
         for spec in adapters:
             name, path = _adapters.adapter_name(spec)
@@ -168,14 +177,82 @@ class BlockSpan:
         # the layers may be shared with other sub-spans (and with another span, after a move)
         for module, local in self._numbering[(a, b)]:
             module.layer_idx = local
+        hidden_BTD = hidden_BTD.to(self.device, self.dtype)
+        position_ids_BT = position_ids_BT.to(self.device)
+        if (
+            cache is not None
+            and self._needs_no_mask(hidden_BTD, attention_mask_BS)
+            and self._layers_suffice(a, b)
+        ):
+            return _run_layers(runner, hidden_BTD, position_ids_BT, cache)
         out = runner(
-            inputs_embeds=hidden_BTD.to(self.device, self.dtype),
+            inputs_embeds=hidden_BTD,
             attention_mask=attention_mask_BS.to(self.device),
-            position_ids=position_ids_BT.to(self.device),
+            position_ids=position_ids_BT,
             use_cache=cache is not None,
             **{CACHE: cache},
         )
         return out.last_hidden_state
+
+    def _needs_no_mask(self, hidden_BTD: torch.Tensor, attention_mask_BS: torch.Tensor) -> bool:
+        """True for one new token of one unpadded sequence that fits the sliding window (if any): it attends to
+        every cached token, so the base model would pass no mask to the layers."""
+        B, T, _ = hidden_BTD.shape
+        S = attention_mask_BS.shape[1]
+        window = getattr(self.config, "sliding_window", None)
+        return B == 1 and T == 1 and (window is None or S < window) and bool(attention_mask_BS.all())
+
+    def _layers_suffice(self, a: int, b: int) -> bool:
+        """Whether blocks ``[a, b)`` run alone (``_run_layers``) decode exactly as their base model does: checked once,
+        bit for bit, on a 1-token step after a random 2-token prefill."""
+        if (a, b) not in self._layers_alone:
+            try:
+                with torch.inference_mode():
+                    by_base, alone = self._probe_step(a, b, alone=False), self._probe_step(a, b, alone=True)
+                same = isinstance(alone, torch.Tensor) and torch.equal(by_base, alone)
+            except Exception:  # a layer that cannot run without its base model
+                logger.debug("Blocks %d:%d cannot run alone", a, b, exc_info=True)
+                same = False
+            if not same:
+                logger.info(
+                    "Blocks %d:%d decode through their base model: run alone, they differ from it", a, b
+                )
+            self._layers_alone[(a, b)] = same
+        return self._layers_alone[(a, b)]
+
+    def _probe_step(self, a: int, b: int, alone: bool):
+        runner = self._runners[(a, b)]
+        hidden_BTD = torch.randn(1, 3, self.hidden_size, generator=torch.Generator().manual_seed(0))
+        hidden_BTD = hidden_BTD.to(self.device, self.dtype)
+        mask_BS = torch.ones(1, 3, dtype=torch.long, device=self.device)
+        positions_BT = torch.arange(3, device=self.device)[None]
+        cache = self.new_cache(a, b)
+        for t in (slice(0, 2), slice(2, 3)):
+            if alone and t.start == 2:
+                return _run_layers(runner, hidden_BTD[:, t], positions_BT[:, t], cache)
+            out = runner(
+                inputs_embeds=hidden_BTD[:, t],
+                attention_mask=mask_BS[:, : t.stop],
+                position_ids=positions_BT[:, t],
+                use_cache=True,
+                **{CACHE: cache},
+            )
+        return out.last_hidden_state
+
+
+def _run_layers(runner: nn.Module, hidden_BTD, position_ids_BT, cache: DynamicCache) -> torch.Tensor:
+    """The runner's layers on a step that needs no attention mask, with the runner's rotary embeddings."""
+    embeddings = runner.rotary_emb(hidden_BTD, position_ids=position_ids_BT)
+    for layer in runner.layers:
+        hidden_BTD = layer(
+            hidden_BTD,
+            attention_mask=None,
+            position_embeddings=embeddings,
+            position_ids=position_ids_BT,
+            use_cache=True,
+            **{CACHE: cache},
+        )
+    return hidden_BTD
 
 
 def _span_config(config, a: int, b: int):

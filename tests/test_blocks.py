@@ -1,0 +1,85 @@
+"""A span's decode steps: run on its layers alone when that is exact, through the family's base model otherwise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from swarm_peer.compat import CACHE
+from swarm_peer.models import resolve_checkpoint
+from swarm_peer.peer.blocks import BlockSpan
+
+PREFILL, STEPS = 3, 8  # past the tiny Mistral's and Qwen2's sliding window of 6 tokens
+
+
+def decode(span: BlockSpan, a: int, b: int, hidden_BTD, mask_BS, by_base: bool) -> torch.Tensor:
+    """Outputs of a prefill then single-token steps: through ``span.forward``, or through the base model alone."""
+    cache = span.new_cache(a, b)
+    outputs, start = [], 0
+    with torch.inference_mode():
+        # a stateless call numbers the layers for [a, b), as every forward does
+        span.forward(hidden_BTD[:, :1], mask_BS[:, :1], torch.zeros(1, 1, dtype=torch.long), a, b)
+        runner = span._runner(a, b)
+        for end in range(PREFILL, PREFILL + STEPS + 1):
+            args = hidden_BTD[:, start:end], mask_BS[:, :end], torch.arange(start, end)[None]
+            if by_base:
+                kwargs = dict(inputs_embeds=args[0], attention_mask=args[1], position_ids=args[2])
+                outputs.append(runner(**kwargs, use_cache=True, **{CACHE: cache}).last_hidden_state)
+            else:
+                outputs.append(span.forward(*args, a, b, cache))
+            start = end
+    return torch.cat(outputs, dim=1)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_decode_steps_equal_the_base_model_bit_for_bit(tiny_checkpoints, family):
+    span = BlockSpan(resolve_checkpoint(tiny_checkpoints[family]), 0, 3)
+    hidden_BTD = torch.randn(1, PREFILL + STEPS, span.hidden_size)
+    mask_BS = torch.ones(1, PREFILL + STEPS, dtype=torch.long)
+    by_base = decode(span, 1, 3, hidden_BTD, mask_BS, by_base=True)
+    torch.testing.assert_close(
+        decode(span, 1, 3, hidden_BTD, mask_BS, by_base=False), by_base, atol=0, rtol=0
+    )
+    assert span._layers_alone == {(1, 3): True}  # these families' steps do take the shortcut
+    # a padded sequence needs its mask: it goes through the base model, and is still exact
+    mask_BS[0, 1] = 0
+    padded = decode(span, 1, 3, hidden_BTD, mask_BS, by_base=True)
+    assert not torch.equal(padded, by_base)
+    torch.testing.assert_close(decode(span, 1, 3, hidden_BTD, mask_BS, by_base=False), padded, atol=0, rtol=0)
+
+
+def test_steps_past_the_sliding_window_keep_its_mask(tiny_checkpoints, monkeypatch):
+    span = BlockSpan(resolve_checkpoint(tiny_checkpoints["mistral"]), 0, 3)
+    hidden_BTD = torch.randn(1, PREFILL + STEPS, span.hidden_size)
+    mask_BS = torch.ones(1, PREFILL + STEPS, dtype=torch.long)
+    by_base = decode(span, 0, 3, hidden_BTD, mask_BS, by_base=True)
+    torch.testing.assert_close(
+        decode(span, 0, 3, hidden_BTD, mask_BS, by_base=False), by_base, atol=0, rtol=0
+    )
+    # control: steps that ignore the window see tokens the window hides, from the first step past it on
+    monkeypatch.setattr(span.config, "sliding_window", None)
+    ignoring = decode(span, 0, 3, hidden_BTD, mask_BS, by_base=False)
+    window = (
+        6  # the step at S == window sees what no mask would, but the base model's explicit mask rounds apart
+    )
+    torch.testing.assert_close(ignoring[:, : window - 1], by_base[:, : window - 1], atol=0, rtol=0)
+    assert not torch.allclose(ignoring[:, window:], by_base[:, window:])
+
+
+def test_a_base_model_that_does_more_than_its_layers_is_kept(tiny_checkpoints):
+    span = BlockSpan(resolve_checkpoint(tiny_checkpoints["llama"]), 0, 2)
+    # a family whose base model changes its inputs before the layers (as Gemma scales its embeddings)
+    span._runner(0, 2).register_forward_pre_hook(
+        lambda module, args, kwargs: (args, {**kwargs, "inputs_embeds": kwargs["inputs_embeds"] * 2}),
+        with_kwargs=True,
+    )
+    hidden_BTD = torch.randn(1, PREFILL + STEPS, span.hidden_size)
+    mask_BS = torch.ones(1, PREFILL + STEPS, dtype=torch.long)
+    by_base = decode(span, 0, 2, hidden_BTD, mask_BS, by_base=True)
+    torch.testing.assert_close(
+        decode(span, 0, 2, hidden_BTD, mask_BS, by_base=False), by_base, atol=0, rtol=0
+    )
+    assert span._layers_alone == {(0, 2): False}
+    # control: without the check, its layers alone would give other outputs
+    span._layers_alone[(0, 2)] = True
+    assert not torch.allclose(decode(span, 0, 2, hidden_BTD, mask_BS, by_base=False), by_base)
