@@ -220,24 +220,22 @@ class BlockSpan:
             self._layers_alone[(a, b)] = same
         return self._layers_alone[(a, b)]
 
-    def _probe_step(self, a: int, b: int, alone: bool):
-        runner = self._runners[(a, b)]
+    def _probe_step(self, a: int, b: int, alone: bool) -> torch.Tensor:
+        """A 1-token step after a random 2-token prefill, in a fresh cache: by the base model, or by the layers alone."""
+        runner, cache = self._runners[(a, b)], self.new_cache(a, b)
         hidden_BTD = torch.randn(1, 3, self.hidden_size, generator=torch.Generator().manual_seed(0))
         hidden_BTD = hidden_BTD.to(self.device, self.dtype)
-        mask_BS = torch.ones(1, 3, dtype=torch.long, device=self.device)
         positions_BT = torch.arange(3, device=self.device)[None]
-        cache = self.new_cache(a, b)
-        for t in (slice(0, 2), slice(2, 3)):
-            if alone and t.start == 2:
-                return _run_layers(runner, hidden_BTD[:, t], positions_BT[:, t], cache)
-            out = runner(
-                inputs_embeds=hidden_BTD[:, t],
-                attention_mask=mask_BS[:, : t.stop],
-                position_ids=positions_BT[:, t],
-                use_cache=True,
-                **{CACHE: cache},
-            )
-        return out.last_hidden_state
+
+        def by_base(start: int, end: int) -> torch.Tensor:
+            mask_BS = torch.ones(1, end, dtype=torch.long, device=self.device)
+            kwargs = dict(inputs_embeds=hidden_BTD[:, start:end], position_ids=positions_BT[:, start:end])
+            return runner(
+                **kwargs, attention_mask=mask_BS, use_cache=True, **{CACHE: cache}
+            ).last_hidden_state
+
+        by_base(0, 2)
+        return _run_layers(runner, hidden_BTD[:, 2:], positions_BT[:, 2:], cache) if alone else by_base(2, 3)
 
 
 def _run_layers(runner: nn.Module, hidden_BTD, position_ids_BT, cache: DynamicCache) -> torch.Tensor:
