@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 from hivemind.p2p import P2P
@@ -167,13 +169,18 @@ def test_session_errors(peer):
     model, hop, ref = peer
 
     async def step_without_open():
-        from hivemind.utils.asyncio import as_aiter
-
         step = swarm_pb2.InferenceRequest(
             step=swarm_pb2.InferenceStep(step_id=1, tensors=codec.pack(_inputs())[0])
         )
+
+        async def requests():
+            # Keep the stream open until the peer answers, as a session's client does. Ending it at once would race
+            # the peer's close: p2pd resets a stream closed with unread input, and the reset can drop the error.
+            yield step
+            await asyncio.Event().wait()
+
         stream = await model.swarm.p2p.iterate_protobuf_handler(
-            hop.peer_id, rpc.INFERENCE, as_aiter(step), swarm_pb2.InferenceResponse
+            hop.peer_id, rpc.INFERENCE, requests(), swarm_pb2.InferenceResponse
         )
         return [r async for r in stream]
 
