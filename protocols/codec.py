@@ -24,15 +24,41 @@ MAX_MESSAGE_BYTES = 2 * 1024 * 1024  # half of hivemind's 4 MiB cap, leaving roo
 MAX_TENSOR_BYTES = 1 << 31
 NONE = runtime_pb2.CompressionType.NONE
 FLOAT16 = runtime_pb2.CompressionType.FLOAT16
-_DTYPES = {"float32", "float16", "bfloat16", "int64", "int32", "bool"}
-_ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "bool": 1}
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "bool": torch.bool,
+}
 
 
 def serialize(tensor: torch.Tensor, compression: int = NONE) -> runtime_pb2.Tensor:
-    """One tensor -> one hivemind ``Tensor`` message (not yet split). Floating tensors may be compressed."""
+    """One tensor -> one hivemind ``Tensor`` message (not yet split). Floating tensors may be compressed.
+
+    Uncompressed tensors are written here, as the same message hivemind's ``NoCompression`` writes: a decode step
+    sends small tensors, and hivemind's own path builds a descriptor of each tensor that costs more than the bytes.
+    """
+    tensor = tensor.detach().cpu()
     if not tensor.is_floating_point():
         compression = NONE
-    return serialize_torch_tensor(tensor.detach().cpu(), compression)
+    if compression != NONE or tensor.dtype == torch.bfloat16:  # numpy has no bfloat16
+        return serialize_torch_tensor(tensor, compression)
+    return runtime_pb2.Tensor(
+        compression=NONE,
+        buffer=tensor.numpy().tobytes(),
+        size=tensor.shape,
+        dtype=str(tensor.dtype).removeprefix("torch."),
+    )
+
+
+def _split(message: runtime_pb2.Tensor) -> list[runtime_pb2.Tensor]:
+    """A serialized tensor as parts of at most ``MAX_MESSAGE_BYTES``; one that fits is its own single part."""
+    if len(message.buffer) <= MAX_MESSAGE_BYTES:
+        message.chunks = 1
+        return [message]
+    return list(split_for_streaming(message, MAX_MESSAGE_BYTES))
 
 
 def pack(tensors: Sequence[torch.Tensor], compression: int = NONE) -> list[list[runtime_pb2.Tensor]]:
@@ -40,7 +66,7 @@ def pack(tensors: Sequence[torch.Tensor], compression: int = NONE) -> list[list[
     messages: list[list[runtime_pb2.Tensor]] = [[]]
     size = 0
     for tensor in tensors:
-        for part in split_for_streaming(serialize(tensor, compression), MAX_MESSAGE_BYTES):
+        for part in _split(serialize(tensor, compression)):
             part_size = len(part.buffer) + 64
             if messages[-1] and size + part_size > MAX_MESSAGE_BYTES:
                 messages.append([])
@@ -51,21 +77,29 @@ def pack(tensors: Sequence[torch.Tensor], compression: int = NONE) -> list[list[
 
 
 def deserialize(message: runtime_pb2.Tensor) -> torch.Tensor:
-    """A complete (reassembled) ``Tensor`` message -> a tensor, or ``ValidationError`` if it is malformed."""
-    if message.dtype not in _DTYPES:
+    """A complete (reassembled) ``Tensor`` message -> a CPU tensor that does not require grad, or
+    ``ValidationError`` if it is malformed."""
+    dtype = _DTYPES.get(message.dtype)
+    if dtype is None:
         raise ValidationError(f"unsupported tensor dtype {message.dtype!r}")
     if len(message.size) > 4:
         raise ValidationError(f"tensor has {len(message.size)} dimensions; at most 4 are accepted")
     numel = math.prod(message.size)
-    if numel * _ITEM_BYTES[message.dtype] > MAX_TENSOR_BYTES:
+    if numel * dtype.itemsize > MAX_TENSOR_BYTES:
         raise ValidationError(f"tensor of shape {list(message.size)} is too large")
+    if message.compression == NONE and dtype != torch.bfloat16:  # the message serialize() writes
+        if len(message.buffer) != numel * dtype.itemsize:
+            raise ValidationError(f"tensor buffer does not match its declared shape {list(message.size)}")
+        if numel == 0:
+            return torch.empty(tuple(message.size), dtype=dtype)
+        return torch.frombuffer(bytearray(message.buffer), dtype=dtype).view(tuple(message.size))
     try:
         tensor = deserialize_torch_tensor(message)
     except Exception as e:  # hivemind raises whatever numpy/torch raise on a bad buffer
         raise ValidationError(f"cannot decode tensor of shape {list(message.size)}: {e}") from None
     if list(tensor.shape) != list(message.size):
         raise ValidationError(f"tensor buffer does not match its declared shape {list(message.size)}")
-    return tensor
+    return tensor.detach()  # whatever its requires_grad flag says: a peer decides what it differentiates
 
 
 class TensorAssembler:
@@ -107,9 +141,10 @@ class TensorAssembler:
 
 
 def _combine(parts: list[runtime_pb2.Tensor]) -> runtime_pb2.Tensor:
+    if len(parts) == 1:
+        return parts[0]
     combined = runtime_pb2.Tensor()
     combined.CopyFrom(parts[0])
     combined.chunks = 1
-    if len(parts) > 1:
-        combined.buffer = b"".join(part.buffer for part in parts)
+    combined.buffer = b"".join(part.buffer for part in parts)
     return combined
