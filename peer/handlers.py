@@ -94,8 +94,8 @@ class BlockHandlers:
             await p2p.add_protobuf_handler(
                 rpc.streamed(name), handler, swarm_pb2.ForwardRequest, stream_input=True, stream_output=True
             )
-        await p2p.add_protobuf_handler(
-            rpc.PUSH, self.rpc_push, swarm_pb2.InferencePush, stream_input=True, stream_output=True
+        await p2p.add_binary_stream_handler(
+            rpc.PUSH, lambda _info, reader, writer: push.serve_pushes(self.inboxes, reader, writer)
         )
         await p2p.add_protobuf_handler(
             rpc.INFERENCE,
@@ -352,15 +352,6 @@ class BlockHandlers:
         if isinstance(item, BaseException):
             raise item
         return item
-
-    async def rpc_push(self, requests: AsyncIterator[swarm_pb2.InferencePush], context: P2PContext):
-        """Steps pushed by the hop before: each is queued in its session (or refused with a reason) and answered."""
-        async for request in requests:
-            try:
-                self.inboxes.deliver(request)
-                yield swarm_pb2.PushResponse()
-            except SwarmError as e:
-                yield swarm_pb2.PushResponse(error=str(rpc.tag_error(e)))
 
     async def _parts(self, requests, tensors, expected: int, what: str) -> list[torch.Tensor]:
         """``expected`` tensors: those of a session message, then those of the ``parts`` messages after it."""

@@ -32,10 +32,10 @@ from dataclasses import dataclass
 import torch
 from hivemind.p2p import P2P, PeerID
 
-from swarm_peer.errors import BusyError, SessionError, ValidationError
+from swarm_peer.errors import BusyError, SessionError, SwarmError, ValidationError
 from swarm_peer.protocols import codec, rpc, swarm_pb2
 
-__all__ = ["Step", "Inboxes", "Pusher", "check_route"]
+__all__ = ["Step", "Inboxes", "Pusher", "check_route", "serve_pushes"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ class Pusher:
 
     def __init__(self, p2p: P2P, inboxes: Inboxes):
         self.p2p, self.inboxes = p2p, inboxes
+        self._own_id = p2p.peer_id.to_base58()
         self._streams: dict[tuple[str, bytes], _PushStream] = {}
 
     async def push(
@@ -125,14 +126,15 @@ class Pusher:
         )
         key = (head.peer_id, head.session_id)
         try:
-            peer = PeerID.from_base58(head.peer_id)
-            if peer == self.p2p.peer_id:  # the next hop is served here too
+            if head.peer_id == self._own_id:  # the next hop is served here too
                 self.inboxes.deliver(request)
                 return True
             async with asyncio.timeout(_PUSH_TIMEOUT):
-                if key not in self._streams:
-                    self._streams[key] = await _PushStream.open(self.p2p, peer)
-                error = await self._streams[key].send(request)
+                stream = self._streams.get(key)
+                if stream is None:
+                    peer = PeerID.from_base58(head.peer_id)
+                    stream = self._streams[key] = await _PushStream.open(self.p2p, peer)
+                error = await stream.send(request)
             if error:
                 logger.debug("Peer %s did not take step %d: %s", head.peer_id, step_id, error)
             return not error
@@ -150,28 +152,50 @@ class Pusher:
 
 
 class _PushStream:
-    """An open ``swarm.v1.push`` stream to one peer: a push, then its answer, in turn."""
+    """An open ``swarm.v1.push`` stream to one peer: a push, then its answer, in turn.
 
-    def __init__(self):
-        self._outbox: asyncio.Queue = asyncio.Queue()
-        self._answers = None
+    Written and read in place with hivemind's protobuf stream framing, the one ``iterate_protobuf_handler`` uses,
+    without its writer task and queue: a push is on the critical path of every token."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self._reader, self._writer = reader, writer
 
     @classmethod
     async def open(cls, p2p: P2P, peer: PeerID) -> _PushStream:
-        stream = cls()
-        stream._answers = await p2p.iterate_protobuf_handler(
-            peer, rpc.PUSH, stream._requests(), swarm_pb2.PushResponse
-        )
-        return stream
-
-    async def _requests(self):
-        while (request := await self._outbox.get()) is not None:
-            yield request
+        _, reader, writer = await p2p.call_binary_stream_handler(peer, rpc.PUSH)
+        return cls(reader, writer)
 
     async def send(self, request: swarm_pb2.InferencePush) -> str:
         """Pushes one step; returns the peer's error text, "" if it queued the step."""
-        self._outbox.put_nowait(request)
-        return (await anext(self._answers)).error
+        await P2P.send_protobuf(request, self._writer)
+        answer, error = await P2P.receive_protobuf(swarm_pb2.PushResponse, self._reader)
+        if answer is None:
+            raise ConnectionError(f"the push stream failed: {error.message}")
+        return answer.error
 
     def close(self) -> None:
-        self._outbox.put_nowait(None)
+        self._writer.close()  # the peer reads the end of the stream
+
+
+async def serve_pushes(inboxes: Inboxes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """``swarm.v1.push``: steps pushed by the hop before, each queued in its session (``Inboxes.deliver``) or
+    refused with a tagged reason, and answered, until the pusher ends the stream.
+
+    The same framing as a hivemind protobuf stream handler (a hivemind client can call it), read and answered in one
+    loop: hivemind's handler starts a task and waits on two per message, which costs more than the push itself."""
+    with contextlib.closing(writer):
+        try:
+            while True:
+                request, _ = await P2P.receive_protobuf(swarm_pb2.InferencePush, reader)
+                if request is None:
+                    return  # the end-of-stream marker
+                try:
+                    inboxes.deliver(request)
+                    answer = swarm_pb2.PushResponse()
+                except SwarmError as e:
+                    answer = swarm_pb2.PushResponse(error=str(rpc.tag_error(e)))
+                await P2P.send_protobuf(answer, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return  # the pusher closed the stream or went away
+        except Exception as e:  # garbage on the stream: drop it, as hivemind's handlers do
+            logger.debug("Closed a push stream that sent something unreadable: %r", e)

@@ -145,6 +145,16 @@ def test_bad_pushes_get_errors_and_the_peer_keeps_serving(client):
     try:
         errors = _push(model, first.hop.peer_id, requests)
         assert [e.split("]")[0] for e in errors] == ["[session", "[session", "[invalid", "[invalid"], errors
+
+        async def send_garbage():
+            _, _, writer = await model.swarm.p2p.call_binary_stream_handler(first.hop.peer_id, rpc.PUSH)
+            writer.write(b"\x07" + b"\xff" * 64)
+            writer.close()
+
+        model.swarm.run(send_garbage())
+        assert _push(model, first.hop.peer_id, requests[:1])[0].startswith(
+            "[session"
+        )  # pushes are still served
         # the session itself is unharmed and serves its client
         x = _step_inputs(torch.randn(1, 2, 64), 0)
         first.send(5, x)
