@@ -177,8 +177,10 @@ class BlockSpan:
         # the layers may be shared with other sub-spans (and with another span, after a move)
         for module, local in self._numbering[(a, b)]:
             module.layer_idx = local
-        hidden_BTD = hidden_BTD.to(self.device, self.dtype)
-        position_ids_BT = position_ids_BT.to(self.device)
+        if hidden_BTD.device != self.device or hidden_BTD.dtype != self.dtype:
+            hidden_BTD = hidden_BTD.to(self.device, self.dtype)
+        if position_ids_BT.device != self.device:
+            position_ids_BT = position_ids_BT.to(self.device)
         if (
             cache is not None
             and self._needs_no_mask(hidden_BTD, attention_mask_BS)

@@ -344,7 +344,8 @@ class BlockHandlers:
     async def _take(self, inbox: asyncio.Queue) -> push.Step | None:
         """The session's next step, None when the client closed it; SessionError after the idle timeout."""
         try:
-            item = await asyncio.wait_for(inbox.get(), self.settings.session_idle_timeout)
+            async with asyncio.timeout(self.settings.session_idle_timeout):  # no task per step, as wait_for makes
+                item = await inbox.get()
         except TimeoutError:
             raise SessionError(
                 f"no step within {self.settings.session_idle_timeout:.0f} s; the session is closed"

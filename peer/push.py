@@ -192,6 +192,9 @@ async def serve_pushes(inboxes: Inboxes, reader: asyncio.StreamReader, writer: a
                 try:
                     inboxes.deliver(request)
                     answer = swarm_pb2.PushResponse()
+                    # let the session take the step first: the answer only tells the pusher what to tell its
+                    # client, while the step is on the critical path of the token
+                    await asyncio.sleep(0)
                 except SwarmError as e:
                     answer = swarm_pb2.PushResponse(error=str(rpc.tag_error(e)))
                 await P2P.send_protobuf(answer, writer)

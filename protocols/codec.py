@@ -40,7 +40,10 @@ def serialize(tensor: torch.Tensor, compression: int = NONE) -> runtime_pb2.Tens
     Uncompressed tensors are written here, as the same message hivemind's ``NoCompression`` writes: a decode step
     sends small tensors, and hivemind's own path builds a descriptor of each tensor that costs more than the bytes.
     """
-    tensor = tensor.detach().cpu()
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
     if not tensor.is_floating_point():
         compression = NONE
     if compression != NONE or tensor.dtype == torch.bfloat16:  # numpy has no bfloat16
