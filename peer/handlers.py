@@ -344,7 +344,8 @@ class BlockHandlers:
     async def _take(self, inbox: asyncio.Queue) -> push.Step | None:
         """The session's next step, None when the client closed it; SessionError after the idle timeout."""
         try:
-            async with asyncio.timeout(self.settings.session_idle_timeout):  # no task per step, as wait_for makes
+            # awaited directly: asyncio.wait_for would start a task for every step
+            async with asyncio.timeout(self.settings.session_idle_timeout):
                 item = await inbox.get()
         except TimeoutError:
             raise SessionError(
