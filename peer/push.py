@@ -191,12 +191,13 @@ async def serve_pushes(inboxes: Inboxes, reader: asyncio.StreamReader, writer: a
                     return  # the end-of-stream marker
                 try:
                     inboxes.deliver(request)
+                except SwarmError as e:
+                    answer = swarm_pb2.PushResponse(error=str(rpc.tag_error(e)))
+                else:
                     answer = swarm_pb2.PushResponse()
                     # let the session take the step first: the answer only tells the pusher what to tell its
                     # client, while the step is on the critical path of the token
                     await asyncio.sleep(0)
-                except SwarmError as e:
-                    answer = swarm_pb2.PushResponse(error=str(rpc.tag_error(e)))
                 await P2P.send_protobuf(answer, writer)
         except (asyncio.IncompleteReadError, ConnectionError):
             return  # the pusher closed the stream or went away
