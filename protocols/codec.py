@@ -18,7 +18,17 @@ from hivemind.utils.streaming import split_for_streaming
 
 from swarm_peer.errors import ValidationError
 
-__all__ = ["MAX_MESSAGE_BYTES", "serialize", "deserialize", "pack", "TensorAssembler", "NONE", "FLOAT16"]
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "serialize",
+    "deserialize",
+    "pack",
+    "group",
+    "message_bytes",
+    "TensorAssembler",
+    "NONE",
+    "FLOAT16",
+]
 
 MAX_MESSAGE_BYTES = 2 * 1024 * 1024  # half of hivemind's 4 MiB cap, leaving room for framing
 MAX_TENSOR_BYTES = 1 << 31
@@ -66,17 +76,26 @@ def _split(message: runtime_pb2.Tensor) -> list[runtime_pb2.Tensor]:
 
 def pack(tensors: Sequence[torch.Tensor], compression: int = NONE) -> list[list[runtime_pb2.Tensor]]:
     """Serializes and splits ``tensors`` into groups of parts, one group per message, each under the cap."""
+    return group([part for tensor in tensors for part in _split(serialize(tensor, compression))])
+
+
+def group(parts: Iterable[runtime_pb2.Tensor]) -> list[list[runtime_pb2.Tensor]]:
+    """Serialized parts (each under the cap) in order, grouped into as few messages as fit under the cap."""
     messages: list[list[runtime_pb2.Tensor]] = [[]]
     size = 0
-    for tensor in tensors:
-        for part in _split(serialize(tensor, compression)):
-            part_size = len(part.buffer) + 64
-            if messages[-1] and size + part_size > MAX_MESSAGE_BYTES:
-                messages.append([])
-                size = 0
-            messages[-1].append(part)
-            size += part_size
+    for part in parts:
+        part_size = message_bytes(part)
+        if messages[-1] and size + part_size > MAX_MESSAGE_BYTES:
+            messages.append([])
+            size = 0
+        messages[-1].append(part)
+        size += part_size
     return messages
+
+
+def message_bytes(part: runtime_pb2.Tensor) -> int:
+    """About what ``part`` takes in a message: its buffer and a bound on its other fields."""
+    return len(part.buffer) + 64
 
 
 def deserialize(message: runtime_pb2.Tensor) -> torch.Tensor:
@@ -137,10 +156,14 @@ class TensorAssembler:
                 self._done.append(_combine(self._current))
                 self._current = []
 
-    def tensors(self) -> list[torch.Tensor]:
+    def messages(self) -> list[runtime_pb2.Tensor]:
+        """The tensors as complete messages, not decoded (to pass on as they came)."""
         if not self.complete:
             raise ValidationError(f"expected {self.expected} tensors, received {len(self._done)}")
-        return [deserialize(message) for message in self._done]
+        return self._done
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [deserialize(message) for message in self.messages()]
 
 
 def _combine(parts: list[runtime_pb2.Tensor]) -> runtime_pb2.Tensor:
