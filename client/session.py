@@ -5,9 +5,10 @@ Shape legend: B batch, T new tokens, S tokens seen so far including the new ones
 An ``InferenceSession`` plans a route, opens one ``swarm.v1.inference`` stream per hop (each peer reserves cache
 for ``batch_size * max_length`` tokens, or refuses with ``BusyError``), and then each ``step`` sends the new
 tokens' hidden states through the chain: to the first hop, with the rest of the chain as its route, and each peer
-pushes its output straight to the next (``swarm.v1.push``). Every peer still answers the client with its output,
-which the session keeps for replay; a hop that could not push is relayed by the client. ``position`` is S after
-the last step. Closing the session closes the streams, which frees the peers' caches.
+pushes its output straight to the next (``swarm.v1.push``). The last hop answers with its output and the inputs
+of the hops before it, carried along the chain, which the session keeps for replay; a hop that could not push
+answers instead, and the client relays its output. ``position`` is S after the last step. Closing the session
+closes the streams, which frees the peers' caches.
 
 >>> with InferenceSession(runtime, router, model_id, max_length=128) as session:
 ...     out_BTD = session.step(hidden_BTD, attention_mask_BS, position_ids_BT)
@@ -19,6 +20,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -37,6 +39,16 @@ logger = logging.getLogger(__name__)
 _REPLAY_TOKENS = 1024  # batch * tokens per replayed message, well under a peer's max_batch_tokens
 
 
+@dataclass
+class _Answer:
+    """A hop's whole answer to one step: its output (None if it pushed it on) and the inputs it carried, by the
+    first block of their hop."""
+
+    step_id: int
+    out_BTD: torch.Tensor | None
+    carried: dict[int, torch.Tensor]
+
+
 class _SpanStream:
     """One open ``swarm.v1.inference`` stream to one hop. Lives on the runtime's event loop."""
 
@@ -46,6 +58,7 @@ class _SpanStream:
         self.session_id = os.urandom(rpc.SESSION_ID_BYTES)
         self._outbox: asyncio.Queue = asyncio.Queue()
         self._responses = None
+        self._pump: asyncio.Task | None = None
 
     async def _requests(self):
         while (request := await self._outbox.get()) is not None:
@@ -94,24 +107,46 @@ class _SpanStream:
                 request = swarm_pb2.InferenceRequest(parts=swarm_pb2.TensorParts(tensors=parts))
             self._outbox.put_nowait(request)
 
-    async def receive(self, step_id: int) -> tuple[torch.Tensor, bool]:
-        """The output of step ``step_id``, and whether the peer pushed it on to the next hop of its route."""
+    async def receive(self) -> _Answer:
+        """The peer's next whole answer (a step's, possibly over several messages)."""
         try:
-            assembler = codec.TensorAssembler(expected=1)
+            first = response = await self._read()
+            blocks = list(first.carried_blocks)
+            assembler = codec.TensorAssembler(expected=(not first.pushed) + len(blocks))
+            assembler.feed(first.tensors)
             while not assembler.complete:
                 response = await self._read()
-                if response.step_id != step_id:
-                    raise SessionError(f"peer answered step {response.step_id}, expected {step_id}")
+                if response.step_id != first.step_id:
+                    raise SessionError(f"peer answered step {response.step_id} within step {first.step_id}")
                 assembler.feed(response.tensors)
-            return assembler.tensors()[0], response.pushed
+            tensors = assembler.tensors()
         except SwarmError:
             raise
         except Exception as e:
             raise rpc.remote_error(e, str(self.hop.peer_id)) from None
+        out_BTD = None if first.pushed else tensors.pop(0)
+        return _Answer(first.step_id, out_BTD, dict(zip(blocks, tensors, strict=True)))
 
     async def step(self, step_id: int, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Sends a step with no route and waits for its output (before ``attach``: it reads the stream itself)."""
         self.send(step_id, tensors)
-        return (await self.receive(step_id))[0]
+        answer = await self.receive()
+        if answer.step_id != step_id or answer.out_BTD is None:
+            raise SessionError(f"peer {self.hop.peer_id} answered step {answer.step_id}, expected {step_id}")
+        return answer.out_BTD
+
+    async def attach(self, events: asyncio.Queue) -> None:
+        """From now on, every answer goes into ``events`` as ``(self, answer)``, and then ``(self, error)`` once
+        the stream fails or ends. One queue for the session: answers come from whichever hop ends the chain."""
+
+        async def pump():
+            try:
+                while True:
+                    events.put_nowait((self, await self.receive()))
+            except Exception as e:
+                events.put_nowait((self, e))
+
+        self._pump = asyncio.ensure_future(pump())
 
     async def _read(self) -> swarm_pb2.InferenceResponse:
         try:
@@ -121,6 +156,24 @@ class _SpanStream:
 
     def close(self) -> None:
         self._outbox.put_nowait(None)
+
+
+@dataclass
+class _Progress:
+    """How far one attempt at a step got: the hops whose input for it the session holds, and which hop failed."""
+
+    start: int  # the hop the attempt sends the step to
+    hop_by_hop: bool = False  # relay every hop (no routes), to find a hop that stalls
+    known: set[int] = field(default_factory=set)
+    waiting: int = 0  # the hop the step was sent to last
+    failed: int | None = None  # the hop whose stream failed
+
+    def resume(self) -> int:
+        """The furthest hop whose input, and that of every hop before it from ``start``, the session holds."""
+        index = self.start
+        while index + 1 in self.known:
+            index += 1
+        return index
 
 
 class InferenceSession:
@@ -169,6 +222,7 @@ class InferenceSession:
             tuple[torch.Tensor, torch.Tensor]
         ] = []  # per step: attention_mask_BS, position_ids_BT
         self._step_id = 0
+        self._events: asyncio.Queue = asyncio.Queue()  # (stream, _Answer or the error that ended it)
         self._closed = False
         self.relays = 0  # hops the client relayed a step to because the hop before could not push it
 
@@ -209,6 +263,7 @@ class InferenceSession:
                     streams.append(_SpanStream(self.runtime, self.model_id, hop, hop_extras))
                     self.runtime.run(streams[-1].open(self.max_length, self.batch_size))
                     self._replay(streams[-1])
+                    self.runtime.run(streams[-1].attach(self._events))
                 return streams
             except Exception as e:
                 for stream in streams:
@@ -229,7 +284,7 @@ class InferenceSession:
         self._steps.append((attention_mask_BS, position_ids_BT.expand(B, T)))
         self._step_id += 1
         try:
-            x = self._run_from(0, hidden_BTD.detach(), self._step_id)
+            x = self._run_from(hidden_BTD.detach(), self._step_id)
         except BaseException:
             self._steps.pop()
             for history in self._history.values():
@@ -238,18 +293,26 @@ class InferenceSession:
         self.position += T
         return x.to(hidden_BTD.dtype)
 
-    def _run_from(self, index: int, x_BTD: torch.Tensor, step_id: int) -> torch.Tensor:
-        """Runs this step from hop ``index`` on, failing over as often as needed. The step keeps its id through
-        retries, so a peer that already got it (pushed by a hop that failed afterwards) drops the second copy."""
+    def _run_from(self, x_BTD: torch.Tensor, step_id: int) -> torch.Tensor:
+        """Runs this step through the chain, failing over as often as needed. The step keeps its id through
+        retries: a peer that already computed it sends on the output it saved, so a retry starts from the last hop
+        whose input the session holds (``_Progress.resume``) and only the replacement computes anew."""
         retries = Retries(self.router.health, timeout=self.runtime.settings.retry_timeout)
+        progress = _Progress(start=0)
+        self._remember(self._streams[0].hop.start, x_BTD)
         while True:
-            progress = [index]
             try:
                 # One trip to the runtime's loop for the whole chain: a crossing between threads costs about as
                 # much as a hop's transport.
-                return self.runtime.run(self._chain(progress, x_BTD, step_id))
+                return self.runtime.run(self._chain(progress, step_id))
             except Exception as e:
-                index = progress[0]
+                if isinstance(e, TimeoutError) and progress.failed is None and not progress.hop_by_hop:
+                    # some hop past the known inputs stalled, but which one the pushes do not tell: relay the
+                    # step hop by hop (those that computed it answer at once) up to the one that does not answer
+                    logger.info("Step %d timed out; relaying it hop by hop to find the stalled peer", step_id)
+                    progress = _Progress(start=progress.resume(), hop_by_hop=True)
+                    continue
+                index = progress.waiting if progress.failed is None else progress.failed
                 failed = self._streams[index]
                 retries.failed(failed.hop.peer_id, e)
                 logger.info(
@@ -260,25 +323,57 @@ class InferenceSession:
                 )
                 self.runtime.loop.call_soon_threadsafe(failed.close)
                 self._streams[index : index + 1] = self._open_route(failed.hop.start, failed.hop.end)
-                x_BTD = self._history[failed.hop.start][-1]
+                progress = _Progress(start=min(index, progress.resume()), hop_by_hop=progress.hop_by_hop)
 
-    async def _chain(self, progress: list[int], x_BTD: torch.Tensor, step_id: int) -> torch.Tensor:
-        """Sends the step to hop ``progress[0]`` with the rest of the route; each hop pushes to the next and answers
-        with its output (kept for replay). A hop that could not push is relayed by the client."""
-        mask_BS, positions_BT = self._steps[-1]
-        relay, start = True, progress[0]
-        for index in range(start, len(self._streams)):
-            progress[0] = index
-            stream = self._streams[index]
-            self._remember(stream.hop.start, x_BTD)
-            if relay:
-                self.relays += index > start
-                route = [s.push_hop for s in self._streams[index + 1 :]] if self.push else []
-                stream.send(step_id, [x_BTD, mask_BS, positions_BT], route)
-            x_BTD, pushed = await stream.receive(step_id)
-            relay = not pushed
+    async def _chain(self, progress: _Progress, step_id: int) -> torch.Tensor:
+        """Sends the step to hop ``progress.start`` with the rest of the route and waits for the last hop's output,
+        relaying whatever a hop could not push, until the inputs of every hop are known (for replay)."""
+        streams = self._streams
+        index_of = {id(stream): i for i, stream in enumerate(streams)}
+        hop_at = {stream.hop.start: i for i, stream in enumerate(streams)}  # a hop by its first block
+        shape = self._history[streams[progress.start].hop.start][-1].shape
+        self._send(progress, progress.start, step_id)
+        out_BTD = None
+        while out_BTD is None or not progress.known.issuperset(range(progress.start, len(streams))):
+            stream, answer = await self._events.get()
+            index = index_of.get(id(stream))
+            if index is None:
+                continue  # a stream already replaced
+            if isinstance(answer, BaseException):
+                progress.failed = index
+                raise answer
+            if answer.step_id != step_id:
+                continue  # a second answer to an earlier step (its copy went through twice)
+            if any(x.shape != shape for x in (*answer.carried.values(), answer.out_BTD) if x is not None):
+                progress.failed = index
+                raise SessionError(
+                    f"peer {stream.hop.peer_id} answered step {step_id} with malformed tensors"
+                )
+            for block, x_BTD in answer.carried.items():
+                if block in hop_at:  # else not a hop of this route (a late answer from before it changed)
+                    self._remember(block, x_BTD)
+                    progress.known.add(hop_at[block])
+            if answer.out_BTD is None:
+                continue
+            if index == len(streams) - 1:
+                out_BTD = answer.out_BTD
+            elif index + 1 not in progress.known:  # the hop could not push: relay its output
+                self._remember(streams[index + 1].hop.start, answer.out_BTD)
+                self.relays += 1
+                self._send(progress, index + 1, step_id)
+        for stream in streams:
             self.router.health.forgive(stream.hop.peer_id)
-        return x_BTD
+        return out_BTD
+
+    def _send(self, progress: _Progress, index: int, step_id: int) -> None:
+        """Sends the step's input of hop ``index`` (in ``_history``) to it, with the route after it."""
+        progress.known.add(index)
+        progress.waiting = index
+        mask_BS, positions_BT = self._steps[-1]
+        route = [] if progress.hop_by_hop or not self.push else self._streams[index + 1 :]
+        stream = self._streams[index]
+        x_BTD = self._history[stream.hop.start][-1]
+        stream.send(step_id, [x_BTD, mask_BS, positions_BT], [s.push_hop for s in route])
 
     def _remember(self, block: int, x_BTD: torch.Tensor) -> None:
         """Records the current step's input of ``block`` (replacing it when the step is retried)."""

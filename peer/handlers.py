@@ -26,6 +26,7 @@ two thread hand-offs per hop of every generated token.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -255,7 +256,7 @@ class BlockHandlers:
             )
             with (
                 self.budget.reserve(batch_size * max_length),
-                self.inboxes.open(first.open.session_id) as inbox,
+                self.inboxes.open(first.open.session_id, a) as inbox,
             ):
                 self.open_sessions += 1
                 reader = asyncio.create_task(self._client_steps(requests, inbox))
@@ -290,37 +291,47 @@ class BlockHandlers:
             step = await self._take(inbox)
             if step is None:
                 return  # the client closed the session
-            if step.step_id == last_step:
-                continue  # a second copy of the step just computed (pushed and relayed)
-            if span is not self.span and time.monotonic() >= self._handover_at:
-                raise SessionError(
-                    f"this peer moved to blocks {self.span.start}:{self.span.end}; continue the session elsewhere"
+            # a second copy of the step just computed is not computed again: its saved output goes on
+            if step.step_id != last_step:
+                if span is not self.span and time.monotonic() >= self._handover_at:
+                    raise SessionError(
+                        f"this peer moved to blocks {self.span.start}:{self.span.end}; continue the session "
+                        "elsewhere"
+                    )
+                hidden_BTD, mask_BS, positions_BT = self._check_inputs(
+                    *step.tensors, past=position, batch_size=batch_size
                 )
-            hidden_BTD, mask_BS, positions_BT = self._check_inputs(
-                *step.tensors, past=position, batch_size=batch_size
-            )
-            if position + hidden_BTD.shape[1] > max_length:
-                raise ValidationError(
-                    f"step of {hidden_BTD.shape[1]} tokens at position {position} exceeds the session's "
-                    f"max_length {max_length}"
+                if position + hidden_BTD.shape[1] > max_length:
+                    raise ValidationError(
+                        f"step of {hidden_BTD.shape[1]} tokens at position {position} exceeds the session's "
+                        f"max_length {max_length}"
+                    )
+                t0 = time.perf_counter()
+                inputs = (hidden_BTD, mask_BS, positions_BT)
+                out_BTD = await self._compute(
+                    self._step, span, *inputs, a, b, cache, applied, position, inline=inline
                 )
-            t0 = time.perf_counter()
-            inputs = (hidden_BTD, mask_BS, positions_BT)
-            out_BTD = await self._compute(
-                self._step, span, *inputs, a, b, cache, applied, position, inline=inline
-            )
-            # a single-token step that took little time may run on the loop's thread next time
-            inline = hidden_BTD.shape[1] == 1 and time.perf_counter() - t0 < _INLINE_SECONDS
-            await self._emulated_latency()
-            position += hidden_BTD.shape[1]
-            last_step = step.step_id
-            messages = codec.pack([out_BTD])
-            pushed = bool(step.route) and await pusher.push(
-                step.step_id, messages, mask_BS, positions_BT, step.route
-            )
-            for parts in messages:
+                # a single-token step that took little time may run on the loop's thread next time
+                inline = hidden_BTD.shape[1] == 1 and time.perf_counter() - t0 < _INLINE_SECONDS
+                await self._emulated_latency()
+                position += hidden_BTD.shape[1]
+                last_step, out_parts = step.step_id, codec.pack([out_BTD])
+            pushed, along = False, False
+            if step.route:
+                pushed, along = await pusher.push(
+                    step.step_id, out_parts, mask_BS, positions_BT, step.route, step.carried
+                )
+            if along:
+                continue  # the next hop has it all, and the client hears from a later one
+            carried = [part for _, part in step.carried]
+            answer = carried if pushed else [*itertools.chain.from_iterable(out_parts), *carried]
+            for parts in codec.group(answer):
                 yield swarm_pb2.InferenceResponse(
-                    step_id=step.step_id, tensors=parts, position=position, pushed=pushed
+                    step_id=step.step_id,
+                    tensors=parts,
+                    position=position,
+                    pushed=pushed,
+                    carried_blocks=[block for block, _ in step.carried],
                 )
 
     async def _client_steps(self, requests, inbox: asyncio.Queue) -> None:

@@ -5,17 +5,20 @@ Shape legend: B batch, T new tokens, S tokens seen so far including the new ones
 Without push, the client relays every hop: peer 1 answers the client, the client sends that to peer 2, and so on,
 so a chain of n peers costs 2n transfers per token. With push (as in Petals' ``rpc_push``), the client sends a step
 to the first hop only, with the rest of the chain as a route of ``(peer id, session id)`` pairs; each peer pushes
-``[its output, attention_mask_BS, position_ids_BT]`` to the next hop's session (``swarm.v1.push``) and still
-answers the client with its output, which the client keeps to replay after a failure. A token then costs n + 1
-transfers on its critical path.
+``[its output, attention_mask_BS, position_ids_BT, *carried]`` to the next hop's session (``swarm.v1.push``), and
+only the last hop answers the client. A token then costs n + 1 transfers.
+
+The client keeps every hop's input, to rebuild a hop's cache elsewhere if it fails. Those inputs are carried: a
+pushed-into peer adds its own input (as it came, not decoded) to the carried ones and pushes them on, and the last
+hop answers ``[its output, *carried]``. Answering the client from every hop instead costs a message per hop, which
+on a busy machine takes CPU from the critical path. If the carried tensors outgrow one message, the peer answers
+the client with them and pushes without.
 
 Each session has an inbox (``Inboxes.open``): steps from the client's stream and pushed steps land in one queue,
 and the session takes them in order. It pushes through a ``Pusher``, which keeps one stream open to each next hop.
-A pushed step is queued and acknowledged before it is computed, so the pusher learns at once whether it arrived; it
-tells the client (``InferenceResponse.pushed``), and when it did not (the next peer is down, unknown to this one,
-busy, or the step is too large for one message) the client relays that step itself. If both
-copies arrive (a lost acknowledgement, or a replacement of a failed hop pushing the same step again), the session
-drops the second: a step id equal to the one just computed.
+A pushed step is queued and acknowledged before it is computed, so the pusher learns at once whether it arrived;
+when it did not (the next peer is down, unknown to this one, busy, or the step is too large for one message) the
+peer answers the client with its output (``InferenceResponse.pushed`` false), and the client relays that step.
 
 A session id is 16 random bytes that the client gives only to the session's peer and to the hop before it; knowing
 it is what allows pushing into the session, and no other session can be reached with it.
@@ -31,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
 
 from swarm_peer.errors import BusyError, SessionError, SwarmError, ValidationError
 from swarm_peer.protocols import codec, rpc, swarm_pb2
@@ -47,21 +51,25 @@ _PUSH_TIMEOUT = 5.0  # seconds to queue a step at the next hop; after that the c
 
 @dataclass(frozen=True)
 class Step:
-    """One step's input: hidden_BTD, attention_mask_BS, position_ids_BT, and where its output goes next."""
+    """One step's input: hidden_BTD, attention_mask_BS, position_ids_BT, and where its output goes next.
+
+    ``carried``: the inputs the client has not seen, serialized, by the first block of their hop, up to and
+    including this step's own (pushed steps only; the client sent the others itself)."""
 
     step_id: int
     tensors: list[torch.Tensor]
     route: Sequence[swarm_pb2.PushHop] = ()
+    carried: Sequence[tuple[int, runtime_pb2.Tensor]] = ()
 
 
 class Inboxes:
     """The open sessions that accept pushed steps, by session id."""
 
     def __init__(self):
-        self._queues: dict[bytes, asyncio.Queue] = {}
+        self._queues: dict[bytes, tuple[asyncio.Queue, int]] = {}  # and the session's first block
 
     @contextlib.contextmanager
-    def open(self, session_id: bytes) -> Iterator[asyncio.Queue]:
+    def open(self, session_id: bytes, start_block: int) -> Iterator[asyncio.Queue]:
         """A session's inbox; pushes to ``session_id`` (if not empty) land in it until the block exits."""
         if session_id and len(session_id) != rpc.SESSION_ID_BYTES:
             raise ValidationError(f"a session id has {rpc.SESSION_ID_BYTES} bytes, got {len(session_id)}")
@@ -69,7 +77,7 @@ class Inboxes:
             raise ValidationError("this session id is already in use")
         queue: asyncio.Queue = asyncio.Queue(maxsize=_INBOX_STEPS + 2)  # + end of stream and an error
         if session_id:
-            self._queues[session_id] = queue
+            self._queues[session_id] = queue, start_block
         try:
             yield queue
         finally:
@@ -77,15 +85,23 @@ class Inboxes:
 
     def deliver(self, request: swarm_pb2.InferencePush) -> None:
         """Queues a pushed step, or raises: unknown session, full inbox, malformed tensors or route."""
-        queue = self._queues.get(request.session_id) if request.session_id else None
+        queue, start_block = (
+            self._queues.get(request.session_id, (None, 0)) if request.session_id else (None, 0)
+        )
         if queue is None:
             raise SessionError("no open session has this id on this peer")
         if queue.qsize() >= _INBOX_STEPS:
             raise BusyError(f"the session already has {_INBOX_STEPS} steps waiting")
         check_route(request.route)
-        assembler = codec.TensorAssembler(expected=3)
+        blocks = request.carried_blocks
+        if len(blocks) > MAX_ROUTE:
+            raise ValidationError(f"a push carries at most {MAX_ROUTE} tensors, got {len(blocks)}")
+        assembler = codec.TensorAssembler(expected=3 + len(blocks))
         assembler.feed(request.tensors)
-        queue.put_nowait(Step(request.step_id, assembler.tensors(), tuple(request.route)))
+        messages = assembler.messages()
+        tensors = [codec.deserialize(message) for message in messages[:3]]
+        carried = (*zip(blocks, messages[3:], strict=True), (start_block, messages[0]))
+        queue.put_nowait(Step(request.step_id, tensors, tuple(request.route), carried))
 
 
 def check_route(route: Sequence[swarm_pb2.PushHop]) -> None:
@@ -109,26 +125,32 @@ class Pusher:
         mask_BS: torch.Tensor,
         positions_BT: torch.Tensor,
         route: Sequence[swarm_pb2.PushHop],
-    ) -> bool:
-        """Hands ``[out, mask_BS, positions_BT]`` to ``route[0]``'s session; True once it is queued there.
+        carried: Sequence[tuple[int, runtime_pb2.Tensor]] = (),
+    ) -> tuple[bool, bool]:
+        """Hands ``[out, mask_BS, positions_BT, *carried]`` to ``route[0]``'s session, or the first three alone if
+        ``carried`` would not fit in the message. Returns whether the step is queued there, and whether ``carried``
+        went with it.
 
         ``out_parts``: the output as ``codec.pack`` serialized it for the client's answer (serialized once, sent
-        twice). False, and nothing raised, when the push cannot be made: the client relays the step instead."""
+        once). (False, False), and nothing raised, when the push cannot be made: the client relays the step."""
         inputs_parts = codec.pack([mask_BS, positions_BT])
         if len(out_parts) != 1 or len(inputs_parts) != 1:
-            return False  # larger than one message: the client streams it in parts
+            return False, False  # larger than one message: the client streams it in parts
+        tensors = [*out_parts[0], *inputs_parts[0]]
+        size = sum(codec.message_bytes(part) for part in (*tensors, *(part for _, part in carried)))
+        along = not carried or size <= codec.MAX_MESSAGE_BYTES
         head, rest = route[0], route[1:]
         request = swarm_pb2.InferencePush(
-            session_id=head.session_id,
-            step_id=step_id,
-            tensors=[*out_parts[0], *inputs_parts[0]],
-            route=rest,
+            session_id=head.session_id, step_id=step_id, tensors=tensors, route=rest
         )
+        if along:
+            request.carried_blocks.extend(block for block, _ in carried)
+            request.tensors.extend(part for _, part in carried)
         key = (head.peer_id, head.session_id)
         try:
             if head.peer_id == self._own_id:  # the next hop is served here too
                 self.inboxes.deliver(request)
-                return True
+                return True, along
             async with asyncio.timeout(_PUSH_TIMEOUT):
                 stream = self._streams.get(key)
                 if stream is None:
@@ -137,13 +159,13 @@ class Pusher:
                 error = await stream.send(request)
             if error:
                 logger.debug("Peer %s did not take step %d: %s", head.peer_id, step_id, error)
-            return not error
+            return not error, along and not error
         except Exception as e:  # any failure only means the client relays this step
             logger.debug("Could not push step %d to %s: %r", step_id, head.peer_id, e)
             stream = self._streams.pop(key, None)
             if stream is not None:
                 stream.close()
-            return False
+            return False, False
 
     def close(self) -> None:
         for stream in self._streams.values():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -246,3 +247,34 @@ def test_a_failing_peer_is_banned_until_its_ban_expires(path):
             )
         finally:
             model.shutdown()
+
+
+@pytest.mark.timeout(240)
+def test_failover_of_a_hop_that_dies_before_it_answers_a_pushed_step(path, want):
+    """The last hop dies after the step was pushed to it and before it answered: the session holds only the first
+    hop's input of that step, and nothing tells it the peer is gone (a stream reports a lost peer when it is
+    written to) until the step times out. It then relays the step hop by hop: the hops that computed it answer
+    with their saved outputs (their caches must not take it twice), the write to the dead hop fails, and its
+    replacement computes the step."""
+    with LocalSwarm(path, [(0, 1), (1, 3)], peer_args=FIXED) as swarm:
+        # it answers each step 0.3 s after it took it: time to kill it in between
+        slow = swarm.add_peer(3, 4, extra_args=["--added-latency", "0.3"])
+        model = _client(path, swarm, retry_timeout=120, request_timeout=10)
+        try:
+            with model.inference_session(max_length=PROMPT.shape[1] + NEW_TOKENS) as session:
+                first = model.generate(PROMPT, max_new_tokens=5, do_sample=False)
+                assert str(session.route[-1].peer_id) == slow.peer_id
+                healthy = session._streams[:-1]
+                spare = swarm.add_peer(3, 4)
+                _wait_for(lambda: spare.peer_id in _spans(model), 30, "the spare peer to be announced")
+                killer = threading.Timer(0.15, _kill, [slow])  # during the next step
+                killer.start()
+                got = model.generate(first, max_new_tokens=NEW_TOKENS - 5, do_sample=False)
+                killer.join()
+                route_after = [str(hop.peer_id) for hop in session.route]
+                # the healthy hops kept their sessions: none was blamed for the dead one's silence
+                assert all(a is b for a, b in zip(session._streams[:-1], healthy, strict=True))
+        finally:
+            model.shutdown()
+    assert torch.equal(got, want), f"{got.tolist()} != {want.tolist()}"
+    assert route_after[-1] == spare.peer_id

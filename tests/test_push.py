@@ -78,47 +78,75 @@ def _step_inputs(x_BTD, past: int):
     return [x_BTD, torch.ones(1, past + T, dtype=torch.long), torch.arange(past, past + T)[None]]
 
 
-def test_failed_push_is_relayed_and_a_second_copy_is_dropped(client):
-    """A push into a session id the next peer does not know is refused, and the peer says so: the client relays
-    that step. A step that arrives twice (pushed, then relayed) is computed once: the next step's output is still
-    exact, which it would not be if the copy had been appended to the cache again."""
+def _receive(model, stream):
+    return model.swarm.run(stream.receive())
+
+
+def test_pushes_carry_the_inputs_to_the_last_hop_and_a_second_copy_goes_on_unchanged(client):
+    """Only the last hop of a pushed chain answers, with its output and the inputs of the hops it was pushed
+    through; a hop whose push is refused answers itself and the client relays. A step that arrives twice is
+    computed once and its saved output goes on: the next step's output is still exact, which it would not be if
+    the copy had been appended to the cache again."""
     model, ref = client
     first, second, third = _open(model, model.router.inference_route())
-    x_BTD = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(1))
-    run = model.swarm.run
+    x_BTD = torch.randn(1, 6, 64, generator=torch.Generator().manual_seed(1))
+    local = {block: _local_blocks(ref, x_BTD, 0, block) for block in (1, 3, 4)}  # inputs of hops 2, 3; output
     try:
-        # step 1: pushed into an unknown session of the second peer: refused, so not pushed
+        # step 1: pushed into an unknown session of the second peer: refused, so the first peer answers
         bogus = swarm_pb2.PushHop(peer_id=second.hop.peer_id.to_base58(), session_id=os.urandom(16))
         first.send(1, _step_inputs(x_BTD[:, :3], 0), [bogus])
-        h1, pushed = run(first.receive(1))
-        assert not pushed
-        # the client relays it; the second peer pushes on to the third
-        second.send(1, _step_inputs(h1, 0), [third.push_hop])
-        h2, pushed = run(second.receive(1))
-        assert pushed
-        out, pushed = run(third.receive(1))
-        assert not pushed  # the last hop has no route
-        want = _local_blocks(ref, x_BTD[:, :3], 0, 4)
-        torch.testing.assert_close(out, want, atol=1e-4, rtol=0)
+        answer = _receive(model, first)
+        assert answer.step_id == 1 and answer.carried == {}
+        # the client relays it; the second peer pushes on to the third, which carries the second's output back
+        second.send(1, _step_inputs(answer.out_BTD, 0), [third.push_hop])
+        answer = _receive(model, third)
+        assert answer.step_id == 1 and list(answer.carried) == [3]  # by the first block of the hop
+        torch.testing.assert_close(answer.carried[3], local[3][:, :3], atol=1e-4, rtol=0)
+        torch.testing.assert_close(answer.out_BTD, local[4][:, :3], atol=1e-4, rtol=0)
 
-        # step 2 goes through by push; then the client relays the same step to the second peer as well
+        # step 2 goes through by push: the third peer answers with both inputs the client did not send
         first.send(2, _step_inputs(x_BTD[:, 3:4], 3), [second.push_hop, third.push_hop])
-        h1, pushed = run(first.receive(2))
-        assert pushed
-        second.send(2, _step_inputs(h1, 3), [])
-        h2, pushed = run(second.receive(2))
-        assert pushed  # the answer to the push (the copy got none)
-        run(third.receive(2))
-        # step 3 is exact only if step 2 entered the second peer's cache once
+        pushed = _receive(model, third)
+        assert pushed.step_id == 2 and list(pushed.carried) == [1, 3]
+        for block in (1, 3):
+            torch.testing.assert_close(pushed.carried[block], local[block][:, 3:4], atol=1e-4, rtol=0)
+        # a second copy of step 2 to the first peer: it pushes its saved output, and so does the second peer
+        first.send(2, _step_inputs(x_BTD[:, 3:4], 3), [second.push_hop, third.push_hop])
+        again = _receive(model, third)
+        assert again.step_id == 2 and list(again.carried) == [1, 3]
+        for got, want in zip(
+            [again.out_BTD, *again.carried.values()], [pushed.out_BTD, *pushed.carried.values()], strict=True
+        ):
+            assert torch.equal(got, want)
+        # step 3 is exact only if step 2 entered every cache once
         first.send(3, _step_inputs(x_BTD[:, 4:5], 4), [second.push_hop, third.push_hop])
-        run(first.receive(3))
-        run(second.receive(3))
-        out, _ = run(third.receive(3))
-        want = _local_blocks(ref, x_BTD, 0, 4)[:, 4:5]
-        torch.testing.assert_close(out, want, atol=1e-4, rtol=0)
+        answer = _receive(model, third)
+        torch.testing.assert_close(answer.out_BTD, local[4][:, 4:5], atol=1e-4, rtol=0)
+        # the first two peers answered nothing for the pushed steps: their next answer is to step 4
+        for stream, block in ((first, 0), (second, 1)):
+            stream.send(4, _step_inputs(local[block][:, 5:6] if block else x_BTD[:, 5:6], 5))
+            assert _receive(model, stream).step_id == 4
     finally:
         for stream in (first, second, third):
             model.swarm.loop.call_soon_threadsafe(stream.close)
+
+
+def test_inputs_too_large_to_carry_are_answered_by_the_hop_that_cannot_push_them(client):
+    """A prompt large enough that the second hop's output and the input it carries do not fit one message: the
+    second hop answers the client with that input and pushes its output alone. Every hop's input reaches the
+    session's history all the same, as local transformers computes it."""
+    model, ref = client
+    B, T = 20, 256  # T: the tiny model's longest sequence
+    hidden_bytes = B * T * 64 * 4
+    assert hidden_bytes < codec.MAX_MESSAGE_BYTES < 2 * hidden_bytes  # an output fits a push, but not two
+    x_BTD = torch.randn(B, T, 64, generator=torch.Generator().manual_seed(2))
+    with model.inference_session(max_length=T, batch_size=B) as session:
+        out = session.step(x_BTD, torch.ones(B, T, dtype=torch.long), torch.arange(T)[None])
+        assert [(hop.start, hop.end) for hop in session.route] == SPANS and session.relays == 0
+        history = {block: session._history[block] for block in (1, 3)}
+    for block, (got,) in history.items():
+        torch.testing.assert_close(got, _local_blocks(ref, x_BTD, 0, block), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out, _local_blocks(ref, x_BTD, 0, 4), atol=1e-4, rtol=0)
 
 
 def _push(model, peer_id, requests: list[swarm_pb2.InferencePush]) -> list[str]:
@@ -157,8 +185,7 @@ def test_bad_pushes_get_errors_and_the_peer_keeps_serving(client):
         )  # pushes are still served
         # the session itself is unharmed and serves its client
         x = _step_inputs(torch.randn(1, 2, 64), 0)
-        first.send(5, x)
-        out, _ = model.swarm.run(first.receive(5))
+        out = model.swarm.run(first.step(5, x))
         torch.testing.assert_close(out, _local_blocks(ref, x[0], 0, 1), atol=1e-4, rtol=0)
     finally:
         model.swarm.loop.call_soon_threadsafe(first.close)
