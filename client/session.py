@@ -146,7 +146,7 @@ class _SpanStream:
             except Exception as e:
                 events.put_nowait((self, e))
 
-        self._pump = asyncio.ensure_future(pump())
+        self._pump = asyncio.ensure_future(pump())  # kept here: the loop holds its tasks only weakly
 
     async def _read(self) -> swarm_pb2.InferenceResponse:
         try:
