@@ -19,6 +19,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import statistics
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -37,6 +40,10 @@ __all__ = ["InferenceSession"]
 logger = logging.getLogger(__name__)
 
 _REPLAY_TOKENS = 1024  # batch * tokens per replayed message, well under a peer's max_batch_tokens
+# A pushed step that takes this many times longer per token than the session's recent steps (and at least
+# _STALL_SECONDS) is relayed hop by hop: a peer that died mid-step is noticed only when it is written to.
+_STALL_FACTOR = 10
+_STALL_SECONDS = 5.0
 
 
 @dataclass
@@ -223,6 +230,7 @@ class InferenceSession:
         ] = []  # per step: attention_mask_BS, position_ids_BT
         self._step_id = 0
         self._events: asyncio.Queue = asyncio.Queue()  # (stream, _Answer or the error that ended it)
+        self._token_seconds: deque[float] = deque(maxlen=16)  # of the recent steps
         self._closed = False
         self.relays = 0  # hops the client relayed a step to because the hop before could not push it
 
@@ -283,8 +291,10 @@ class InferenceSession:
             )
         self._steps.append((attention_mask_BS, position_ids_BT.expand(B, T)))
         self._step_id += 1
+        t0 = time.perf_counter()
         try:
             x = self._run_from(hidden_BTD.detach(), self._step_id)
+            self._token_seconds.append((time.perf_counter() - t0) / T)
         except BaseException:
             self._steps.pop()
             for history in self._history.values():
@@ -304,12 +314,15 @@ class InferenceSession:
             try:
                 # One trip to the runtime's loop for the whole chain: a crossing between threads costs about as
                 # much as a hop's transport.
-                return self.runtime.run(self._chain(progress, step_id))
+                timeout = None if progress.hop_by_hop else self._stall_timeout(x_BTD.shape[1])
+                return self.runtime.run(self._chain(progress, step_id), timeout=timeout)
             except Exception as e:
                 if isinstance(e, TimeoutError) and progress.failed is None and not progress.hop_by_hop:
-                    # some hop past the known inputs stalled, but which one the pushes do not tell: relay the
-                    # step hop by hop (those that computed it answer at once) up to the one that does not answer
-                    logger.info("Step %d timed out; relaying it hop by hop to find the stalled peer", step_id)
+                    # some hop past the known inputs stalled or died, but which one the pushes do not tell: relay
+                    # the step hop by hop (those that computed it answer at once) up to the one that does not
+                    logger.info(
+                        "Step %d stalled; relaying it hop by hop to find the peer that holds it", step_id
+                    )
                     progress = _Progress(start=progress.resume(), hop_by_hop=True)
                     continue
                 index = progress.waiting if progress.failed is None else progress.failed
@@ -324,6 +337,15 @@ class InferenceSession:
                 self.runtime.loop.call_soon_threadsafe(failed.close)
                 self._streams[index : index + 1] = self._open_route(failed.hop.start, failed.hop.end)
                 progress = _Progress(start=min(index, progress.resume()), hop_by_hop=progress.hop_by_hop)
+
+    def _stall_timeout(self, tokens: int) -> float:
+        """Seconds after which a pushed step of ``tokens`` tokens is taken for stalled (at most the request
+        timeout). Too short only costs a relay of that step: a slow hop still answers the copy it gets."""
+        limit = self.runtime.settings.request_timeout
+        if not self._token_seconds:
+            return limit
+        expected = tokens * statistics.median(self._token_seconds)
+        return min(limit, max(_STALL_SECONDS, _STALL_FACTOR * expected))
 
     async def _chain(self, progress: _Progress, step_id: int) -> torch.Tensor:
         """Sends the step to hop ``progress.start`` with the rest of the route and waits for the last hop's output,

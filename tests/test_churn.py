@@ -253,13 +253,14 @@ def test_a_failing_peer_is_banned_until_its_ban_expires(path):
 def test_failover_of_a_hop_that_dies_before_it_answers_a_pushed_step(path, want):
     """The last hop dies after the step was pushed to it and before it answered: the session holds only the first
     hop's input of that step, and nothing tells it the peer is gone (a stream reports a lost peer when it is
-    written to) until the step times out. It then relays the step hop by hop: the hops that computed it answer
-    with their saved outputs (their caches must not take it twice), the write to the dead hop fails, and its
-    replacement computes the step."""
+    written to). Once the step is far slower than the ones before, the session relays it hop by hop: the hops that
+    computed it answer with their saved outputs (their caches must not take it twice), the write to the dead hop
+    fails, and its replacement computes the step. The request timeout (60 s) is longer than the retry budget
+    here (30 s): waiting it out instead would leave no time to fail over."""
     with LocalSwarm(path, [(0, 1), (1, 3)], peer_args=FIXED) as swarm:
         # it answers each step 0.3 s after it took it: time to kill it in between
         slow = swarm.add_peer(3, 4, extra_args=["--added-latency", "0.3"])
-        model = _client(path, swarm, retry_timeout=120, request_timeout=10)
+        model = _client(path, swarm, retry_timeout=30)
         try:
             with model.inference_session(max_length=PROMPT.shape[1] + NEW_TOKENS) as session:
                 first = model.generate(PROMPT, max_new_tokens=5, do_sample=False)
