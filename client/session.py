@@ -293,7 +293,7 @@ class InferenceSession:
         self._step_id += 1
         t0 = time.perf_counter()
         try:
-            x = self._run_from(hidden_BTD.detach(), self._step_id)
+            x = self._run(hidden_BTD.detach(), self._step_id)
             self._token_seconds.append((time.perf_counter() - t0) / T)
         except BaseException:
             self._steps.pop()
@@ -303,7 +303,7 @@ class InferenceSession:
         self.position += T
         return x.to(hidden_BTD.dtype)
 
-    def _run_from(self, x_BTD: torch.Tensor, step_id: int) -> torch.Tensor:
+    def _run(self, x_BTD: torch.Tensor, step_id: int) -> torch.Tensor:
         """Runs this step through the chain, failing over as often as needed. The step keeps its id through
         retries: a peer that already computed it sends on the output it saved, so a retry starts from the last hop
         whose input the session holds (``_Progress.resume``) and only the replacement computes anew."""

@@ -85,9 +85,7 @@ class Inboxes:
 
     def deliver(self, request: swarm_pb2.InferencePush) -> None:
         """Queues a pushed step, or raises: unknown session, full inbox, malformed tensors or route."""
-        queue, start_block = (
-            self._queues.get(request.session_id, (None, 0)) if request.session_id else (None, 0)
-        )
+        queue, start_block = self._queues.get(request.session_id, (None, 0))  # "" is never open
         if queue is None:
             raise SessionError("no open session has this id on this peer")
         if queue.qsize() >= _INBOX_STEPS:
