@@ -1,8 +1,8 @@
 """Tokens/s of generation: local transformers vs the swarm, and the cost of each extra hop.
 
-    python benchmarks/generation_speed.py [--repeats 5] [--new-tokens 64]
+    python benchmarks/generation_speed.py [--repeats 7] [--new-tokens 64]
 
-Prints two tables of medians over repeats, each against a baseline measured in the same run:
+Prints two tables, each against a baseline measured in the same run:
 1. SmolLM2-135M float32, batch 1, greedy: local ``generate`` vs a swarm of 1 peer (30 blocks) and of
    3 peers x 10 blocks, all processes on this machine; the 3-peer swarm twice: with peers pushing each step to
    the next peer (the default), and with the client relaying every hop (``ClientSettings(push=False)``).
@@ -10,8 +10,10 @@ Prints two tables of medians over repeats, each against a baseline measured in t
    the same generation through 1, 2, 4 and 8 peers; overhead per extra hop = (ms/token(n) - ms/token(1)) / (n - 1),
    with push and with the client relaying.
 
-In table 1 all setups are up at once and take turns within each repeat (``time_interleaved``); table 2 runs
-one swarm at a time, its two clients taking turns.
+All setups of a table are up at once and take turns within every repeat (``time_interleaved``), and every ratio
+or difference is taken within a repeat, then the median over repeats is printed: this shared machine drifts by
+10% over minutes, which hits the figures of one repeat alike but would skew a ratio of separate medians. Idle
+peers cost next to nothing (their announcers wake every few seconds), so the 15 tiny peers can all be up at once.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -95,35 +97,45 @@ def main() -> None:
             "3 peers, client relays hops": three_relay,
         }
         rows = list(time_interleaved(models, input_ids, args.new_tokens, args.repeats).items())
-    base = statistics.median(rows[0][1])
+    base = rows[0][1]
     print(f"\nSmolLM2-135M float32, batch 1, {args.new_tokens} new tokens, median of {args.repeats}")
-    print(f"| {'setup':<28} | {'tokens/s':>8} | {'ms/token':>8} | {'vs local':>8} |")
-    print(f"|{'-' * 30}|{'-' * 10}|{'-' * 10}|{'-' * 10}|")
+    print(
+        "(vs local: the median of each repeat's local ms/token over the setup's; range: lowest-highest of those)"
+    )
+    print(f"| {'setup':<28} | {'tokens/s':>8} | {'ms/token':>8} | {'vs local':>8} | {'range':>11} |")
+    print(f"|{'-' * 30}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 13}|")
     for name, figures in rows:
         median = statistics.median(figures)
-        print(f"| {name:<28} | {1 / median:8.1f} | {median * 1e3:8.2f} | {base / median:7.2f}x |")
+        ratios = [b / x for x, b in zip(figures, base, strict=True)]
+        spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
+        print(
+            f"| {name:<28} | {1 / median:8.1f} | {median * 1e3:8.2f} | {statistics.median(ratios):7.2f}x"
+            f" | {spread:>11} |"
+        )
 
     tiny_dir = save_tiny_llama()
     tiny_ids = torch.randint(0, 128, (1, 8))
-    hops = {}
-    for n in (1, 2, 4, 8):  # one swarm at a time: 15 idle peers would load the machine more than the hops do
-        with contextlib.ExitStack() as stack:
+    counts = (1, 2, 4, 8)
+    with contextlib.ExitStack() as stack:
+        clients = {}
+        for n in counts:
             push, relay = swarm_clients(stack, tiny_dir, even_spans(8, n))
-            hops[n] = time_interleaved(
-                {"push": push, "relay": relay}, tiny_ids, args.new_tokens, args.repeats
-            )
-    one = {mode: statistics.median(hops[1][mode]) for mode in ("push", "relay")}
+            clients[(n, "push")], clients[(n, "relay")] = push, relay
+        hops = time_interleaved(clients, tiny_ids, args.new_tokens, args.repeats)
     print(f"\nPer-hop overhead, tiny 8-block Llama, {args.new_tokens} new tokens, median of {args.repeats}")
     print(
         f"| {'peers':>5} | {'push ms/token':>13} | {'push ms/hop':>11} | {'relay ms/token':>14} | {'relay ms/hop':>12} |"
     )
     print(f"|{'-' * 7}|{'-' * 15}|{'-' * 13}|{'-' * 16}|{'-' * 14}|")
-    for n, figures in hops.items():
+    for n in counts:
         cells = []
         for mode, width in (("push", 13), ("relay", 14)):
-            median = statistics.median(figures[mode])
-            per_hop = "baseline" if n == 1 else f"{(median - one[mode]) * 1e3 / (n - 1):.2f}"
-            cells += [f"{median * 1e3:{width}.2f}", f"{per_hop:>{width - 2}}"]
+            figures, one = hops[(n, mode)], hops[(1, mode)]
+            per_hop = "baseline"
+            if n > 1:
+                diffs = [(x - b) * 1e3 / (n - 1) for x, b in zip(figures, one, strict=True)]
+                per_hop = f"{statistics.median(diffs):.2f}"
+            cells += [f"{statistics.median(figures) * 1e3:{width}.2f}", f"{per_hop:>{width - 2}}"]
         print(f"| {n:>5} | " + " | ".join(cells) + " |")
 
 
