@@ -14,6 +14,11 @@ Part of a hop here is waking a process on the other vCPU of the 2-vCPU test VM. 
 (``taskset -c 0 python benchmarks/hop_floor.py``), two runs on 2026-12-04 gave a tiny model's hop as 0.29-0.41
 and 0.26-1.10 ms, and 3 workers at 0.97x and 0.95x local; unpinned, 0.75-0.78 and 0.65-0.77 ms, 0.92x and 0.95x.
 Pinning does not help the swarm, whose p2pd daemons and event loops then share that core with the compute.
+
+Both sides run the same plain greedy loop (no ``generate()``), so only the split differs. Prints, against local
+transformers measured in the same run (all setups take turns within each repeat):
+1. SmolLM2-135M float32, batch 1: 1 worker x 30 blocks and 3 workers x 10 blocks;
+2. a tiny 8-block Llama through 1, 2, 4 and 8 workers, and the cost of each extra hop.
 """
 
 from __future__ import annotations
