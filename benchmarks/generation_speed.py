@@ -120,6 +120,7 @@ def main() -> None:
         clients = {}
         for n in counts:
             push, relay = swarm_clients(stack, tiny_dir, even_spans(8, n))
+            # one peer has nothing to relay: its one client is timed once as each mode's baseline
             clients[(n, "push")], clients[(n, "relay")] = push, relay
         hops = time_interleaved(clients, tiny_ids, args.new_tokens, args.repeats)
     print(f"\nPer-hop overhead, tiny 8-block Llama, {args.new_tokens} new tokens, median of {args.repeats}")
