@@ -134,6 +134,7 @@ def _peer_option(field: str, type=_COUNT, **extra):
 
 _PEER_FIELDS = (
     "cache_tokens",
+    "client_cache_share",
     "max_length",
     "max_batch_tokens",
     "throughput",
@@ -142,7 +143,11 @@ _PEER_FIELDS = (
     "balance_quality",
     "announce_period",
     "shutdown_grace",
-    "session_idle_timeout",
+    "session_timeout",
+    "max_session_seconds",
+    "max_request_seconds",
+    "max_inbound_mb",
+    "max_streams",
     "added_latency",
     "adapters",
     "max_lora_rank",
@@ -171,6 +176,7 @@ def _parse_throughput(ctx, param, value: str):
     "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True
 )
 @_peer_option("cache_tokens")
+@_peer_option("client_cache_share", type=click.FloatRange(min=0, max=1, min_open=True))
 @_peer_option("max_length")
 @_peer_option("max_batch_tokens")
 @_peer_option("throughput", type=str, callback=_parse_throughput)
@@ -179,7 +185,11 @@ def _parse_throughput(ctx, param, value: str):
 @_peer_option("balance_quality", type=click.FloatRange(min=0, max=1, min_open=True))
 @_peer_option("announce_period", type=click.FloatRange(min=0, min_open=True))
 @_peer_option("shutdown_grace", type=click.FloatRange(min=0))
-@_peer_option("session_idle_timeout", type=click.FloatRange(min=0, min_open=True))
+@_peer_option("session_timeout", type=click.FloatRange(min=0, min_open=True))
+@_peer_option("max_session_seconds", type=click.FloatRange(min=0, min_open=True))
+@_peer_option("max_request_seconds", type=click.FloatRange(min=0, min_open=True))
+@_peer_option("max_inbound_mb", type=click.FloatRange(min=0, min_open=True))
+@_peer_option("max_streams")
 @_peer_option("added_latency", type=click.FloatRange(min=0), hidden=True)
 @_peer_option("adapters", type=str, multiple=True, metavar="[NAME=]PATH")
 @_peer_option("max_lora_rank")

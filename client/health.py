@@ -3,7 +3,9 @@
 Round trips are measured (``SwarmRuntime.ping``), smoothed, and go stale after ``ping_ttl`` seconds, so the router
 pings again instead of trusting an old figure. A peer that fails a call is banned: for ``ban_seconds`` after its
 first failure, twice as long after each further one, at most ``max_ban_seconds``. A successful call forgives it.
-``Retries`` is one call's policy: retry what another peer may do better, with growing pauses, until a deadline.
+A peer that only refused for now (busy, stale blocks) is avoided for ``ban_seconds``, without counting a failure.
+``Retries`` is one call's policy: retry what another peer may do better, with growing pauses, until a deadline;
+what is retried and who is banned follows the error's kind alone (``policy``).
 
 >>> health = PeerHealth(ban_seconds=2, max_ban_seconds=300, ping_ttl=60)
 >>> health.ban(peer_id); health.is_banned(peer_id)
@@ -17,9 +19,9 @@ import time
 from collections.abc import Callable, Hashable, Iterable
 from typing import TypeVar
 
-from swarm_peer.errors import PeerError, RoutingError, SessionError
+from swarm_peer.errors import PeerError, RoutingError
 
-__all__ = ["PeerHealth", "Retries", "is_retryable"]
+__all__ = ["PeerHealth", "Retries", "policy"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -61,6 +63,12 @@ class PeerHealth:
         self._banned_until[peer] = time.monotonic() + seconds
         return seconds
 
+    def avoid(self, peer: Hashable) -> float:
+        """Keeps routes off ``peer`` for ``ban_seconds`` after it refused for now (busy); not a failure."""
+        until = max(self._banned_until.get(peer, 0.0), time.monotonic() + self.ban_seconds)
+        self._banned_until[peer] = until
+        return self.ban_seconds
+
     def forgive(self, peer: Hashable) -> None:
         """A call to ``peer`` succeeded: its next failure starts the backoff from the beginning."""
         self._failures.pop(peer, None)
@@ -99,21 +107,28 @@ class Retries:
             raise self.last_error from e
 
     def failed(self, peer: Hashable, error: BaseException) -> None:
-        """Bans ``peer`` and waits before the next try; re-raises ``error`` if retrying cannot help or time is up."""
-        if not is_retryable(error):
+        """Bans or avoids ``peer`` (as ``error``'s kind says) and waits before the next try; re-raises ``error`` if
+        retrying cannot help or time is up."""
+        retry, ban = policy(error)
+        if not retry:
             raise error
         self.last_error = error
-        seconds = self.health.ban(peer)
+        seconds = self.health.ban(peer) if ban else self.health.avoid(peer)
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise error
-        logger.warning("Peer %s failed (%s); banned for %.0f s, retrying", peer, error, seconds)
+        what = "banned" if ban else "avoided"
+        logger.warning("Peer %s failed (%s); %s for %.0f s, retrying", peer, error, what, seconds)
         time.sleep(min(self.first_backoff * 2**self.attempts, self.max_backoff, left))
         self.attempts += 1
 
 
-def is_retryable(error: BaseException) -> bool:
-    """Another peer may succeed where this one failed; the caller's own mistakes are never retried."""
+def policy(error: BaseException) -> tuple[bool, bool]:
+    """(retry, ban) for a failed call, by the error's kind only: a ``PeerError`` says it itself
+    (``swarm_peer.errors``); no answer in time or a lost connection is the peer's failure; anything else (the
+    caller's own mistake, a bug) is raised at once."""
     if isinstance(error, PeerError):
-        return error.retryable
-    return isinstance(error, SessionError | TimeoutError | ConnectionError)
+        return error.retry, error.ban
+    if isinstance(error, TimeoutError | ConnectionError):
+        return True, True
+    return False, False

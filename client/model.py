@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from functools import cache
 
 import torch
@@ -155,7 +156,7 @@ class DistributedModelForCausalLM:
     swarm: SwarmRuntime
     router: Router
     checkpoint: Checkpoint
-    _active_session: InferenceSession | None
+    _sessions: threading.local  # .active: the session that generate() continues in this thread
     _decode_threads: int
 
     @classmethod
@@ -189,7 +190,7 @@ class DistributedModelForCausalLM:
         self.router = Router(
             self.swarm, checkpoint.model_id, checkpoint.num_blocks, self.swarm.settings, adapter=adapter
         )
-        self._active_session = None
+        self._sessions = threading.local()
         base = getattr(self, self.base_model_prefix)
         self._block_linears = block_linears(base.layers)
         blocks = RemoteSequential(self.swarm, self.router, checkpoint.model_id)
@@ -212,6 +213,11 @@ class DistributedModelForCausalLM:
             return torch.get_num_threads()
         x_BTD = torch.randn(1, 1, self.config.hidden_size, dtype=head.weight.dtype)
         return fastest_threads(lambda: head(self.remote.norm(x_BTD)))
+
+    @property
+    def _active_session(self) -> InferenceSession | None:
+        """The session opened by ``inference_session`` in this thread: each thread generates in its own."""
+        return getattr(self._sessions, "active", None)
 
     @property
     def model_id(self) -> str:
@@ -260,7 +266,8 @@ class DistributedModelForCausalLM:
 
     @contextlib.contextmanager
     def inference_session(self, max_length: int, batch_size: int = 1):
-        """Opens a session that ``generate()`` and forward calls inside the ``with`` block continue."""
+        """Opens a session that ``generate()`` and forward calls inside the ``with`` block continue (in this thread;
+        other threads generating with the same model use sessions of their own)."""
         P = 0 if self.prompts is None else self.prompts.num_tokens
         deep = self.remote.deep_prompts()
         session = InferenceSession(
@@ -271,12 +278,13 @@ class DistributedModelForCausalLM:
             batch_size=batch_size,
             extras_for=_session_extras(self.remote.blocks, None if deep is None else deep.detach()),
         )
-        previous, self._active_session = self._active_session, session
+        previous = self._active_session
+        self._sessions.active = session
         try:
             with session:
                 yield session
         finally:
-            self._active_session = previous
+            self._sessions.active = previous
 
     def generate(
         self, inputs: torch.Tensor | None = None, *args, session: InferenceSession | None = None, **kwargs

@@ -26,7 +26,7 @@ from swarm_peer.client.health import Retries
 from swarm_peer.client.lora import RemoteLora
 from swarm_peer.client.routing import Hop, Router
 from swarm_peer.client.runtime import SwarmRuntime
-from swarm_peer.errors import MissingWeightsError, SwarmError, ValidationError
+from swarm_peer.errors import MissingWeightsError, ValidationError
 from swarm_peer.protocols import codec, extras, rpc, swarm_pb2
 from swarm_peer.protocols.extras import Extras
 
@@ -49,8 +49,11 @@ async def call_span(
 
     ``graph_id``: a forward asks the peer to keep its graph under this id; the backward names it again."""
     span = swarm_pb2.Span(model_id=model_id, start_block=hop.start, end_block=hop.end)
+    timeout_ms = int(runtime.settings.request_timeout * 1000)
     requests = [
-        swarm_pb2.ForwardRequest(span=span, tensors=parts, extras=message, graph_id=graph_id)
+        swarm_pb2.ForwardRequest(
+            span=span, tensors=parts, extras=message, graph_id=graph_id, timeout_ms=timeout_ms
+        )
         if i == 0
         else swarm_pb2.ForwardRequest(tensors=parts)
         for i, parts in enumerate(codec.pack(tensors))
@@ -61,18 +64,18 @@ async def call_span(
             response = await runtime.p2p.call_protobuf_handler(
                 hop.peer_id, name, requests[0], swarm_pb2.ForwardResponse
             )
+            rpc.check(response, hop.peer_id)
             assembler.feed(response.tensors)
         else:
             responses = await runtime.p2p.iterate_protobuf_handler(
                 hop.peer_id, rpc.streamed(name), as_aiter(*requests), swarm_pb2.ForwardResponse
             )
             async for response in responses:
+                rpc.check(response, hop.peer_id)
                 assembler.feed(response.tensors)
         return assembler.tensors()
-    except SwarmError:
-        raise
     except Exception as e:
-        raise rpc.remote_error(e, str(hop.peer_id)) from None
+        raise rpc.remote_error(e, hop.peer_id) from None
 
 
 class CallExtras:
@@ -156,8 +159,19 @@ class RemoteSequential(nn.Module):
             call_span(self.runtime, name, self.model_id, hop, tensors, message, expected, graph_id)
         )
 
+    def retries(self) -> Retries:
+        """One call's retry budget (``ClientSettings.retry_timeout``), shared by all its hops and chunks."""
+        return Retries(self.router.health, timeout=self.runtime.settings.retry_timeout)
+
     def run_chain(
-        self, call: CallExtras, hidden_BTD, attention_mask_BT, position_ids_BT, start=None, end=None
+        self,
+        call: CallExtras,
+        hidden_BTD,
+        attention_mask_BT,
+        position_ids_BT,
+        retries: Retries,
+        start=None,
+        end=None,
     ) -> tuple[torch.Tensor, list, list[tuple[Hop, int]]]:
         """Forward through blocks [start, end); returns the output, the input of each hop, and the hops (with the
         id under which the peer keeps the graph for backward, when training).
@@ -166,7 +180,6 @@ class RemoteSequential(nn.Module):
         started, so work already done is kept.
         """
         start, end = (self.start if start is None else start), (self.end if end is None else end)
-        retries = Retries(self.router.health, timeout=self.runtime.settings.retry_timeout)
         inputs, route, x, block = [], [], hidden_BTD, start
         while block < end:
             for hop in retries.plan(self.router.forward_route, block, end):
@@ -188,10 +201,10 @@ class RemoteSequential(nn.Module):
         return x, inputs, route
 
     def backward_hop(
-        self, call: CallExtras, step, hidden_BTD, attention_mask_BT, position_ids_BT, grad_BTD, grads
+        self, call: CallExtras, step, hidden_BTD, attention_mask_BT, position_ids_BT, grad_BTD, grads, retries
     ):
         """Gradient w.r.t. the input of hop ``step`` (hop, graph id), adding the extras' gradients to ``grads``;
-        if its peer fails, recomputes the span elsewhere."""
+        if its peer fails, recomputes the span elsewhere (within the call's ``retries``)."""
         hop, graph_id = step
         extras_ = call.extras(hop.start, hop.end)
         tensors = [hidden_BTD, attention_mask_BT, position_ids_BT, grad_BTD]
@@ -199,19 +212,25 @@ class RemoteSequential(nn.Module):
         try:
             outputs = self.call(rpc.BACKWARD, hop, tensors, extras_, expected=expected, graph_id=graph_id)
         except Exception as e:
-            Retries(self.router.health, timeout=self.runtime.settings.retry_timeout).failed(hop.peer_id, e)
+            retries.failed(hop.peer_id, e)
         else:
             grads.add(hop, extras_, outputs[1:])
             return outputs[0]
         logger.info("Backward through blocks %d:%d is replanned on other peers", hop.start, hop.end)
         _, inputs, route = self.run_chain(
-            call, hidden_BTD, attention_mask_BT, position_ids_BT, hop.start, hop.end
+            call, hidden_BTD, attention_mask_BT, position_ids_BT, retries, hop.start, hop.end
         )
-        return self.backward_chain(call, route, inputs, attention_mask_BT, position_ids_BT, grad_BTD, grads)
+        return self.backward_chain(
+            call, route, inputs, attention_mask_BT, position_ids_BT, grad_BTD, grads, retries
+        )
 
-    def backward_chain(self, call, route, inputs, attention_mask_BT, position_ids_BT, grad_BTD, grads):
+    def backward_chain(
+        self, call, route, inputs, attention_mask_BT, position_ids_BT, grad_BTD, grads, retries
+    ):
         for step, x in zip(reversed(route), reversed(inputs), strict=True):
-            grad_BTD = self.backward_hop(call, step, x, attention_mask_BT, position_ids_BT, grad_BTD, grads)
+            grad_BTD = self.backward_hop(
+                call, step, x, attention_mask_BT, position_ids_BT, grad_BTD, grads, retries
+            )
         return grad_BTD
 
 
@@ -249,11 +268,13 @@ class _RemoteChain(torch.autograd.Function):
     ):
         B, T, _ = hidden_BTD.shape
         ctx.module, ctx.chunks = module, []
-        outputs = []
+        outputs, retries = [], module.retries()
         for rows in module.chunks(B, T):
             call = CallExtras(module, _rows(prompts_NBPD, rows, B, dim=1), training)
             mask, positions = attention_mask_BT[rows], _rows(position_ids_BT, rows, B, dim=0)
-            out_BTD, inputs, route = module.run_chain(call, hidden_BTD[rows].detach(), mask, positions)
+            out_BTD, inputs, route = module.run_chain(
+                call, hidden_BTD[rows].detach(), mask, positions, retries
+            )
             ctx.chunks.append((rows, call, inputs, route, mask, positions))
             outputs.append(out_BTD)
         ctx.prompts_shape = None if prompts_NBPD is None else prompts_NBPD.shape
@@ -264,10 +285,11 @@ class _RemoteChain(torch.autograd.Function):
         module: RemoteSequential = ctx.module
         grad_inputs, lora = [], {}
         grad_prompts = None if ctx.prompts_shape is None else torch.zeros(ctx.prompts_shape)
+        retries = module.retries()
         for rows, call, inputs, route, mask, positions in ctx.chunks:
             grads = _Grads(module, call.prompts_NBPD)
             grad = module.backward_chain(
-                call, route, inputs, mask, positions, grad_BTD[rows].contiguous(), grads
+                call, route, inputs, mask, positions, grad_BTD[rows].contiguous(), grads, retries
             )
             grad_inputs.append(grad)
             if grad_prompts is not None:

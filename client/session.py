@@ -2,13 +2,13 @@
 
 Shape legend: B batch, T new tokens, S tokens seen so far including the new ones, D hidden size.
 
-An ``InferenceSession`` plans a route, opens one ``swarm.v1.inference`` stream per hop (each peer reserves cache
-for ``batch_size * max_length`` tokens, or refuses with ``BusyError``), and then each ``step`` sends the new
-tokens' hidden states through the chain: to the first hop, with the rest of the chain as its route, and each peer
-pushes its output straight to the next (``swarm.v1.push``). The last hop answers with its output and the inputs
-of the hops before it, carried along the chain, which the session keeps for replay; a hop that could not push
-answers instead, and the client relays its output. ``position`` is S after the last step. Closing the session
-closes the streams, which frees the peers' caches.
+An ``InferenceSession`` plans a route, opens one ``swarm.v1.inference`` stream per hop (a peer that has no room
+refuses with ``BusyError``), telling each hop its neighbours: the peer whose pushes it accepts, and the next hop's
+session, the only one it pushes to. Then each ``step`` sends the new tokens' hidden states through the chain: to
+the first hop, and each peer pushes its output straight to the next (``swarm.v1.push``). The last hop answers with
+its output and the inputs of the hops before it, carried along the chain, which the session keeps for replay; a
+hop that could not push answers instead, and the client relays its output. ``position`` is S after the last step.
+Closing the session closes the streams, which frees the peers' caches.
 
 >>> with InferenceSession(runtime, router, model_id, max_length=128) as session:
 ...     out_BTD = session.step(hidden_BTD, attention_mask_BS, position_ids_BT)
@@ -31,7 +31,7 @@ import torch
 from swarm_peer.client.health import Retries
 from swarm_peer.client.routing import Hop, Router
 from swarm_peer.client.runtime import SwarmRuntime
-from swarm_peer.errors import SessionError, SwarmError, ValidationError
+from swarm_peer.errors import PeerError, SessionError, ValidationError
 from swarm_peer.protocols import codec, extras, rpc, swarm_pb2
 from swarm_peer.protocols.extras import Extras
 
@@ -48,12 +48,13 @@ _STALL_SECONDS = 5.0
 
 @dataclass
 class _Answer:
-    """A hop's whole answer to one step: its output (None if it pushed it on) and the inputs it carried, by the
-    first block of their hop."""
+    """A hop's whole answer to one step: its output (None if it pushed it on), the inputs it carried, by the
+    first block of their hop, and the session's length S after the step."""
 
     step_id: int
     out_BTD: torch.Tensor | None
     carried: dict[int, torch.Tensor]
+    position: int
 
 
 class _SpanStream:
@@ -71,7 +72,10 @@ class _SpanStream:
         while (request := await self._outbox.get()) is not None:
             yield request
 
-    async def open(self, max_length: int, batch_size: int) -> None:
+    async def open(
+        self, max_length: int, batch_size: int, neighbours: swarm_pb2.Neighbours | None = None
+    ) -> None:
+        """Opens the session; ``neighbours``: who may push into it and where it pushes (None: no pushes)."""
         span = swarm_pb2.Span(model_id=self.model_id, start_block=self.hop.start, end_block=self.hop.end)
         message, tensors = extras.encode(self.extras)
         for i, parts in enumerate(codec.pack(tensors) if tensors else [[]]):
@@ -83,6 +87,7 @@ class _SpanStream:
                     extras=message,
                     tensors=parts,
                     session_id=self.session_id,
+                    neighbours=neighbours,
                 )
                 self._outbox.put_nowait(swarm_pb2.InferenceRequest(open=opening))
             else:
@@ -94,25 +99,27 @@ class _SpanStream:
                 self.hop.peer_id, rpc.INFERENCE, self._requests(), swarm_pb2.InferenceResponse
             )
             await self._read()
-        except SwarmError:
-            raise
         except Exception as e:
-            raise rpc.remote_error(e, str(self.hop.peer_id)) from None
+            raise rpc.remote_error(e, self.hop.peer_id) from None
 
     @cached_property
     def push_hop(self) -> swarm_pb2.PushHop:
         """Where the previous hop pushes this session's steps (made once: it goes into every step's route)."""
         return swarm_pb2.PushHop(peer_id=self.hop.peer_id.to_base58(), session_id=self.session_id)
 
-    def send(self, step_id: int, tensors: list[torch.Tensor], route: list[swarm_pb2.PushHop] = ()) -> None:
-        """Sends a step's tensors; ``route``: the hops after this one, to which the peer pushes its output."""
+    def send(self, step_id: int, tensors: list[torch.Tensor], push: bool = False) -> None:
+        """Sends a step's tensors; with ``push``, the peer pushes its output on to the session's next hop."""
         for i, parts in enumerate(codec.pack(tensors)):
             if i == 0:
-                step = swarm_pb2.InferenceStep(step_id=step_id, tensors=parts, route=route)
+                step = swarm_pb2.InferenceStep(step_id=step_id, tensors=parts, push=push)
                 request = swarm_pb2.InferenceRequest(step=step)
             else:
                 request = swarm_pb2.InferenceRequest(parts=swarm_pb2.TensorParts(tensors=parts))
             self._outbox.put_nowait(request)
+
+    def relink(self, neighbours: swarm_pb2.Neighbours) -> None:
+        """Tells the peer the session's new neighbours (a hop next to it was replaced)."""
+        self._outbox.put_nowait(swarm_pb2.InferenceRequest(neighbours=neighbours))
 
     async def receive(self) -> _Answer:
         """The peer's next whole answer (a step's, possibly over several messages)."""
@@ -124,22 +131,22 @@ class _SpanStream:
             while not assembler.complete:
                 response = await self._read()
                 if response.step_id != first.step_id:
-                    raise SessionError(f"peer answered step {response.step_id} within step {first.step_id}")
+                    raise PeerError(
+                        f"peer {self.hop.peer_id} answered step {response.step_id} within step {first.step_id}"
+                    )
                 assembler.feed(response.tensors)
             tensors = assembler.tensors()
-        except SwarmError:
-            raise
         except Exception as e:
-            raise rpc.remote_error(e, str(self.hop.peer_id)) from None
+            raise rpc.remote_error(e, self.hop.peer_id) from None
         out_BTD = None if first.pushed else tensors.pop(0)
-        return _Answer(first.step_id, out_BTD, dict(zip(blocks, tensors, strict=True)))
+        return _Answer(first.step_id, out_BTD, dict(zip(blocks, tensors, strict=True)), first.position)
 
     async def step(self, step_id: int, tensors: list[torch.Tensor]) -> torch.Tensor:
         """Sends a step with no route and waits for its output (before ``attach``: it reads the stream itself)."""
         self.send(step_id, tensors)
         answer = await self.receive()
         if answer.step_id != step_id or answer.out_BTD is None:
-            raise SessionError(f"peer {self.hop.peer_id} answered step {answer.step_id}, expected {step_id}")
+            raise PeerError(f"peer {self.hop.peer_id} answered step {answer.step_id}, expected {step_id}")
         return answer.out_BTD
 
     async def attach(self, events: asyncio.Queue) -> None:
@@ -157,9 +164,11 @@ class _SpanStream:
 
     async def _read(self) -> swarm_pb2.InferenceResponse:
         try:
-            return await anext(self._responses)
+            response = await anext(self._responses)
         except StopAsyncIteration:
-            raise SessionError(f"peer {self.hop.peer_id} closed the session") from None
+            raise PeerError(f"peer {self.hop.peer_id} closed the session") from None
+        rpc.check(response, self.hop.peer_id)
+        return response
 
     def close(self) -> None:
         self._outbox.put_nowait(None)
@@ -257,26 +266,68 @@ class InferenceSession:
             self.close()
             raise
 
-    def _open_route(self, start: int, end: int) -> list[_SpanStream]:
-        """Opens streams on a route for [start, end), re-planning around peers that fail or refuse."""
+    def _open_route(
+        self, start: int, end: int, before: _SpanStream | None = None, after: _SpanStream | None = None
+    ) -> list[_SpanStream]:
+        """Opens streams on a route for [start, end), re-planning around peers that fail or refuse, between the
+        open hops ``before`` and ``after`` (if any)."""
         retries = Retries(self.router.health, timeout=self.runtime.settings.retry_timeout)
         while True:
             route = retries.plan(
                 self.router.inference_route, start, end, cache_tokens=self.batch_size * self.max_length
             )
-            streams: list[_SpanStream] = []
+            streams = [
+                _SpanStream(
+                    self.runtime,
+                    self.model_id,
+                    hop,
+                    self.extras_for(hop.start, hop.end) if self.extras_for else None,
+                )
+                for hop in route
+            ]
+            chain = [before, *streams, after]
+            opened: list[_SpanStream] = []
             try:
-                for hop in route:
-                    hop_extras = self.extras_for(hop.start, hop.end) if self.extras_for else None
-                    streams.append(_SpanStream(self.runtime, self.model_id, hop, hop_extras))
-                    self.runtime.run(streams[-1].open(self.max_length, self.batch_size))
-                    self._replay(streams[-1])
-                    self.runtime.run(streams[-1].attach(self._events))
-                return streams
+                for i, stream in enumerate(streams, start=1):
+                    opened.append(stream)
+                    neighbours = self._neighbours(chain[i - 1], chain[i + 1])
+                    self.runtime.run(stream.open(self.max_length, self.batch_size, neighbours))
+                    self._replay(stream)
+                    self.runtime.run(stream.attach(self._events))
             except Exception as e:
-                for stream in streams:
+                for stream in opened:
                     self.runtime.loop.call_soon_threadsafe(stream.close)
-                retries.failed(streams[-1].hop.peer_id, e)
+                retries.failed(opened[-1].hop.peer_id, e)
+                continue
+            return streams
+
+    def _neighbours(
+        self, previous: _SpanStream | None, following: _SpanStream | None
+    ) -> swarm_pb2.Neighbours:
+        """What a hop between ``previous`` and ``following`` is told: whose pushes to accept, where to push."""
+        neighbours = swarm_pb2.Neighbours()
+        if self.push:  # else no pushes either way: the client relays every hop
+            if previous is not None:
+                neighbours.previous_peer_id = previous.hop.peer_id.to_base58()
+            if following is not None:
+                neighbours.next.CopyFrom(following.push_hop)
+        return neighbours
+
+    def _replace(self, index: int) -> None:
+        """Replaces the failed hop ``index`` by a new route for its blocks, and tells the hops around it."""
+        failed = self._streams[index]
+        self.runtime.loop.call_soon_threadsafe(failed.close)
+        before = self._streams[index - 1] if index else None
+        after = self._streams[index + 1] if index + 1 < len(self._streams) else None
+        new = self._open_route(failed.hop.start, failed.hop.end, before, after)
+        self._streams[index : index + 1] = new
+        for i in (index - 1, index + len(new)):
+            if 0 <= i < len(self._streams):
+                previous = self._streams[i - 1] if i else None
+                following = self._streams[i + 1] if i + 1 < len(self._streams) else None
+                self.runtime.loop.call_soon_threadsafe(
+                    self._streams[i].relink, self._neighbours(previous, following)
+                )
 
     def step(self, hidden_BTD: torch.Tensor, attention_mask_BS: torch.Tensor, position_ids_BT: torch.Tensor):
         """Sends T new tokens through every hop; returns the last block's hidden states (B, T, D)."""
@@ -334,8 +385,7 @@ class InferenceSession:
                     failed.hop.end,
                     failed.hop.peer_id,
                 )
-                self.runtime.loop.call_soon_threadsafe(failed.close)
-                self._streams[index : index + 1] = self._open_route(failed.hop.start, failed.hop.end)
+                self._replace(index)
                 progress = _Progress(start=min(index, progress.resume()), hop_by_hop=progress.hop_by_hop)
 
     def _stall_timeout(self, tokens: int) -> float:
@@ -366,11 +416,11 @@ class InferenceSession:
                 raise answer
             if answer.step_id != step_id:
                 continue  # a second answer to an earlier step (its copy went through twice)
-            if any(x.shape != shape for x in (*answer.carried.values(), answer.out_BTD) if x is not None):
+            if any(x.shape != shape for x in (*answer.carried.values(), answer.out_BTD) if x is not None) or (
+                answer.position != self.position + shape[1]
+            ):
                 progress.failed = index
-                raise SessionError(
-                    f"peer {stream.hop.peer_id} answered step {step_id} with malformed tensors"
-                )
+                raise PeerError(f"peer {stream.hop.peer_id} answered step {step_id} with malformed tensors")
             for block, x_BTD in answer.carried.items():
                 if block in hop_at:  # else not a hop of this route (a late answer from before it changed)
                     self._remember(block, x_BTD)
@@ -392,10 +442,9 @@ class InferenceSession:
         progress.known.add(index)
         progress.waiting = index
         mask_BS, positions_BT = self._steps[-1]
-        route = [] if progress.hop_by_hop or not self.push else self._streams[index + 1 :]
         stream = self._streams[index]
         x_BTD = self._history[stream.hop.start][-1]
-        stream.send(step_id, [x_BTD, mask_BS, positions_BT], [s.push_hop for s in route])
+        stream.send(step_id, [x_BTD, mask_BS, positions_BT], push=self.push and not progress.hop_by_hop)
 
     def _remember(self, block: int, x_BTD: torch.Tensor) -> None:
         """Records the current step's input of ``block`` (replacing it when the step is retried)."""

@@ -6,18 +6,21 @@ Shape legend: B batch, T new tokens, S tokens seen so far including the new ones
 - ``swarm.v1.forward``: hidden_BTD, attention_mask_BS (S == T), position_ids_BT -> hidden_BTD.
 - ``swarm.v1.backward``: the same plus grad_outputs_BTD -> grad_inputs_BTD (gradient w.r.t. the inputs), then the
   gradients w.r.t. the request's deep prompts and LoRA weights.
-- ``swarm.v1.inference``: a bidirectional stream that owns one session: open (span, max_length, batch_size), then
-  steps (hidden_BTD, attention_mask_BS, position_ids_BT); the session's KV cache lives inside the stream, so no
-  other client can reach it, and closing the stream (or idling past the timeout) frees it. A step may carry the
-  rest of its chain: the peer then pushes its output to the next hop itself (peer.push).
-- ``swarm.v1.push``: a step for an open session, from the hop before it (peer.push).
+- ``swarm.v1.inference``: a bidirectional stream that owns one session: open (span, max_length, batch_size,
+  neighbours), then steps (hidden_BTD, attention_mask_BS, position_ids_BT); the session's KV cache lives inside the
+  stream, so no other client can reach it, and closing the stream (or idling past ``--session-timeout``, or
+  lasting past ``--max-session-seconds``) frees it. The cache is charged for the tokens it holds (peer.cache). A
+  step may ask the peer to push its output to the session's next hop itself (peer.push).
+- ``swarm.v1.push``: a step for an open session, from the hop the client named as the one before it (peer.push).
 
 Any of these may carry ``Extras`` (protocols.extras): a served adapter's name, deep prompts, the client's own LoRA
 weights. They are applied by hooks (peer.adapters) during that request's compute only; a client's LoRA is kept
 by (client peer id, digest) in a bounded cache, so later requests name it by digest and no client can use another's.
 
 Every request is checked before compute: model and blocks served here, dtype, shapes, lengths, mask values and
-positions. A bad request gets a tagged error reply (protocols.rpc) and the peer keeps serving everyone else.
+positions; each tensor's declared dtype and shape at its first part, before the rest is read (``_declared``).
+Frames, bytes in flight, streams and deadlines are bounded by ``protocols.serving``, which serves every RPC here.
+A bad request gets a typed error reply (protocols.rpc) and the peer keeps serving everyone else.
 Compute runs on a single worker thread, off the event loop, so the loop keeps answering while blocks run; only a
 session's short single-token steps run on the loop itself while that thread is idle (``_compute``), which saves
 two thread hand-offs per hop of every generated token.
@@ -26,25 +29,27 @@ two thread hand-offs per hop of every generated token.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
+import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from hivemind.p2p import P2P, P2PContext
-from hivemind.utils.asyncio import as_aiter
 
-from swarm_peer.errors import MissingWeightsError, PeerError, SessionError, SwarmError, ValidationError
+from swarm_peer.errors import DeadlineError, MissingBlocksError, MissingWeightsError, ValidationError
 from swarm_peer.peer import adapters, push
 from swarm_peer.peer.blocks import BlockSpan
-from swarm_peer.peer.cache import CacheBudget
+from swarm_peer.peer.cache import CacheBudget, SessionCharge
 from swarm_peer.peer.graphs import Graph, GraphCache
 from swarm_peer.protocols import codec, extras, rpc, swarm_pb2
 from swarm_peer.protocols.extras import Lora
+from swarm_peer.protocols.serving import Call, Ledger, Limits, Requests, RpcServer
 from swarm_peer.settings import PeerSettings
 from swarm_peer.threads import compute_threads
 
@@ -52,7 +57,6 @@ __all__ = ["BlockHandlers"]
 
 logger = logging.getLogger(__name__)
 
-_DRAIN_SECONDS = 5.0
 # A session's single-token step runs on the event loop's thread (while the compute thread is idle) when its last
 # one took less than this: handing a step to the compute thread and back costs about as much as a hop's transport.
 # Longer steps go to the compute thread, so the loop keeps answering while they run.
@@ -75,7 +79,10 @@ class BlockHandlers:
         None leaves torch's setting."""
         self.span, self.model_id, self.settings, self.info_json = span, model_id, settings, info_json
         self.decode_threads = decode_threads
-        self.budget = CacheBudget(settings.cache_tokens)
+        self.budget = CacheBudget(settings.cache_tokens, settings.client_cache_share)
+        self.server = RpcServer(
+            Limits(max_streams=settings.max_streams, inbound_bytes=int(settings.max_inbound_mb * 2**20))
+        )
         self.loras = adapters.LoraCache(int(settings.lora_cache_mb * 2**20))
         self.graphs = GraphCache(settings.graph_cache_tokens)
         self.inboxes = push.Inboxes()
@@ -89,22 +96,16 @@ class BlockHandlers:
 
     async def register(self, p2p: P2P) -> None:
         self.p2p = p2p
+        server, settings = self.server, self.settings
         await p2p.add_protobuf_handler(rpc.INFO, self.rpc_info, swarm_pb2.InfoRequest)
+        stateless = swarm_pb2.ForwardRequest, swarm_pb2.ForwardResponse
         for name, handler in ((rpc.FORWARD, self.rpc_forward), (rpc.BACKWARD, self.rpc_backward)):
-            await p2p.add_protobuf_handler(name, _unary(handler), swarm_pb2.ForwardRequest)
-            await p2p.add_protobuf_handler(
-                rpc.streamed(name), handler, swarm_pb2.ForwardRequest, stream_input=True, stream_output=True
-            )
-        await p2p.add_binary_stream_handler(
-            rpc.PUSH, lambda _info, reader, writer: push.serve_pushes(self.inboxes, reader, writer)
-        )
-        await p2p.add_protobuf_handler(
-            rpc.INFERENCE,
-            self.rpc_inference,
-            swarm_pb2.InferenceRequest,
-            stream_input=True,
-            stream_output=True,
-        )
+            await server.add(p2p, name, handler, stateless, settings.max_request_seconds, unary=True)
+            await server.add(p2p, rpc.streamed(name), handler, stateless, settings.max_request_seconds)
+        pushes = swarm_pb2.InferencePush, swarm_pb2.PushResponse
+        await server.add(p2p, rpc.PUSH, self.rpc_push, pushes, settings.max_session_seconds)
+        sessions = swarm_pb2.InferenceRequest, swarm_pb2.InferenceResponse
+        await server.add(p2p, rpc.INFERENCE, self.rpc_inference, sessions, settings.max_session_seconds)
 
     def switch(self, span: BlockSpan, drain_seconds: float) -> None:
         """Serves ``span`` from now on. Sessions open on the old span go on for ``drain_seconds``; after that, their
@@ -120,60 +121,87 @@ class BlockHandlers:
         await self._emulated_latency()
         return swarm_pb2.InfoResponse(info_json=self.info_json())
 
-    async def rpc_forward(self, requests: AsyncIterator[swarm_pb2.ForwardRequest], context: P2PContext):
-        async for response in self._stateless(requests, context, backward=False):
-            yield response
+    def rpc_forward(self, requests: Requests, call: Call):
+        return self._stateless(requests, call, backward=False)
 
-    async def rpc_backward(self, requests: AsyncIterator[swarm_pb2.ForwardRequest], context: P2PContext):
-        async for response in self._stateless(requests, context, backward=True):
-            yield response
+    def rpc_backward(self, requests: Requests, call: Call):
+        return self._stateless(requests, call, backward=True)
 
-    async def _stateless(
-        self, requests: AsyncIterator[swarm_pb2.ForwardRequest], context: P2PContext, backward: bool
-    ):
-        try:
-            first = await self._next(requests, "the request")
-            if first is None:
-                raise ValidationError("empty request stream")
-            span, a, b = self._check_span(first.span)
-            await self._emulated_latency()
-            message = first.extras if first.HasField("extras") else None
-            own = 4 if backward else 3
-            assembler = codec.TensorAssembler(expected=own + extras.tensor_count(message))
-            assembler.feed(first.tensors)
-            while not assembler.complete:
-                more = await self._next(requests, "the rest of the request's tensors")
-                if more is None:
-                    raise ValidationError("the request stream ended before its tensors were complete")
-                assembler.feed(more.tensors)
-            tensors = assembler.tensors()
-            hidden_BTD, mask_BS, positions_BT = self._check_inputs(*tensors[:3], past=0, batch_size=None)
-            B, T, _ = hidden_BTD.shape
-            applied = self._extras(span, a, b, message, tensors[own:], context, B, max_prompt_tokens=T)
-            key = (str(context.remote_id), first.graph_id) if first.graph_id else None
-            inputs = (hidden_BTD, mask_BS, positions_BT)
-            if backward:
-                grad_BTD = _check_float("grad_outputs", tensors[3], hidden_BTD.shape)
-                results = await self._compute(self._backward, span, inputs, grad_BTD, a, b, applied, key)
-            else:
-                keep = key is not None and self.graphs.fits(B * T)
-                results = [
-                    await self._compute(self._forward, span, inputs, a, b, applied, key if keep else None)
-                ]
-            for parts in codec.pack(results):
-                yield swarm_pb2.ForwardResponse(tensors=parts)
-        except SwarmError as e:
-            # Read the caller's stream to its end first: closing it while the caller still writes would break
-            # its pipe, and it would see "broken pipe" instead of our explanation.
-            await self._drain(requests)
-            raise rpc.tag_error(e) from None
+    def rpc_push(self, requests: Requests, call: Call):
+        return push.serve_pushes(self.inboxes, requests, call, self.settings.session_timeout)
+
+    async def _stateless(self, requests: Requests, call: Call, backward: bool):
+        first = await requests.next()
+        if first is None:
+            raise ValidationError("empty request stream")
+        if first.timeout_ms:
+            call.set_deadline(first.timeout_ms / 1000)
+        span, a, b = self._check_span(first.span)
+        await self._emulated_latency()
+        message = first.extras if first.HasField("extras") else None
+        own = 4 if backward else 3
+        assembler = codec.TensorAssembler(
+            expected=own + extras.tensor_count(message),
+            check=self._declared(own, max_mask_tokens=self.settings.max_batch_tokens),
+        )
+        assembler.feed(first.tensors)
+        while not assembler.complete:
+            more = await requests.next()
+            if more is None:
+                raise ValidationError("the request stream ended before its tensors were complete")
+            assembler.feed(more.tensors)
+        tensors = assembler.tensors()
+        hidden_BTD, mask_BS, positions_BT = self._check_inputs(*tensors[:3], past=0, batch_size=None)
+        B, T, _ = hidden_BTD.shape
+        applied = self._extras(span, a, b, message, tensors[own:], call, B, max_prompt_tokens=T)
+        key = (str(call.remote_id), first.graph_id) if first.graph_id else None
+        inputs = (hidden_BTD, mask_BS, positions_BT)
+        if backward:
+            grad_BTD = _check_float("grad_outputs", tensors[3], hidden_BTD.shape)
+            results = await self._compute(self._backward, span, inputs, grad_BTD, a, b, applied, key)
+        else:
+            keep = key is not None and self.graphs.fits(B * T)
+            results = [await self._compute(self._forward, span, inputs, a, b, applied, key if keep else None)]
+        call.ledger.close()  # the request's bytes are spent; the answer is ours
+        for parts in codec.pack(results):
+            yield swarm_pb2.ForwardResponse(tensors=parts)
+
+    def _declared(
+        self, own: int, max_mask_tokens: int
+    ) -> Callable[[int, torch.dtype, tuple[int, ...]], None]:
+        """Checks a request's tensors at their first part (``codec.TensorAssembler``): the ``own`` tensors are
+        hidden_BTD, attention_mask_BS, position_ids_BT (then grad_outputs_BTD, for a backward), and the extras'
+        after them are bounded by the memory the peer gives clients' LoRAs."""
+        D, max_tokens = self.span.hidden_size, self.settings.max_batch_tokens
+        max_extras_bytes = int(self.settings.lora_cache_mb * 2**20)
+
+        def check(index: int, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+            if index >= own:
+                if math.prod(shape) * dtype.itemsize > max_extras_bytes:
+                    raise ValidationError(f"an adapter or prompts tensor of shape {list(shape)} is too large")
+            elif index in (0, 3):
+                if len(shape) != 3 or shape[2] != D or not dtype.is_floating_point:
+                    raise ValidationError(
+                        f"hidden states must be floating-point (batch, tokens, {D}), got {dtype} {list(shape)}"
+                    )
+                if shape[0] * shape[1] > max_tokens:
+                    raise ValidationError(
+                        f"{shape[0]}x{shape[1]} tokens exceed this peer's limit of {max_tokens}"
+                    )
+            elif len(shape) != 2 or math.prod(shape) > (max_mask_tokens if index == 1 else max_tokens):
+                what = "attention mask" if index == 1 else "position ids"
+                raise ValidationError(
+                    f"{what} of shape {list(shape)} is not (batch, tokens) within this peer's limits"
+                )
+
+        return check
 
     def _extras(
-        self, span, a, b, message, tensors, context, batch_size: int, max_prompt_tokens: int
+        self, span, a, b, message, tensors, call: Call, batch_size: int, max_prompt_tokens: int
     ) -> _Applied:
         """The adapters and prompts a request asks for, checked against blocks [a, b) of ``span``."""
         request, digest = extras.decode(message, tensors)
-        client = str(context.remote_id)
+        client = str(call.remote_id)
         lora = request.lora
         if digest is not None:
             lora = self.loras.get(client, digest)
@@ -196,14 +224,6 @@ class BlockHandlers:
                 request.prompts_NBPD, b - a, batch_size, span.hidden_size, max_prompt_tokens
             )
         return _Applied(served, lora, request.prompts_NBPD)
-
-    async def _drain(self, requests: AsyncIterator) -> None:
-        try:
-            async with asyncio.timeout(_DRAIN_SECONDS):
-                async for _ in requests:
-                    pass
-        except Exception:
-            logger.debug("Could not drain a failed request's stream", exc_info=True)
 
     def _forward(self, span, inputs, a, b, applied: _Applied, key=None) -> torch.Tensor:
         """The blocks' output; with a ``key``, computed with grad and its graph kept for the backward."""
@@ -235,91 +255,89 @@ class BlockHandlers:
         sent = [inputs[0], *applied.leaves()]
         return [torch.zeros_like(x) if g is None else g.to(x.dtype) for g, x in zip(grads, sent, strict=True)]
 
-    async def rpc_inference(self, requests: AsyncIterator[swarm_pb2.InferenceRequest], context: P2PContext):
-        try:
-            first = await self._next(requests, "the open message")
-            if first is None or first.WhichOneof("kind") != "open":
-                raise SessionError("an inference stream must start with an open message")
-            span, a, b = self._check_span(first.open.span)
-            batch_size, max_length = first.open.batch_size, first.open.max_length
-            if not 1 <= batch_size or not 1 <= max_length <= self.settings.max_length:
-                raise ValidationError(
-                    f"session needs 1 <= batch_size and 1 <= max_length <= {self.settings.max_length}, "
-                    f"got batch_size={batch_size}, max_length={max_length}"
-                )
-            message = first.open.extras if first.open.HasField("extras") else None
-            tensors = await self._parts(
-                requests, first.open.tensors, extras.tensor_count(message), "the open"
+    async def rpc_inference(self, requests: Requests, call: Call):
+        first = await requests.next()
+        if first is None or first.WhichOneof("kind") != "open":
+            raise ValidationError("an inference stream must start with an open message")
+        opening, settings = first.open, self.settings
+        requests.idle_timeout = min(opening.idle_timeout or math.inf, settings.session_timeout)
+        call.set_deadline(min(opening.lifetime or math.inf, settings.max_session_seconds))
+        span, a, b = self._check_span(opening.span)
+        batch_size, max_length = opening.batch_size, opening.max_length
+        if not 1 <= batch_size or not 1 <= max_length <= settings.max_length:
+            raise ValidationError(
+                f"session needs 1 <= batch_size and 1 <= max_length <= {settings.max_length}, "
+                f"got batch_size={batch_size}, max_length={max_length}"
             )
-            applied = self._extras(
-                span, a, b, message, tensors, context, batch_size, max_prompt_tokens=max_length
+        message = opening.extras if opening.HasField("extras") else None
+        tensors = await self._parts(
+            requests, opening.tensors, extras.tensor_count(message), "the open", self._declared(0, 0)
+        )
+        applied = self._extras(span, a, b, message, tensors, call, batch_size, max_prompt_tokens=max_length)
+        with (
+            self.budget.session(call.remote_id.to_base58(), batch_size * max_length) as charge,
+            self.inboxes.open(opening.session_id, a) as inbox,
+        ):
+            inbox.set_neighbours(opening.neighbours)
+            self.open_sessions += 1
+            reader = asyncio.create_task(
+                self._client_steps(requests, call.ledger, inbox, batch_size * max_length)
             )
-            with (
-                self.budget.reserve(batch_size * max_length),
-                self.inboxes.open(first.open.session_id, a) as inbox,
-            ):
-                self.open_sessions += 1
-                reader = asyncio.create_task(self._client_steps(requests, inbox))
-                pusher = push.Pusher(self.p2p, self.inboxes)
-                try:
-                    yield swarm_pb2.InferenceResponse(step_id=0, position=0)
-                    async for response in self._session(
-                        inbox, pusher, span, a, b, batch_size, max_length, applied
-                    ):
-                        yield response
-                finally:
-                    self.open_sessions -= 1
-                    reader.cancel()
-                    pusher.close()
-        except SwarmError as e:
-            raise rpc.tag_error(e) from None
+            pusher = push.Pusher(self.p2p, self.inboxes)
+            try:
+                yield swarm_pb2.InferenceResponse(step_id=0, position=0)
+                session = _Session(span, a, b, batch_size, max_length, applied, charge)
+                async for response in self._session(session, inbox, pusher, requests.idle_timeout):
+                    yield response
+            finally:
+                self.open_sessions -= 1
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader  # the stream is read by one task at a time
+                pusher.close()
 
-    async def _session(
-        self,
-        inbox: asyncio.Queue,
-        pusher: push.Pusher,
-        span: BlockSpan,
-        a: int,
-        b: int,
-        batch_size: int,
-        max_length: int,
-        applied: _Applied,
-    ):
+    async def _session(self, session: _Session, inbox: push.Inbox, pusher: push.Pusher, idle_timeout: float):
+        span, a, b = session.span, session.a, session.b
         cache = span.new_cache(a, b)
         position, last_step, inline = 0, None, False
         while True:
-            step = await self._take(inbox)
+            step = await self._take(inbox, idle_timeout)
             if step is None:
                 return  # the client closed the session
             # a second copy of the step just computed is not computed again: its saved output goes on
-            if step.step_id != last_step:
-                if span is not self.span and time.monotonic() >= self._handover_at:
-                    raise SessionError(
-                        f"this peer moved to blocks {self.span.start}:{self.span.end}; continue the session "
-                        "elsewhere"
+            try:
+                if step.step_id != last_step:
+                    if span is not self.span and time.monotonic() >= self._handover_at:
+                        raise MissingBlocksError(
+                            f"this peer moved to blocks {self.span.start}:{self.span.end}; continue the session "
+                            "elsewhere"
+                        )
+                    hidden_BTD, mask_BS, positions_BT = self._check_inputs(
+                        *step.tensors, past=position, batch_size=session.batch_size
                     )
-                hidden_BTD, mask_BS, positions_BT = self._check_inputs(
-                    *step.tensors, past=position, batch_size=batch_size
-                )
-                if position + hidden_BTD.shape[1] > max_length:
-                    raise ValidationError(
-                        f"step of {hidden_BTD.shape[1]} tokens at position {position} exceeds the session's "
-                        f"max_length {max_length}"
+                    B, T, _ = hidden_BTD.shape
+                    if position + T > session.max_length:
+                        raise ValidationError(
+                            f"step of {T} tokens at position {position} exceeds the session's max_length "
+                            f"{session.max_length}"
+                        )
+                    session.charge.grow(B * T)
+                    t0 = time.perf_counter()
+                    inputs = (hidden_BTD, mask_BS, positions_BT)
+                    out_BTD = await self._compute(
+                        self._step, span, *inputs, a, b, cache, session.applied, position, inline=inline
                     )
-                t0 = time.perf_counter()
-                inputs = (hidden_BTD, mask_BS, positions_BT)
-                out_BTD = await self._compute(
-                    self._step, span, *inputs, a, b, cache, applied, position, inline=inline
-                )
-                # a single-token step that took little time may run on the loop's thread next time
-                inline = hidden_BTD.shape[1] == 1 and time.perf_counter() - t0 < _INLINE_SECONDS
-                await self._emulated_latency()
-                position += hidden_BTD.shape[1]
-                last_step, out_parts = step.step_id, codec.pack([out_BTD])
+                    # a single-token step that took little time may run on the loop's thread next time
+                    inline = T == 1 and time.perf_counter() - t0 < _INLINE_SECONDS
+                    await self._emulated_latency()
+                    position += T
+                    last_step, out_parts = step.step_id, codec.pack([out_BTD])
+            finally:
+                step.done()
             pushed, along = False, False
-            if step.route:
+            if step.push and inbox.next is not None:
                 pushed, along = await pusher.push(
-                    step.step_id, out_parts, mask_BS, positions_BT, step.route, step.carried
+                    step.step_id, out_parts, mask_BS, positions_BT, inbox.next, step.carried
                 )
             if along:
                 continue  # the next hop has it all, and the client hears from a later one
@@ -334,46 +352,56 @@ class BlockHandlers:
                     carried_blocks=[block for block, _ in step.carried],
                 )
 
-    async def _client_steps(self, requests, inbox: asyncio.Queue) -> None:
-        """Moves the steps the client sends on the session's stream into its inbox, then None (end of stream) or the
-        error that ended it. Waits as long as the stream is open: pushed steps may feed the session meanwhile."""
+    async def _client_steps(
+        self, requests: Requests, ledger: Ledger, inbox: push.Inbox, max_mask_tokens: int
+    ):
+        """Moves what the client sends on the session's stream into its inbox: steps, then None (end of stream) or
+        the error that ended it; new neighbours take effect at once. Waits as long as the stream is open: pushed
+        steps may feed the session meanwhile."""
+        check = self._declared(3, max_mask_tokens)
         try:
             while True:
-                try:
-                    request = await anext(requests)
-                except StopAsyncIteration:
+                before = requests.bytes_read
+                request = await requests.next()
+                if request is None:
                     break
-                if request.WhichOneof("kind") != "step":
-                    raise SessionError(f"expected a step, got {request.WhichOneof('kind')!r}")
-                tensors = await self._parts(requests, request.step.tensors, 3, "the step")
-                push.check_route(request.step.route)
-                await inbox.put(push.Step(request.step.step_id, tensors, tuple(request.step.route)))
-            await inbox.put(None)
+                kind = request.WhichOneof("kind")
+                if kind == "neighbours":
+                    inbox.set_neighbours(request.neighbours)
+                    ledger.give_back(requests.bytes_read - before)
+                    continue
+                if kind != "step":
+                    raise ValidationError(f"expected a step, got {kind!r}")
+                tensors = await self._parts(requests, request.step.tensors, 3, "the step", check)
+                nbytes = requests.bytes_read - before
+                step = push.Step(request.step.step_id, tensors, request.step.push, (), ledger, nbytes)
+                await inbox.queue.put(step)
+            await inbox.queue.put(None)
         except Exception as e:
-            await inbox.put(e)
+            await inbox.queue.put(e)
 
-    async def _take(self, inbox: asyncio.Queue) -> push.Step | None:
-        """The session's next step, None when the client closed it; SessionError after the idle timeout."""
+    async def _take(self, inbox: push.Inbox, idle_timeout: float) -> push.Step | None:
+        """The session's next step, None when the client closed it; DeadlineError after the idle timeout."""
         try:
             # awaited directly: asyncio.wait_for would start a task for every step
-            async with asyncio.timeout(self.settings.session_idle_timeout):
-                item = await inbox.get()
+            async with asyncio.timeout(idle_timeout):
+                item = await inbox.queue.get()
         except TimeoutError:
-            raise SessionError(
-                f"no step within {self.settings.session_idle_timeout:.0f} s; the session is closed"
-            ) from None
+            raise DeadlineError(f"no step within {idle_timeout:.0f} s; the session is closed") from None
         if isinstance(item, BaseException):
             raise item
         return item
 
-    async def _parts(self, requests, tensors, expected: int, what: str) -> list[torch.Tensor]:
+    async def _parts(
+        self, requests: Requests, tensors, expected: int, what: str, check
+    ) -> list[torch.Tensor]:
         """``expected`` tensors: those of a session message, then those of the ``parts`` messages after it."""
-        assembler = codec.TensorAssembler(expected=expected)
+        assembler = codec.TensorAssembler(expected=expected, check=check)
         assembler.feed(tensors)
         while not assembler.complete:
-            more = await self._next(requests, f"the rest of {what}'s tensors")
+            more = await requests.next()
             if more is None or more.WhichOneof("kind") != "parts":
-                raise SessionError(f"{what} message ended before its tensors were complete")
+                raise ValidationError(f"{what} message ended before its tensors were complete")
             assembler.feed(more.parts.tensors)
         return assembler.tensors()
 
@@ -401,17 +429,6 @@ class BlockHandlers:
         finally:
             self._finished += 1
 
-    async def _next(self, requests: AsyncIterator, what: str):
-        """The next message, None at the end of the stream, SessionError after the idle timeout."""
-        try:
-            return await asyncio.wait_for(anext(requests), self.settings.session_idle_timeout)
-        except StopAsyncIteration:
-            return None
-        except TimeoutError:
-            raise SessionError(
-                f"no {what} within {self.settings.session_idle_timeout:.0f} s; the session is closed"
-            ) from None
-
     def _check_span(self, request: swarm_pb2.Span) -> tuple[BlockSpan, int, int]:
         """The span that serves the requested blocks (the current one; the caller keeps it for the request)."""
         if request.model_id != self.model_id:
@@ -422,7 +439,9 @@ class BlockHandlers:
             raise ValidationError(f"blocks {a}:{b} are not inside the model's 0:{num_blocks}")
         if not span.start <= a < b <= span.end:
             # not the caller's fault: its view of the swarm is stale (this peer may just have moved)
-            raise PeerError(f"blocks {a}:{b} are not served here (this peer serves {span.start}:{span.end})")
+            raise MissingBlocksError(
+                f"blocks {a}:{b} are not served here (this peer serves {span.start}:{span.end})"
+            )
         return span, a, b
 
     def _check_inputs(self, hidden_BTD, mask_BS, positions_BT, *, past: int, batch_size: int | None):
@@ -461,6 +480,19 @@ class BlockHandlers:
         self.executor.shutdown(wait=True, cancel_futures=True)
 
 
+@dataclass(frozen=True)
+class _Session:
+    """What an inference session computes with: blocks [a, b) of ``span``, its sizes, additions and cache charge."""
+
+    span: BlockSpan
+    a: int
+    b: int
+    batch_size: int
+    max_length: int
+    applied: _Applied
+    charge: SessionCharge
+
+
 @dataclass(frozen=True, eq=False)
 class _Applied:
     """What one request adds to the frozen blocks: a served adapter, the client's LoRA, deep prompts."""
@@ -496,20 +528,6 @@ class _Applied:
         if self.lora is not None:
             lora = Lora(self.lora.modules, self.lora.scalings, tuple(fresh[0::2]), tuple(fresh[1::2]))
         return _Applied(self.served, lora, prompts)
-
-
-def _unary(handler):
-    """Serves a one-message request with a streaming handler whose answer is one message."""
-
-    async def unary(request: swarm_pb2.ForwardRequest, context: P2PContext) -> swarm_pb2.ForwardResponse:
-        responses = [response async for response in handler(as_aiter(request), context)]
-        if len(responses) != 1:
-            raise rpc.tag_error(
-                ValidationError("the answer is too large for one message: use the stream RPC")
-            )
-        return responses[0]
-
-    return unary
 
 
 def _check_float(what: str, tensor: torch.Tensor, shape) -> torch.Tensor:

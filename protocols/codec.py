@@ -9,7 +9,7 @@ size, so garbage from the network becomes a ``ValidationError`` instead of a cra
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
@@ -26,12 +26,15 @@ __all__ = [
     "group",
     "message_bytes",
     "TensorAssembler",
+    "declared",
     "NONE",
     "FLOAT16",
 ]
 
 MAX_MESSAGE_BYTES = 2 * 1024 * 1024  # half of hivemind's 4 MiB cap, leaving room for framing
 MAX_TENSOR_BYTES = 1 << 31
+# a compressed tensor's buffer may exceed its raw bytes by a header (8-bit codecs add a codebook), never by more
+_COMPRESSION_SLACK = 4096
 NONE = runtime_pb2.CompressionType.NONE
 FLOAT16 = runtime_pb2.CompressionType.FLOAT16
 _DTYPES = {
@@ -101,20 +104,13 @@ def message_bytes(part: runtime_pb2.Tensor) -> int:
 def deserialize(message: runtime_pb2.Tensor) -> torch.Tensor:
     """A complete (reassembled) ``Tensor`` message -> a CPU tensor that does not require grad, or
     ``ValidationError`` if it is malformed."""
-    dtype = _DTYPES.get(message.dtype)
-    if dtype is None:
-        raise ValidationError(f"unsupported tensor dtype {message.dtype!r}")
-    if len(message.size) > 4:
-        raise ValidationError(f"tensor has {len(message.size)} dimensions; at most 4 are accepted")
-    numel = math.prod(message.size)
-    if numel * dtype.itemsize > MAX_TENSOR_BYTES:
-        raise ValidationError(f"tensor of shape {list(message.size)} is too large")
+    dtype, shape, nbytes = declared(message)
     if message.compression == NONE and dtype != torch.bfloat16:  # the message serialize() writes
-        if len(message.buffer) != numel * dtype.itemsize:
+        if len(message.buffer) != nbytes:
             raise ValidationError(f"tensor buffer does not match its declared shape {list(message.size)}")
-        if numel == 0:
-            return torch.empty(tuple(message.size), dtype=dtype)
-        return torch.frombuffer(bytearray(message.buffer), dtype=dtype).view(tuple(message.size))
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(bytearray(message.buffer), dtype=dtype).view(shape)
     try:
         tensor = deserialize_torch_tensor(message)
     except Exception as e:  # hivemind raises whatever numpy/torch raise on a bad buffer
@@ -127,16 +123,25 @@ def deserialize(message: runtime_pb2.Tensor) -> torch.Tensor:
 class TensorAssembler:
     """Collects parts of ``expected`` tensors, possibly spread over several messages, in order.
 
-    >>> asm = TensorAssembler(expected=3)
+    Each tensor's dtype and shape are checked at its *first* part, before any more of it is buffered: by
+    ``declared`` (the shape is sane and its parts can only add up to that shape's bytes) and by the caller's
+    ``check(index, dtype, shape)``, which raises ``ValidationError`` for what the RPC does not take (a hidden size
+    other than the model's, more tokens than the peer's limit...). So a request declaring gigabytes is refused at
+    its first message, and no request can make the peer buffer more than what its shapes allow.
+
+    >>> asm = TensorAssembler(expected=3, check=check_shapes)
     >>> for parts in messages: asm.feed(parts)
     >>> if asm.complete: hidden, mask, positions = asm.tensors()
     """
 
-    def __init__(self, expected: int):
-        self.expected = expected
+    def __init__(
+        self, expected: int, check: Callable[[int, torch.dtype, tuple[int, ...]], None] | None = None
+    ):
+        self.expected, self.check = expected, check
         self._done: list[runtime_pb2.Tensor] = []
         self._current: list[runtime_pb2.Tensor] = []
         self._remaining = 0
+        self._room = 0  # buffer bytes the current tensor's remaining parts may still bring
 
     @property
     def complete(self) -> bool:
@@ -147,9 +152,18 @@ class TensorAssembler:
             if self.complete:
                 raise ValidationError(f"received more than the {self.expected} tensors this message expects")
             if self._remaining == 0:
-                if part.chunks < 1 or part.chunks > MAX_TENSOR_BYTES // MAX_MESSAGE_BYTES + 1:
-                    raise ValidationError(f"tensor part declares an invalid number of chunks: {part.chunks}")
-                self._remaining = part.chunks
+                dtype, shape, nbytes = declared(part)
+                if self.check is not None:
+                    self.check(len(self._done), dtype, shape)
+                if not 1 <= part.chunks <= nbytes // MAX_MESSAGE_BYTES + 1:
+                    raise ValidationError(
+                        f"a tensor of shape {list(shape)} comes in 1 to {nbytes // MAX_MESSAGE_BYTES + 1} parts, "
+                        f"not {part.chunks}"
+                    )
+                self._remaining, self._room = part.chunks, nbytes + _COMPRESSION_SLACK
+            self._room -= len(part.buffer)
+            if self._room < 0:
+                raise ValidationError("a tensor's parts hold more bytes than its declared shape")
             self._current.append(part)
             self._remaining -= 1
             if self._remaining == 0:
@@ -164,6 +178,21 @@ class TensorAssembler:
 
     def tensors(self) -> list[torch.Tensor]:
         return [deserialize(message) for message in self.messages()]
+
+
+def declared(part: runtime_pb2.Tensor) -> tuple[torch.dtype, tuple[int, ...], int]:
+    """The dtype, shape and uncompressed bytes that a tensor's (first) part declares; ``ValidationError`` if they
+    are not a tensor this codec takes."""
+    dtype = _DTYPES.get(part.dtype)
+    if dtype is None:
+        raise ValidationError(f"unsupported tensor dtype {part.dtype!r}")
+    shape = tuple(part.size)
+    if len(shape) > 4:  # sizes are unsigned on the wire
+        raise ValidationError(f"a tensor's shape must be at most 4 sizes, got {list(shape)}")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > MAX_TENSOR_BYTES:
+        raise ValidationError(f"tensor of shape {list(shape)} is too large")
+    return dtype, shape, nbytes
 
 
 def _combine(parts: list[runtime_pb2.Tensor]) -> runtime_pb2.Tensor:

@@ -1,23 +1,26 @@
 """RPC names and how errors cross the wire.
 
-Every handler is a hivemind P2P protobuf handler registered under a versioned name. A peer refuses bad input by
-raising one of our errors; hivemind sends its text back and the caller sees ``P2PHandlerError``. We tag the text
-with the error's kind (``[busy] ...``), so ``remote_error`` can rebuild the right class on the client:
-``BusyError`` and plain ``PeerError`` may be retried elsewhere, ``ValidationError`` is the caller's own fault.
+Every handler is a hivemind P2P protobuf handler registered under a versioned name. A peer refuses a request by
+raising one of our errors; the handler's answer then carries an ``Error`` (a kind and a one-line message) instead
+of tensors (``error_message``), and the caller rebuilds the same class from the kind alone (``check``). A failure
+with no answer at all (the peer died, the connection broke, no answer in time) becomes ``remote_error``'s
+``PeerError`` or ``DeadlineError``.
 """
 
 from __future__ import annotations
 
-import re
-
 from swarm_peer.errors import (
     BusyError,
+    DeadlineError,
+    InternalError,
+    MissingBlocksError,
     MissingWeightsError,
     PeerError,
-    SessionError,
     SwarmError,
+    UnknownSessionError,
     ValidationError,
 )
+from swarm_peer.protocols import swarm_pb2
 
 __all__ = [
     "INFO",
@@ -27,7 +30,9 @@ __all__ = [
     "PUSH",
     "SESSION_ID_BYTES",
     "streamed",
-    "tag_error",
+    "error_message",
+    "check",
+    "remote_failure",
     "remote_error",
 ]
 
@@ -36,7 +41,9 @@ FORWARD = "swarm.v1.forward"
 BACKWARD = "swarm.v1.backward"
 INFERENCE = "swarm.v1.inference"
 PUSH = "swarm.v1.push"  # a hop hands its output straight to the next hop's session
-SESSION_ID_BYTES = 16  # InferenceOpen.session_id: random, known to the client and the hop before (peer.push)
+SESSION_ID_BYTES = (
+    16  # InferenceOpen.session_id: random, known to the client, the session's peer and the hop before
+)
 
 
 def streamed(name: str) -> str:
@@ -48,35 +55,50 @@ def streamed(name: str) -> str:
     return f"{name}.stream"
 
 
-_TAGS: dict[type[SwarmError], str] = {
-    BusyError: "busy",
-    MissingWeightsError: "missing",
-    ValidationError: "invalid",
-    SessionError: "session",
+# what each kind on the wire becomes on the caller's side, and back; anything else a handler raises is INTERNAL
+_CLASSES: dict[int, type[SwarmError]] = {
+    swarm_pb2.BUSY: BusyError,
+    swarm_pb2.INVALID: ValidationError,
+    swarm_pb2.UNKNOWN_SESSION: UnknownSessionError,
+    swarm_pb2.MISSING_BLOCKS: MissingBlocksError,
+    swarm_pb2.DEADLINE: DeadlineError,
+    swarm_pb2.INTERNAL: InternalError,
+    swarm_pb2.MISSING_WEIGHTS: MissingWeightsError,
 }
-_TAG_RE = re.compile(r"\[(busy|missing|invalid|session)\] (.*)", re.DOTALL)
+_KINDS = {cls: kind for kind, cls in _CLASSES.items()}
+MAX_ERROR_CHARS = 1000  # an error message longer than this is cut: it is one log line
 
 
-def tag_error(error: SwarmError) -> Exception:
-    """The exception a handler raises so that its kind survives the trip: ``[busy] cache budget exhausted``."""
-    for cls, tag in _TAGS.items():
-        if isinstance(error, cls):
-            return RuntimeError(f"[{tag}] {error}")
-    return RuntimeError(str(error))
+def error_message(error: BaseException) -> swarm_pb2.Error:
+    """The wire form of why a handler failed: a ``SwarmError`` by its class, anything else as INTERNAL."""
+    kind = next((_KINDS[cls] for cls in type(error).__mro__ if cls in _KINDS), swarm_pb2.INTERNAL)
+    message = (
+        str(error) if isinstance(error, SwarmError) else f"internal error: {type(error).__name__}: {error}"
+    )
+    return swarm_pb2.Error(kind=kind, message=message[:MAX_ERROR_CHARS])
 
 
-def remote_error(error: BaseException, peer: str) -> SwarmError:
-    """Maps a failed call (``P2PHandlerError``, timeout, broken stream) to our error tree."""
-    text = str(error)
-    match = _TAG_RE.search(text)
-    if match is None:
-        return PeerError(f"peer {peer}: {text or type(error).__name__}")
-    tag, message = match.groups()
-    message = message.rstrip("')\"")
-    if tag == "busy":
-        return BusyError(f"peer {peer} is busy: {message}")
-    if tag == "missing":
-        return MissingWeightsError(f"peer {peer}: {message}")
-    if tag == "session":
-        return SessionError(f"peer {peer}: {message}")
-    return ValidationError(f"peer {peer} rejected the request: {message}")
+def check(response, peer: object) -> None:
+    """Raises what ``response.error`` says (a response of any of our types), if it carries one."""
+    if response.HasField("error"):
+        raise remote_failure(response.error, peer)
+
+
+def remote_failure(error: swarm_pb2.Error, peer: object) -> SwarmError:
+    """The caller's exception for a peer's typed ``Error``; an unknown kind (a newer peer) is a plain failure."""
+    cls = _CLASSES.get(error.kind, PeerError)
+    message = error.message[:MAX_ERROR_CHARS]
+    if cls is ValidationError:
+        return ValidationError(f"peer {peer} rejected the request: {message}")
+    return cls(f"peer {peer}: {message}")
+
+
+def remote_error(error: BaseException, peer: object) -> SwarmError:
+    """Maps a failed call (connection lost, no answer in time, hivemind's own ``P2PHandlerError``) to our tree:
+    ``DeadlineError`` for a timeout, else a plain ``PeerError`` (the peer could not be reached or broke the
+    protocol: retried elsewhere, and the peer banned)."""
+    if isinstance(error, SwarmError):
+        return error
+    if isinstance(error, TimeoutError):
+        return DeadlineError(f"peer {peer} did not answer in time")
+    return PeerError(f"peer {peer}: {str(error) or type(error).__name__}")

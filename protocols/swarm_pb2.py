@@ -25,41 +25,47 @@ _sym_db = _symbol_database.Default()
 from hivemind.proto import runtime_pb2 as runtime__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0bswarm.proto\x12\x08swarm.v1\x1a\rruntime.proto\"@\n\x04Span\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_block\x18\x02 \x01(\r\x12\x11\n\tend_block\x18\x03 \x01(\r\"Q\n\x06\x45xtras\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65\x65p_prompts\x18\x02 \x01(\x08\x12 \n\x04lora\x18\x03 \x01(\x0b\x32\x12.swarm.v1.LoraSpec\"O\n\x08LoraSpec\x12\x0e\n\x06\x64igest\x18\x01 \x01(\x0c\x12\x0f\n\x07modules\x18\x02 \x03(\t\x12\x10\n\x08scalings\x18\x03 \x03(\x02\x12\x10\n\x08\x61ttached\x18\x04 \x01(\x08\"|\n\x0e\x46orwardRequest\x12\x1c\n\x04span\x18\x01 \x01(\x0b\x32\x0e.swarm.v1.Span\x12\x18\n\x07tensors\x18\x02 \x03(\x0b\x32\x07.Tensor\x12 \n\x06\x65xtras\x18\x03 \x01(\x0b\x32\x10.swarm.v1.Extras\x12\x10\n\x08graph_id\x18\x04 \x01(\x04\"+\n\x0f\x46orwardResponse\x12\x18\n\x07tensors\x18\x01 \x03(\x0b\x32\x07.Tensor\"\x94\x01\n\x10InferenceRequest\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.swarm.v1.InferenceOpenH\x00\x12\'\n\x04step\x18\x02 \x01(\x0b\x32\x17.swarm.v1.InferenceStepH\x00\x12&\n\x05parts\x18\x03 \x01(\x0b\x32\x15.swarm.v1.TensorPartsH\x00\x42\x06\n\x04kind\"\xa5\x01\n\rInferenceOpen\x12\x1c\n\x04span\x18\x01 \x01(\x0b\x32\x0e.swarm.v1.Span\x12\x12\n\nmax_length\x18\x02 \x01(\r\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12 \n\x06\x65xtras\x18\x04 \x01(\x0b\x32\x10.swarm.v1.Extras\x12\x18\n\x07tensors\x18\x05 \x03(\x0b\x32\x07.Tensor\x12\x12\n\nsession_id\x18\x06 \x01(\x0c\".\n\x07PushHop\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\x0c\"\\\n\rInferenceStep\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x18\n\x07tensors\x18\x02 \x03(\x0b\x32\x07.Tensor\x12 \n\x05route\x18\x03 \x03(\x0b\x32\x11.swarm.v1.PushHop\"\x88\x01\n\rInferencePush\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x18\n\x07tensors\x18\x03 \x03(\x0b\x32\x07.Tensor\x12 \n\x05route\x18\x04 \x03(\x0b\x32\x11.swarm.v1.PushHop\x12\x16\n\x0e\x63\x61rried_blocks\x18\x05 \x03(\r\"\x1d\n\x0cPushResponse\x12\r\n\x05\x65rror\x18\x01 \x01(\t\"\'\n\x0bTensorParts\x12\x18\n\x07tensors\x18\x01 \x03(\x0b\x32\x07.Tensor\"x\n\x11InferenceResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x18\n\x07tensors\x18\x02 \x03(\x0b\x32\x07.Tensor\x12\x10\n\x08position\x18\x03 \x01(\r\x12\x0e\n\x06pushed\x18\x04 \x01(\x08\x12\x16\n\x0e\x63\x61rried_blocks\x18\x05 \x03(\r\"\r\n\x0bInfoRequest\"!\n\x0cInfoResponse\x12\x11\n\tinfo_json\x18\x01 \x01(\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0bswarm.proto\x12\x08swarm.v1\x1a\rruntime.proto\"@\n\x04Span\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_block\x18\x02 \x01(\r\x12\x11\n\tend_block\x18\x03 \x01(\r\";\n\x05\x45rror\x12!\n\x04kind\x18\x01 \x01(\x0e\x32\x13.swarm.v1.ErrorKind\x12\x0f\n\x07message\x18\x02 \x01(\t\"Q\n\x06\x45xtras\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65\x65p_prompts\x18\x02 \x01(\x08\x12 \n\x04lora\x18\x03 \x01(\x0b\x32\x12.swarm.v1.LoraSpec\"O\n\x08LoraSpec\x12\x0e\n\x06\x64igest\x18\x01 \x01(\x0c\x12\x0f\n\x07modules\x18\x02 \x03(\t\x12\x10\n\x08scalings\x18\x03 \x03(\x02\x12\x10\n\x08\x61ttached\x18\x04 \x01(\x08\"\x90\x01\n\x0e\x46orwardRequest\x12\x1c\n\x04span\x18\x01 \x01(\x0b\x32\x0e.swarm.v1.Span\x12\x18\n\x07tensors\x18\x02 \x03(\x0b\x32\x07.Tensor\x12 \n\x06\x65xtras\x18\x03 \x01(\x0b\x32\x10.swarm.v1.Extras\x12\x10\n\x08graph_id\x18\x04 \x01(\x04\x12\x12\n\ntimeout_ms\x18\x05 \x01(\r\"K\n\x0f\x46orwardResponse\x12\x18\n\x07tensors\x18\x01 \x03(\x0b\x32\x07.Tensor\x12\x1e\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x0f.swarm.v1.Error\"\xc0\x01\n\x10InferenceRequest\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.swarm.v1.InferenceOpenH\x00\x12\'\n\x04step\x18\x02 \x01(\x0b\x32\x17.swarm.v1.InferenceStepH\x00\x12&\n\x05parts\x18\x03 \x01(\x0b\x32\x15.swarm.v1.TensorPartsH\x00\x12*\n\nneighbours\x18\x04 \x01(\x0b\x32\x14.swarm.v1.NeighboursH\x00\x42\x06\n\x04kind\"G\n\nNeighbours\x12\x18\n\x10previous_peer_id\x18\x01 \x01(\t\x12\x1f\n\x04next\x18\x02 \x01(\x0b\x32\x11.swarm.v1.PushHop\"\xf7\x01\n\rInferenceOpen\x12\x1c\n\x04span\x18\x01 \x01(\x0b\x32\x0e.swarm.v1.Span\x12\x12\n\nmax_length\x18\x02 \x01(\r\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12 \n\x06\x65xtras\x18\x04 \x01(\x0b\x32\x10.swarm.v1.Extras\x12\x18\n\x07tensors\x18\x05 \x03(\x0b\x32\x07.Tensor\x12\x12\n\nsession_id\x18\x06 \x01(\x0c\x12(\n\nneighbours\x18\x07 \x01(\x0b\x32\x14.swarm.v1.Neighbours\x12\x14\n\x0cidle_timeout\x18\x08 \x01(\r\x12\x10\n\x08lifetime\x18\t \x01(\r\".\n\x07PushHop\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\x0c\"N\n\rInferenceStep\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x18\n\x07tensors\x18\x02 \x03(\x0b\x32\x07.Tensor\x12\x0c\n\x04push\x18\x04 \x01(\x08J\x04\x08\x03\x10\x04\"l\n\rInferencePush\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x18\n\x07tensors\x18\x03 \x03(\x0b\x32\x07.Tensor\x12\x16\n\x0e\x63\x61rried_blocks\x18\x05 \x03(\rJ\x04\x08\x04\x10\x05\"4\n\x0cPushResponse\x12\x1e\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x0f.swarm.v1.ErrorJ\x04\x08\x01\x10\x02\"\'\n\x0bTensorParts\x12\x18\n\x07tensors\x18\x01 \x03(\x0b\x32\x07.Tensor\"\x98\x01\n\x11InferenceResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x18\n\x07tensors\x18\x02 \x03(\x0b\x32\x07.Tensor\x12\x10\n\x08position\x18\x03 \x01(\r\x12\x0e\n\x06pushed\x18\x04 \x01(\x08\x12\x16\n\x0e\x63\x61rried_blocks\x18\x05 \x03(\r\x12\x1e\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x0f.swarm.v1.Error\"\r\n\x0bInfoRequest\"!\n\x0cInfoResponse\x12\x11\n\tinfo_json\x18\x01 \x01(\x0c*\x8c\x01\n\tErrorKind\x12\x0e\n\nERROR_NONE\x10\x00\x12\x08\n\x04\x42USY\x10\x01\x12\x0b\n\x07INVALID\x10\x02\x12\x13\n\x0fUNKNOWN_SESSION\x10\x03\x12\x12\n\x0eMISSING_BLOCKS\x10\x04\x12\x0c\n\x08\x44\x45\x41\x44LINE\x10\x05\x12\x0c\n\x08INTERNAL\x10\x06\x12\x13\n\x0fMISSING_WEIGHTS\x10\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'swarm_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_ERRORKIND']._serialized_start=1612
+  _globals['_ERRORKIND']._serialized_end=1752
   _globals['_SPAN']._serialized_start=40
   _globals['_SPAN']._serialized_end=104
-  _globals['_EXTRAS']._serialized_start=106
-  _globals['_EXTRAS']._serialized_end=187
-  _globals['_LORASPEC']._serialized_start=189
-  _globals['_LORASPEC']._serialized_end=268
-  _globals['_FORWARDREQUEST']._serialized_start=270
-  _globals['_FORWARDREQUEST']._serialized_end=394
-  _globals['_FORWARDRESPONSE']._serialized_start=396
-  _globals['_FORWARDRESPONSE']._serialized_end=439
-  _globals['_INFERENCEREQUEST']._serialized_start=442
-  _globals['_INFERENCEREQUEST']._serialized_end=590
-  _globals['_INFERENCEOPEN']._serialized_start=593
-  _globals['_INFERENCEOPEN']._serialized_end=758
-  _globals['_PUSHHOP']._serialized_start=760
-  _globals['_PUSHHOP']._serialized_end=806
-  _globals['_INFERENCESTEP']._serialized_start=808
-  _globals['_INFERENCESTEP']._serialized_end=900
-  _globals['_INFERENCEPUSH']._serialized_start=903
-  _globals['_INFERENCEPUSH']._serialized_end=1039
-  _globals['_PUSHRESPONSE']._serialized_start=1041
-  _globals['_PUSHRESPONSE']._serialized_end=1070
-  _globals['_TENSORPARTS']._serialized_start=1072
-  _globals['_TENSORPARTS']._serialized_end=1111
-  _globals['_INFERENCERESPONSE']._serialized_start=1113
-  _globals['_INFERENCERESPONSE']._serialized_end=1233
-  _globals['_INFOREQUEST']._serialized_start=1235
-  _globals['_INFOREQUEST']._serialized_end=1248
-  _globals['_INFORESPONSE']._serialized_start=1250
-  _globals['_INFORESPONSE']._serialized_end=1283
+  _globals['_ERROR']._serialized_start=106
+  _globals['_ERROR']._serialized_end=165
+  _globals['_EXTRAS']._serialized_start=167
+  _globals['_EXTRAS']._serialized_end=248
+  _globals['_LORASPEC']._serialized_start=250
+  _globals['_LORASPEC']._serialized_end=329
+  _globals['_FORWARDREQUEST']._serialized_start=332
+  _globals['_FORWARDREQUEST']._serialized_end=476
+  _globals['_FORWARDRESPONSE']._serialized_start=478
+  _globals['_FORWARDRESPONSE']._serialized_end=553
+  _globals['_INFERENCEREQUEST']._serialized_start=556
+  _globals['_INFERENCEREQUEST']._serialized_end=748
+  _globals['_NEIGHBOURS']._serialized_start=750
+  _globals['_NEIGHBOURS']._serialized_end=821
+  _globals['_INFERENCEOPEN']._serialized_start=824
+  _globals['_INFERENCEOPEN']._serialized_end=1071
+  _globals['_PUSHHOP']._serialized_start=1073
+  _globals['_PUSHHOP']._serialized_end=1119
+  _globals['_INFERENCESTEP']._serialized_start=1121
+  _globals['_INFERENCESTEP']._serialized_end=1199
+  _globals['_INFERENCEPUSH']._serialized_start=1201
+  _globals['_INFERENCEPUSH']._serialized_end=1309
+  _globals['_PUSHRESPONSE']._serialized_start=1311
+  _globals['_PUSHRESPONSE']._serialized_end=1363
+  _globals['_TENSORPARTS']._serialized_start=1365
+  _globals['_TENSORPARTS']._serialized_end=1404
+  _globals['_INFERENCERESPONSE']._serialized_start=1407
+  _globals['_INFERENCERESPONSE']._serialized_end=1559
+  _globals['_INFOREQUEST']._serialized_start=1561
+  _globals['_INFOREQUEST']._serialized_end=1574
+  _globals['_INFORESPONSE']._serialized_start=1576
+  _globals['_INFORESPONSE']._serialized_end=1609
 # @@protoc_insertion_point(module_scope)

@@ -14,11 +14,15 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 from swarm_peer.errors import (  # noqa: E402
     BusyError,
-    ByzantineError,
+    DeadlineError,
+    InternalError,
+    MissingBlocksError,
+    MissingWeightsError,
     PeerError,
     RoutingError,
     SessionError,
     SwarmError,
+    UnknownSessionError,
     ValidationError,
 )
 from swarm_peer.models import Checkpoint, resolve_checkpoint  # noqa: E402
@@ -49,6 +53,10 @@ __all__ = [
     "RoutingError",
     "PeerError",
     "BusyError",
+    "MissingBlocksError",
+    "DeadlineError",
+    "UnknownSessionError",
+    "MissingWeightsError",
+    "InternalError",
     "SessionError",
-    "ByzantineError",
 ]

@@ -1,16 +1,26 @@
 """The one error tree of swarm-peer. Catch what you can handle; everything derives from SwarmError.
 
     SwarmError
-    ├── ValidationError     a request, record, file or argument is malformed (the caller's fault; never retried)
-    ├── RoutingError        no chain of live peers covers the requested blocks (within the lookup deadline)
-    ├── PeerError           a remote peer failed or refused a call
-    │   ├── BusyError       the peer is out of capacity (e.g. KV-cache budget); try later or elsewhere
-    │   └── MissingWeightsError  the peer no longer holds the client's LoRA weights; send them again
-    ├── SessionError        an inference session is closed, unknown, or used out of order
-    └── ByzantineError      a peer's contribution failed verification
+    ├── ValidationError        a request, record, file or argument is malformed (the caller's fault; never retried)
+    ├── RoutingError           no chain of live peers covers the requested blocks (within the lookup deadline)
+    ├── SessionError           an inference session is closed or used out of order (by this client)
+    └── PeerError              a remote peer failed or refused a call (or could not be reached)
+        ├── BusyError          out of capacity now (cache, inbound bytes, streams): another peer, or later
+        ├── MissingBlocksError the peer does not serve the requested blocks (any more): the client's view is stale
+        ├── DeadlineError      the call or session ran past its deadline or idle timeout
+        ├── UnknownSessionError no open session on the peer takes this push
+        ├── MissingWeightsError the peer no longer holds the client's LoRA weights; send them again
+        └── InternalError      a bug in the peer; not retried, and not held against the peer's health
 
-Remote errors arrive as ``PeerError``; their message carries the peer's own explanation, e.g.
-``PeerError("peer 12D3Koo...: busy: cache budget exhausted (4096 of 4096 tokens in use)")``.
+A peer sends each refusal as a typed kind on the wire (``protocols.swarm.ErrorKind``), and the client rebuilds the
+class above from the kind alone (``protocols.rpc``), never from the text. What the client does with a ``PeerError``
+is decided by its class, through two attributes (``client.health.Retries``):
+
+- ``retry``: another try, on another peer or later, may succeed;
+- ``ban``: the peer is treated as failing: it is banned, for longer after each further failure. Classes that
+  retry without a ban (busy, stale blocks, missing weights) only make the client avoid the peer briefly.
+
+A ``ValidationError`` from a peer means the request itself was refused: retrying it elsewhere cannot help.
 """
 
 from __future__ import annotations
@@ -19,11 +29,14 @@ __all__ = [
     "SwarmError",
     "ValidationError",
     "RoutingError",
+    "SessionError",
     "PeerError",
     "BusyError",
+    "MissingBlocksError",
+    "DeadlineError",
+    "UnknownSessionError",
     "MissingWeightsError",
-    "SessionError",
-    "ByzantineError",
+    "InternalError",
 ]
 
 
@@ -39,25 +52,45 @@ class RoutingError(SwarmError):
     """No chain of live peers covers the requested blocks."""
 
 
-class PeerError(SwarmError):
-    """A remote peer failed or refused a call. ``retryable`` says whether another try may succeed."""
+class SessionError(SwarmError):
+    """An inference session is closed, or used out of order, by this client."""
 
-    def __init__(self, message: str, *, retryable: bool = True):
-        super().__init__(message)
-        self.retryable = retryable
+
+class PeerError(SwarmError):
+    """A remote peer failed or refused a call, or could not be reached (connection lost, no answer in time)."""
+
+    retry = True  # another try, elsewhere or later, may succeed
+    ban = True  # the peer is treated as failing (banned, with a backoff that grows per failure)
 
 
 class BusyError(PeerError):
-    """The peer has no capacity for this request now (cache budget, queue); it may have later."""
+    """The peer has no capacity for this request now (cache budget, inbound bytes, streams); it may have later."""
+
+    ban = False
+
+
+class MissingBlocksError(PeerError):
+    """The peer does not serve the requested blocks (it moved, or the client's view of the swarm is stale)."""
+
+    ban = False
+
+
+class DeadlineError(PeerError):
+    """The call, or the session, ran past its deadline or idle timeout on the peer."""
+
+
+class UnknownSessionError(PeerError):
+    """No open session on the peer takes this push (closed, never opened, or not from this sender)."""
 
 
 class MissingWeightsError(PeerError):
     """The peer has no cached copy of the LoRA weights a request names by digest; resend them attached."""
 
-
-class SessionError(SwarmError):
-    """An inference session is closed, unknown to the peer, or used out of order."""
+    ban = False
 
 
-class ByzantineError(SwarmError):
-    """A peer's contribution failed verification."""
+class InternalError(PeerError):
+    """The peer failed on a bug of its own. Retrying elsewhere would hide it, and the peer is not unhealthy."""
+
+    retry = False
+    ban = False

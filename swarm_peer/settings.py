@@ -47,13 +47,26 @@ class PeerSettings(_Settings):
     device: str = Field("cpu", description="torch device of the blocks")
     dtype: str = Field("float32", description="dtype of the blocks: float32, bfloat16 or float16")
     cache_tokens: int = Field(
-        8192, ge=1, description="KV-cache budget: sum of batch * max_length over sessions"
+        8192, ge=1, description="KV-cache budget: batch * tokens held, summed over sessions"
+    )
+    client_cache_share: float = Field(
+        0.5, gt=0, le=1, description="most of the KV-cache budget that one client may hold, over its sessions"
     )
     max_batch_tokens: int = Field(8192, ge=1, description="largest batch * new tokens in one request")
-    max_length: int = Field(8192, ge=1, description="longest sequence an inference session may reach")
-    session_idle_timeout: float = Field(
-        300.0, gt=0, description="seconds before an idle session's cache is freed"
+    max_length: int = Field(2048, ge=1, description="longest sequence an inference session may reach")
+    session_timeout: float = Field(
+        120.0, gt=0, description="seconds an inference session may stay idle before it is closed"
     )
+    max_session_seconds: float = Field(
+        3600.0, gt=0, description="seconds an inference session (or push stream) may last in all"
+    )
+    max_request_seconds: float = Field(
+        300.0, gt=0, description="seconds a forward or backward call may take, from its first message"
+    )
+    max_inbound_mb: float = Field(
+        256.0, gt=0, description="MiB of request data held at once over all callers; more waits, then is busy"
+    )
+    max_streams: int = Field(128, ge=1, description="RPC streams served at once over all callers")
     announce_period: float = Field(
         30.0, gt=0, description="seconds between DHT announcements (records live 2x)"
     )

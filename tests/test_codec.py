@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
@@ -75,7 +77,7 @@ def test_a_received_tensor_never_requires_grad():
     [
         (runtime_pb2.Tensor(buffer=b"\x00" * 7, size=[2], dtype="float32"), "does not match"),
         (runtime_pb2.Tensor(buffer=b"\x00" * 16, size=[2], dtype="float32"), "does not match"),
-        (runtime_pb2.Tensor(buffer=b"\x00" * 8, size=[1, 1, 1, 1, 2], dtype="float32"), "dimensions"),
+        (runtime_pb2.Tensor(buffer=b"\x00" * 8, size=[1, 1, 1, 1, 2], dtype="float32"), "at most 4"),
         (runtime_pb2.Tensor(buffer=b"\x00" * 8, size=[2], dtype="complex64"), "dtype"),
         (runtime_pb2.Tensor(buffer=b"", size=[1 << 20, 1 << 20], dtype="float32"), "too large"),
         (runtime_pb2.Tensor(buffer=b"\x00" * 3, size=[2], dtype="bfloat16"), "cannot decode|does not match"),
@@ -84,3 +86,38 @@ def test_a_received_tensor_never_requires_grad():
 def test_malformed_messages_are_refused(message, match):
     with pytest.raises(ValidationError, match=match):
         codec.deserialize(message)
+
+
+def _first_part(shape, chunks=1, dtype="float32", nbytes=8):
+    return runtime_pb2.Tensor(buffer=b"\x00" * nbytes, size=shape, dtype=dtype, chunks=chunks)
+
+
+def test_a_tensor_is_checked_at_its_first_part_before_more_is_buffered():
+    """What a tensor's first part declares is checked before any other part is taken: the caller's check (here:
+    at most 1000 elements), a part count that its bytes allow, and parts that never add up to more than that."""
+    seen = []
+
+    def at_most_1000(index, dtype, shape):
+        seen.append((index, dtype, shape))
+        if math.prod(shape) > 1000:
+            raise ValidationError(f"tensor {index} of shape {list(shape)} is too large for this RPC")
+
+    # 1.5 GiB declared in 750 parts: refused at the first part, whose buffer is tiny
+    assembler = codec.TensorAssembler(expected=1, check=at_most_1000)
+    with pytest.raises(ValidationError, match="too large for this RPC"):
+        assembler.feed([_first_part([1, 700_000, 576], chunks=750)])
+    assert seen == [(0, torch.float32, (1, 700_000, 576))]
+    # 8 bytes declared, but in 1025 parts: more parts than its bytes need
+    with pytest.raises(ValidationError, match="parts"):
+        codec.TensorAssembler(expected=1).feed([_first_part([2], chunks=1025)])
+    # parts that bring more bytes than the declared shape holds
+    assembler = codec.TensorAssembler(expected=1)
+    big = codec.MAX_MESSAGE_BYTES
+    with pytest.raises(ValidationError, match="more bytes than"):
+        assembler.feed([_first_part([big // 4 + 1], chunks=2, nbytes=big), _first_part([], nbytes=big)])
+    # control: the same assembler takes a well-formed tensor of several parts
+    tensor = torch.randn(big // 4 + 10)
+    assembler = codec.TensorAssembler(expected=1, check=lambda *args: None)
+    for message in codec.pack([tensor]):
+        assembler.feed(message)
+    assert torch.equal(assembler.tensors()[0], tensor)

@@ -11,6 +11,7 @@ from hivemind.utils.asyncio import as_aiter
 
 from swarm_peer import DistributedModelForCausalLM
 from swarm_peer.cli.local_swarm import LocalSwarm
+from swarm_peer.client.runtime import SwarmRuntime
 from swarm_peer.client.session import _SpanStream
 from swarm_peer.errors import ValidationError
 from swarm_peer.protocols import codec, rpc, swarm_pb2
@@ -23,7 +24,8 @@ SPANS = [(0, 1), (1, 3), (3, 4)]
 @pytest.fixture(scope="module")
 def swarm(tiny_checkpoints):
     path = tiny_checkpoints["llama"]
-    with LocalSwarm(path, SPANS) as swarm:
+    # one client may hold the whole cache: a test below opens a session larger than half of it
+    with LocalSwarm(path, SPANS, peer_args=["--client-cache-share", "1"]) as swarm:
         yield swarm, path, reference_model(path)
 
 
@@ -66,10 +68,22 @@ def test_generation_is_exact_and_pushed(swarm, push):
     assert torch.equal(got, want)
 
 
+def _neighbours(previous: _SpanStream | None = None, following: _SpanStream | None = None, *, sender=None):
+    """What a session's client tells a hop: who pushes into it (``sender``: a peer id), and where it pushes."""
+    neighbours = swarm_pb2.Neighbours()
+    if previous is not None or sender is not None:
+        neighbours.previous_peer_id = (sender or previous.hop.peer_id).to_base58()
+    if following is not None:
+        neighbours.next.CopyFrom(following.push_hop)
+    return neighbours
+
+
 def _open(model, route, max_length=16) -> list[_SpanStream]:
+    """Sessions on ``route``, linked as an InferenceSession links them."""
     streams = [_SpanStream(model.swarm, model.model_id, hop) for hop in route]
-    for stream in streams:
-        model.swarm.run(stream.open(max_length, 1))
+    chain = [None, *streams, None]
+    for i, stream in enumerate(streams, start=1):
+        model.swarm.run(stream.open(max_length, 1, _neighbours(chain[i - 1], chain[i + 1])))
     return streams
 
 
@@ -94,24 +108,26 @@ def test_pushes_carry_the_inputs_to_the_last_hop_and_a_second_copy_goes_on_uncha
     try:
         # step 1: pushed into an unknown session of the second peer: refused, so the first peer answers
         bogus = swarm_pb2.PushHop(peer_id=second.hop.peer_id.to_base58(), session_id=os.urandom(16))
-        first.send(1, _step_inputs(x_BTD[:, :3], 0), [bogus])
+        first.relink(swarm_pb2.Neighbours(next=bogus))
+        first.send(1, _step_inputs(x_BTD[:, :3], 0), push=True)
         answer = _receive(model, first)
         assert answer.step_id == 1 and answer.carried == {}
+        first.relink(_neighbours(None, second))
         # the client relays it; the second peer pushes on to the third, which carries the second's output back
-        second.send(1, _step_inputs(answer.out_BTD, 0), [third.push_hop])
+        second.send(1, _step_inputs(answer.out_BTD, 0), push=True)
         answer = _receive(model, third)
         assert answer.step_id == 1 and list(answer.carried) == [3]  # by the first block of the hop
         torch.testing.assert_close(answer.carried[3], local[3][:, :3], atol=1e-4, rtol=0)
         torch.testing.assert_close(answer.out_BTD, local[4][:, :3], atol=1e-4, rtol=0)
 
         # step 2 goes through by push: the third peer answers with both inputs the client did not send
-        first.send(2, _step_inputs(x_BTD[:, 3:4], 3), [second.push_hop, third.push_hop])
+        first.send(2, _step_inputs(x_BTD[:, 3:4], 3), push=True)
         pushed = _receive(model, third)
         assert pushed.step_id == 2 and list(pushed.carried) == [1, 3]
         for block in (1, 3):
             torch.testing.assert_close(pushed.carried[block], local[block][:, 3:4], atol=1e-4, rtol=0)
         # a second copy of step 2 to the first peer: it pushes its saved output, and so does the second peer
-        first.send(2, _step_inputs(x_BTD[:, 3:4], 3), [second.push_hop, third.push_hop])
+        first.send(2, _step_inputs(x_BTD[:, 3:4], 3), push=True)
         again = _receive(model, third)
         assert again.step_id == 2 and list(again.carried) == [1, 3]
         for got, want in zip(
@@ -119,7 +135,7 @@ def test_pushes_carry_the_inputs_to_the_last_hop_and_a_second_copy_goes_on_uncha
         ):
             assert torch.equal(got, want)
         # step 3 is exact only if step 2 entered every cache once
-        first.send(3, _step_inputs(x_BTD[:, 4:5], 4), [second.push_hop, third.push_hop])
+        first.send(3, _step_inputs(x_BTD[:, 4:5], 4), push=True)
         answer = _receive(model, third)
         torch.testing.assert_close(answer.out_BTD, local[4][:, 4:5], atol=1e-4, rtol=0)
         # the first two peers answered nothing for the pushed steps: their next answer is to step 4
@@ -149,19 +165,24 @@ def test_inputs_too_large_to_carry_are_answered_by_the_hop_that_cannot_push_them
     torch.testing.assert_close(out, _local_blocks(ref, x_BTD, 0, 4), atol=1e-4, rtol=0)
 
 
-def _push(model, peer_id, requests: list[swarm_pb2.InferencePush]) -> list[str]:
+def _push(runtime, peer_id, requests: list[swarm_pb2.InferencePush]) -> list[int]:
+    """Pushes ``requests`` from ``runtime``'s peer; the kind of error each got (ERROR_NONE: queued)."""
+
     async def call():
-        answers = await model.swarm.p2p.iterate_protobuf_handler(
+        answers = await runtime.p2p.iterate_protobuf_handler(
             peer_id, rpc.PUSH, as_aiter(*requests), swarm_pb2.PushResponse
         )
-        return [answer.error async for answer in answers]
+        return [answer.error.kind async for answer in answers]
 
-    return model.swarm.run(call())
+    return runtime.run(call())
 
 
 def test_bad_pushes_get_errors_and_the_peer_keeps_serving(client):
     model, ref = client
-    (first,) = _open(model, model.router.inference_route(0, 1))
+    (hop,) = model.router.inference_route(0, 1)
+    first = _SpanStream(model.swarm, model.model_id, hop)
+    # this client itself is the session's previous hop, so that its malformed pushes are read at all
+    model.swarm.run(first.open(16, 1, _neighbours(sender=model.swarm.p2p.peer_id)))
     good = codec.pack(_step_inputs(torch.randn(1, 2, 64), 0))[0]
     garbage = [runtime_pb2.Tensor(buffer=b"\x00" * 7, size=[1, 2, 64], dtype="float32", chunks=1)]
     requests = [
@@ -170,19 +191,17 @@ def test_bad_pushes_get_errors_and_the_peer_keeps_serving(client):
         swarm_pb2.InferencePush(session_id=first.session_id, step_id=1, tensors=garbage + good[1:]),
         swarm_pb2.InferencePush(session_id=first.session_id, step_id=1, tensors=good[:1]),  # too few tensors
     ]
+    unknown, invalid = swarm_pb2.UNKNOWN_SESSION, swarm_pb2.INVALID
     try:
-        errors = _push(model, first.hop.peer_id, requests)
-        assert [e.split("]")[0] for e in errors] == ["[session", "[session", "[invalid", "[invalid"], errors
+        assert _push(model.swarm, hop.peer_id, requests) == [unknown, unknown, invalid, invalid]
 
         async def send_garbage():
-            _, _, writer = await model.swarm.p2p.call_binary_stream_handler(first.hop.peer_id, rpc.PUSH)
+            _, _, writer = await model.swarm.p2p.call_binary_stream_handler(hop.peer_id, rpc.PUSH)
             writer.write(b"\x07" + b"\xff" * 64)
             writer.close()
 
         model.swarm.run(send_garbage())
-        assert _push(model, first.hop.peer_id, requests[:1])[0].startswith(
-            "[session"
-        )  # pushes are still served
+        assert _push(model.swarm, hop.peer_id, requests[:1]) == [unknown]  # pushes are still served
         # the session itself is unharmed and serves its client
         x = _step_inputs(torch.randn(1, 2, 64), 0)
         out = model.swarm.run(first.step(5, x))
@@ -209,3 +228,54 @@ def test_session_ids_are_checked(client):
             model.swarm.run(twin.open(16, 1))
     finally:
         model.swarm.loop.call_soon_threadsafe(stream.close)
+
+
+def test_a_third_party_that_knows_the_session_ids_can_neither_push_nor_read(swarm, client):
+    """The attack: another client learned every session id of a victim's chain. It pushes a repeat of the victim's
+    step (to have its saved output sent on) and a new step of its own (to run it in the victim's context, moving
+    its position). Every push is refused as if the session did not exist, and the victim's next step is exact.
+    Control: once the victim names that client as a session's previous hop, the same kind of push is taken."""
+    model, ref = client
+    local_swarm, _, _ = swarm
+    attacker = SwarmRuntime(client_settings(local_swarm))
+    streams = _open(model, model.router.inference_route())
+    x_BTD = torch.randn(1, 6, 64, generator=torch.Generator().manual_seed(3))
+    local = {block: _local_blocks(ref, x_BTD, 0, block) for block in (3, 4)}
+    try:
+        streams[0].send(1, _step_inputs(x_BTD[:, :3], 0), push=True)
+        answer = _receive(model, streams[2])
+        torch.testing.assert_close(answer.out_BTD, local[4][:, :3], atol=1e-4, rtol=0)
+
+        unknown = swarm_pb2.UNKNOWN_SESSION
+        for stream in streams[1:]:
+            repeat = codec.pack(_step_inputs(torch.zeros(1, 3, 64), 0))[0]
+            new = codec.pack(_step_inputs(torch.randn(1, 1, 64), 3))[0]
+            pushes = [
+                swarm_pb2.InferencePush(session_id=stream.session_id, step_id=1, tensors=repeat),
+                swarm_pb2.InferencePush(session_id=stream.session_id, step_id=2, tensors=new),
+            ]
+            assert _push(attacker, stream.hop.peer_id, pushes) == [unknown, unknown]
+        # nothing reached the victim's caches: its step 2 is exact, and answered by the last hop alone
+        streams[0].send(2, _step_inputs(x_BTD[:, 3:4], 3), push=True)
+        answer = _receive(model, streams[2])
+        assert answer.step_id == 2
+        torch.testing.assert_close(answer.out_BTD, local[4][:, 3:4], atol=1e-4, rtol=0)
+
+        # control: the victim names the attacker as its last session's previous hop (a step on the same stream
+        # afterwards makes sure the peer has read that); the attacker's push is then taken and computed
+        streams[2].relink(_neighbours(sender=attacker.p2p.peer_id))
+        streams[2].send(3, _step_inputs(local[3][:, 4:5], 4))
+        assert _receive(model, streams[2]).step_id == 3
+        step = swarm_pb2.InferencePush(
+            session_id=streams[2].session_id,
+            step_id=4,
+            tensors=codec.pack(_step_inputs(local[3][:, 5:6], 5))[0],
+        )
+        assert _push(attacker, streams[2].hop.peer_id, [step]) == [swarm_pb2.ERROR_NONE]
+        answer = _receive(model, streams[2])
+        assert answer.step_id == 4
+        torch.testing.assert_close(answer.out_BTD, local[4][:, 5:6], atol=1e-4, rtol=0)
+    finally:
+        for stream in streams:
+            model.swarm.loop.call_soon_threadsafe(stream.close)
+        attacker.shutdown()
