@@ -41,9 +41,9 @@ import re
 import struct
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from pydantic import ValidationError as PydanticValidationError
 
 from swarm_peer.errors import ValidationError
@@ -64,9 +64,8 @@ MANIFEST_FILE = "swarm_manifest.json"
 MANIFEST_FORMAT = "swarm-peer.manifest"
 MANIFEST_VERSION = 1
 MODEL_ID_CHARS = 32  # 128 bits of the fingerprint; see the module docstring
-BLOCK_PREFIX = "model.layers."
 _BLOCK_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
-_HEX64 = r"^[0-9a-f]{64}$"
+Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 _HASH_CHUNK = 1 << 22
 # config fields that say how or where a config was written, not what the model computes
 _VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "_commit_hash")
@@ -84,9 +83,11 @@ class Manifest(BaseModel):
 
     format: Literal["swarm-peer.manifest"] = MANIFEST_FORMAT
     version: Literal[1] = MANIFEST_VERSION
-    config: str = Field(pattern=_HEX64, description="sha256 of the canonical config")
-    blocks: tuple[str, ...] = Field(min_length=1, description="block i -> sha256 of its tensors")
-    client: dict[str, str] = Field(description="tensor name -> sha256, for every tensor outside the blocks")
+    config: Sha256Hex = Field(description="sha256 of the canonical config")
+    blocks: tuple[Sha256Hex, ...] = Field(min_length=1, description="block i -> sha256 of its tensors")
+    client: dict[str, Sha256Hex] = Field(
+        description="tensor name -> sha256, for each tensor outside the blocks"
+    )
     name: str = Field("", max_length=64, description="readable name; not part of the fingerprint")
 
     @cached_property
@@ -111,8 +112,6 @@ class Manifest(BaseModel):
             manifest = cls.model_validate(data)
         except (json.JSONDecodeError, PydanticValidationError) as e:
             raise ValidationError(f"{source} is not a swarm-peer manifest: {e}") from None
-        if not all(re.fullmatch(_HEX64, h) for h in [*manifest.blocks, *manifest.client.values()]):
-            raise ValidationError(f"{source}: every block and tensor hash must be 64 hex characters")
         if data.get("model_id", manifest.model_id) != manifest.model_id:
             raise ValidationError(
                 f"{source} says model id {data['model_id']!r}, but its hashes give {manifest.model_id!r}"
@@ -158,15 +157,26 @@ def hash_safetensors(file: Path) -> dict[str, str]:
     with open(file, "rb") as f:
         try:
             (header_size,) = struct.unpack("<Q", f.read(8))
+            if header_size > file.stat().st_size:
+                raise ValueError(f"header length {header_size} exceeds the file")
             header = json.loads(f.read(header_size))
-        except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+            header.pop("__metadata__", None)
+            entries = sorted(
+                (
+                    int(meta["data_offsets"][0]),
+                    int(meta["data_offsets"][1]),
+                    name,
+                    meta["dtype"],
+                    meta["shape"],
+                )
+                for name, meta in header.items()
+            )
+        except (struct.error, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
             raise ValidationError(f"{file} is not a safetensors file: {e}") from None
         base = 8 + header_size
         digests = {}
-        header.pop("__metadata__", None)
-        for name, meta in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-            begin, end = meta["data_offsets"]
-            digest = hashlib.sha256(_canonical([meta["dtype"], meta["shape"]]))
+        for begin, end, name, dtype, shape in entries:
+            digest = hashlib.sha256(_canonical([dtype, shape]))
             f.seek(base + begin)
             left = end - begin
             while left > 0:

@@ -161,8 +161,18 @@ def _edit_model_id(folder: Path) -> None:
         (lambda f: (f / CLIENT_WEIGHTS).unlink(), "has no *.safetensors"),
         (lambda f: (f / MANIFEST_FILE).unlink(), "lacks the weights of blocks 0:4"),
         (lambda f: (f / MANIFEST_FILE).write_text("{"), "not a swarm-peer manifest"),
+        (lambda f: (f / CLIENT_WEIGHTS).write_bytes(b"\xff" * 64), "not a safetensors file"),
     ],
-    ids=["blocks", "config", "embeddings", "model-id", "no-weights", "no-manifest", "bad-json"],
+    ids=[
+        "blocks",
+        "config",
+        "embeddings",
+        "model-id",
+        "no-weights",
+        "no-manifest",
+        "bad-json",
+        "bad-weights",
+    ],
 )
 def test_a_spoiled_client_folder_gets_a_clear_error(copies, tmp_path, spoil, message):
     folder = shutil.copytree(copies["exported"], tmp_path / "client")
