@@ -34,6 +34,7 @@ from swarm_peer.dht import (
 from swarm_peer.errors import ValidationError
 from swarm_peer.manifest import MANIFEST_FILE, MODEL_ID_CHARS, Manifest
 from swarm_peer.models import Checkpoint, cache_dir, read_json
+from swarm_peer.peer.blocks import BlockSpan
 from swarm_peer.settings import NetworkSettings
 
 from .conftest import TINY_CONFIGS, client_settings, reference_model, run_cli
@@ -114,6 +115,30 @@ def test_a_tied_head_is_the_embeddings(tmp_path):
     export_client(stored_head, tmp_path / "client")
     assert "lm_head.weight" not in load_file(tmp_path / "client" / CLIENT_WEIGHTS)
     assert _manifest(str(tmp_path / "client")).model_id == manifest.model_id
+
+
+@pytest.mark.timeout(60)
+def test_a_folder_with_some_blocks_and_the_manifest_checks_the_blocks_it_holds(copies, tmp_path):
+    """A peer may hold only its span (plus the manifest): the blocks it holds must be the manifest's."""
+    tensors = load_file(Path(copies["original"]) / "model.safetensors")
+    some = {name: t for name, t in tensors.items() if name.startswith(("model.layers.2.", "model.layers.3."))}
+    for name, spoil in (("partial", False), ("partial-changed", True)):
+        folder = tmp_path / name
+        folder.mkdir()
+        for file_name in ("config.json", MANIFEST_FILE):
+            shutil.copyfile(Path(copies["exported"]) / file_name, folder / file_name)
+        if spoil:
+            some = {
+                **some,
+                "model.layers.3.mlp.up_proj.weight": some["model.layers.3.mlp.up_proj.weight"] + 1,
+            }
+        save_file(some, folder / "blocks.safetensors", metadata={"format": "pt"})
+        if not spoil:
+            assert Checkpoint(folder).model_id == Checkpoint(Path(copies["original"])).model_id
+            assert len(BlockSpan(Checkpoint(folder), 2, 4).layers) == 2
+        else:
+            with pytest.raises(ValidationError, match="blocks 3:4 .* do not match"):
+                _ = Checkpoint(folder).model_id
 
 
 @pytest.mark.timeout(10)
