@@ -136,9 +136,13 @@ class LocalSwarm:
         *,
         extra_args: list[str] | None = None,
         wait: bool = True,
+        model: str | None = None,
     ) -> SwarmProcess:
-        """Starts a peer on blocks [start, end), or (no span given) on the blocks it chooses itself."""
-        args = ["join", self.model, "--initial-peers", *self.initial_peers]
+        """Starts a peer on blocks [start, end), or (no span given) on the blocks it chooses itself.
+
+        ``model``: the checkpoint this peer serves, if not the swarm's own (e.g. another copy of it).
+        """
+        args = ["join", model or self.model, "--initial-peers", *self.initial_peers]
         if start is not None:
             args += ["--blocks", f"{start}:{end}"]
         name = f"peer {len(self.peers)} {start}:{end}" if start is not None else f"peer {len(self.peers)}"

@@ -5,6 +5,7 @@
     swarm-peer generate MODEL --initial-peers MADDR --max-new-tokens 40 "The capital of France is"
     swarm-peer finetune MODEL --initial-peers MADDR --data FILE.txt --output DIR [--mode lora|ptune|deep_ptune]
     swarm-peer status --initial-peers MADDR [MODEL]
+    swarm-peer export-client MODEL OUT/
     swarm-peer demo
 
 MODEL is a local checkpoint directory, or ``smollm2`` for the bundled demo model. Logging goes to stderr;
@@ -196,6 +197,9 @@ def _parse_throughput(ctx, param, value: str):
 @_peer_option("lora_cache_mb", type=click.FloatRange(min=0, min_open=True))
 @_peer_option("graph_cache_tokens", type=click.IntRange(min=0))
 @click.option("--public-name", help="a name shown to others in swarm listings")
+@click.option(
+    "--model-name", help="the model's readable name in listings and logs [default: its folder's name]"
+)
 @click.option("--compute-threads", type=click.IntRange(min=1), help="torch threads for compute")
 @_network_options
 def join(
@@ -205,6 +209,7 @@ def join(
     device,
     dtype,
     public_name,
+    model_name,
     compute_threads,
     **kwargs,
 ):
@@ -223,6 +228,7 @@ def join(
         device=device,
         dtype=dtype,
         public_name=public_name,
+        model_name=model_name,
         **{field: kwargs.pop(field) for field in _PEER_FIELDS},
         compute_threads=compute_threads,
         network=_network_settings(kwargs),
@@ -356,6 +362,18 @@ def status(model, timeout, **kwargs):
     from swarm_peer.cli.status import run_status
 
     sys.exit(run_status(model, _network_settings(kwargs, client_mode=True), timeout=timeout))
+
+
+@cli.command("export-client")
+@click.argument("model")
+@click.argument("output", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--model-name", help="readable name stored in the manifest [default: MODEL's folder name]")
+def export_client(model, output, model_name):
+    """Write what a client of MODEL needs into the new folder OUTPUT: manifest, config, tokenizer, embeddings, head."""
+    from swarm_peer.cli.export import export_client
+
+    manifest = export_client(model, output, name=model_name)
+    click.echo(f"Exported the client of {manifest.name} ({manifest.model_id}) to {output}")
 
 
 @cli.command()

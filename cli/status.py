@@ -3,13 +3,14 @@
     swarm-peer status --initial-peers /ip4/10.0.0.1/tcp/31337/p2p/Qm...           # every model peers list
     swarm-peer status --initial-peers /ip4/10.0.0.1/tcp/31337/p2p/Qm... ./tiny    # one model
 
-prints a model row with the block coverage, then a bar per peer over the model's blocks::
+prints a model row (its id, then the readable name peers list it under) with the block coverage, then a bar per
+peer over the model's blocks::
 
-     model / peer                     state     span   blocks   tok/s   cache   version   name
-     ───────────────────────────────────────────────────────────────────────────────────────────────────
-     tiny-llama-status-8fcf3a750c42   GAPS      0:4    11✗✗                                uncovered: 2:4
-       QmXuFb…paGnYH                  ONLINE    0:2    ██··       100   8,192   0.1.0     alice
-       Qma65r…9xNcCd                  OFFLINE   2:4    ··██       100   8,192   0.1.0     alice
+     model / peer                                   state     span   blocks   tok/s   cache   version   name
+     ─────────────────────────────────────────────────────────────────────────────────────────────────────────────────
+     1f0c5e9ad2b74c3e8e51f0a9d6c2b4a7  tiny-llama   GAPS      0:4    11✗✗                                uncovered: 2:4
+       QmXuFb…paGnYH                                ONLINE    0:2    ██··       100   8,192   0.1.0     alice
+       Qma65r…9xNcCd                                OFFLINE   2:4    ··██       100   8,192   0.1.0     alice
 
 The coverage bar shows, per column, the fewest ONLINE peers on any block of that column (``✗``: none). Models
 with more than ``BAR_WIDTH`` blocks get one column per several blocks. A model comes from the swarm's catalog
@@ -41,7 +42,7 @@ from swarm_peer.dht import (
     block_ranges,
     create_dht,
     get_block_servers,
-    list_models,
+    list_model_infos,
     validate_model_id,
 )
 from swarm_peer.errors import ValidationError
@@ -79,6 +80,7 @@ class ModelStatus:
     num_blocks: int
     peers: tuple[tuple[PeerID, ServerInfo], ...]
     online: tuple[int, ...]
+    name: str = ""  # the readable name peers list the model under (never part of its id)
 
     @property
     def uncovered(self) -> tuple[tuple[int, int], ...]:
@@ -108,7 +110,7 @@ def resolve_model(model: str) -> tuple[str, int | None]:
 
 
 def model_status(
-    dht: hivemind.DHT, model_id: str, num_blocks: int, *, timeout: float | None = None
+    dht: hivemind.DHT, model_id: str, num_blocks: int, *, timeout: float | None = None, name: str = ""
 ) -> ModelStatus:
     """Look up every block of ``model_id`` (one DHT request) and summarize it. Raises ``TimeoutError``."""
     servers = get_block_servers(dht, model_id, range(num_blocks), timeout=timeout)
@@ -123,7 +125,7 @@ def model_status(
     online = tuple(
         sum(info.state == ServerState.ONLINE for info in block_servers.values()) for block_servers in servers
     )
-    return ModelStatus(model_id, num_blocks, tuple(peers), online)
+    return ModelStatus(model_id, num_blocks, tuple(peers), online, name)
 
 
 def _columns(num_blocks: int, width: int) -> list[range]:
@@ -174,7 +176,7 @@ def render_status(statuses: list[ModelStatus], console: Console) -> None:
     for status in statuses:
         gaps = Text(f"uncovered: {_spans(status.uncovered)}", style="bold red") if status.uncovered else ""
         table.add_row(
-            Text(status.model_id, style="bold"),
+            Text.assemble((status.model_id, "bold"), f"  {status.name}" if status.name else ""),
             Text("covered", style="green") if status.covered else Text("GAPS", style="bold red"),
             f"0:{status.num_blocks}",
             coverage_bar(status.online),
@@ -238,17 +240,21 @@ def run_status(
     model_id, num_blocks = resolve_model(model) if model is not None else (None, None)
     dht = _join(network, timeout)
     try:
+        infos = list_model_infos(dht, timeout=timeout)
+        names = {m: info.name for m, info in infos.items()}
         if num_blocks is not None:
             models = {model_id: num_blocks}
         else:
-            models = list_models(dht, timeout=timeout)
+            models = {m: info.num_blocks for m, info in infos.items()}
             if model_id is not None:
                 if model_id not in models:
                     raise click.ClickException(f"no peer in the swarm lists the model {model_id}")
                 models = {model_id: models[model_id]}
             elif not models:
                 raise click.ClickException("no peer in the swarm lists a model")
-        statuses = [model_status(dht, m, n, timeout=timeout) for m, n in models.items()]
+        statuses = [
+            model_status(dht, m, n, timeout=timeout, name=names.get(m, "")) for m, n in models.items()
+        ]
     except TimeoutError as e:
         raise click.ClickException(f"the swarm did not answer: {e}") from None
     finally:

@@ -170,7 +170,11 @@ class DistributedModelForCausalLM:
         dtype: torch.dtype = torch.float32,
         adapter: str = "",
     ):
-        """Loads the local parts of ``model`` (a checkpoint dir or ``smollm2``) and connects to the swarm.
+        """Loads the local parts of ``model`` and connects to the swarm of its model id (its manifest's fingerprint).
+
+        ``model``: a checkpoint dir, a folder written by ``swarm-peer export-client`` (manifest, config, tokenizer,
+        embeddings and head: no block), or ``smollm2``. Raises ``ValidationError`` if the folder's files do not
+        match its manifest or lack a part the client needs.
 
         ``adapter``: the name of a LoRA adapter that peers serve (``swarm-peer join --adapters``); routes then go
         only through peers that serve it, and they apply it.

@@ -13,7 +13,7 @@ rejects malformed, misplaced or impersonating records. Each peer also lists its 
 """
 
 from swarm_peer.dht.announce import Announcer, declare_span
-from swarm_peer.dht.catalog import list_models
+from swarm_peer.dht.catalog import list_model_infos, list_models
 from swarm_peer.dht.identity import load_identity, peer_id_from_public_key
 from swarm_peer.dht.keys import (
     block_key,
@@ -72,6 +72,7 @@ __all__ = [
     "from_dht_value",
     "get_block_servers",
     "is_swarm_record",
+    "list_model_infos",
     "list_models",
     "load_identity",
     "local_peer_id",

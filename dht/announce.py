@@ -52,6 +52,7 @@ async def _store_span(
     subkey: bytes,
     expiration_time: float,
     num_blocks: int | None = None,
+    model_name: str = "",
 ) -> tuple[dict[int, bool], bool | None] | None:
     """In the DHT process: store the record of every block of ``ranges`` in one ``store_many``, and with
     ``num_blocks`` the model record (``model_record``) in the same request.
@@ -66,7 +67,9 @@ async def _store_span(
     subkeys = [subkey] * len(keys)
     if num_blocks is not None:
         keys.append(MODELS_KEY)
-        values.append(model_to_dht_value(ModelInfo(model_id=model_id, num_blocks=num_blocks)))
+        values.append(
+            model_to_dht_value(ModelInfo(model_id=model_id, num_blocks=num_blocks, name=model_name))
+        )
         subkeys.append(model_subkey(model_id, subkey))
     try:
         store_ok = await asyncio.wait_for(
@@ -88,12 +91,14 @@ def declare_span(
     blocks: Sequence[int] | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     num_blocks: int | None = None,
+    model_name: str = "",
 ) -> bool:
     """Store ``info`` under this peer's subkey of every block of its span, until ``expiration_time``.
 
     ``blocks`` restricts the store to some blocks of the span (default: all of ``[start_block, end_block)``).
     ``num_blocks`` (the model's number of blocks) also lists the model in the swarm's catalog, in the same DHT
-    request: ``ModelInfo(model_id, num_blocks)`` under ``MODELS_KEY`` (see ``catalog.list_models``).
+    request: ``ModelInfo(model_id, num_blocks, model_name)`` under ``MODELS_KEY`` (see ``catalog.list_models``);
+    ``model_name`` is the readable name listings show.
     ``expiration_time`` is absolute, in ``hivemind.get_dht_time()`` seconds; it must be later than that of
     the record it replaces, or the DHT keeps the old one. ``dht`` must come from ``create_dht``.
 
@@ -103,7 +108,7 @@ def declare_span(
     """
     validate_model_id(model_id)
     if num_blocks is not None:
-        _model_info(model_id, num_blocks)  # raise here, not in the DHT process
+        _model_info(model_id, num_blocks, model_name)  # raise here, not in the DHT process
     blocks = tuple(range(info.start_block, info.end_block) if blocks is None else blocks)
     for block in blocks:
         to_dht_value(info, model_id=model_id, block=block)  # raise here, not in the DHT process
@@ -122,6 +127,7 @@ def declare_span(
             subkey=subkey,
             expiration_time=expiration_time,
             num_blocks=num_blocks,
+            model_name=model_name,
         )
     except TimeoutError:
         result = None
@@ -137,11 +143,13 @@ def declare_span(
     return not rejected and listed is not False
 
 
-def _model_info(model_id: str, num_blocks: int) -> ModelInfo:
+def _model_info(model_id: str, num_blocks: int, model_name: str = "") -> ModelInfo:
     try:
-        return ModelInfo(model_id=model_id, num_blocks=num_blocks)
+        return ModelInfo(model_id=model_id, num_blocks=num_blocks, name=model_name)
     except PydanticValidationError as e:
-        raise ValidationError(f"cannot list {model_id} with num_blocks={num_blocks!r}: {e}") from e
+        raise ValidationError(
+            f"cannot list {model_id} with num_blocks={num_blocks!r}, name={model_name!r}: {e}"
+        ) from e
 
 
 def _spans(blocks: Sequence[int]) -> str:
@@ -157,7 +165,7 @@ class Announcer(threading.Thread):
     declares the final state and joins. Every DHT call is bounded by ``timeout``; a failed announcement is
     logged and retried at the next period, and an exception from ``info_fn`` skips that round. With
     ``num_blocks`` (the model's number of blocks), every announcement also lists the model in the swarm's
-    catalog, in the same DHT request (see ``declare_span``).
+    catalog, in the same DHT request (see ``declare_span``), under the readable name ``model_name``.
 
     Usable as a context manager: ``with Announcer(dht, "llama-7b", info_fn): ...`` starts and stops it.
     """
@@ -171,10 +179,11 @@ class Announcer(threading.Thread):
         *,
         timeout: float = DEFAULT_TIMEOUT,
         num_blocks: int | None = None,
+        model_name: str = "",
     ):
         validate_model_id(model_id)
         if num_blocks is not None:
-            _model_info(model_id, num_blocks)
+            _model_info(model_id, num_blocks, model_name)
         if not period > 0:
             raise ValidationError(f"announce period must be positive, got {period}")
         local_subkey(dht)  # fail now, not in the thread, if the DHT cannot sign
@@ -182,6 +191,7 @@ class Announcer(threading.Thread):
         self.dht, self.model_id, self.info_fn = dht, model_id, info_fn
         self.period, self.timeout = period, timeout
         self.num_blocks = num_blocks  # lists the model with every announcement, if given
+        self.model_name = model_name
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
         self._final_state = ServerState.OFFLINE
@@ -267,6 +277,7 @@ class Announcer(threading.Thread):
                 expiration_time=expiration_time,
                 timeout=self.timeout,
                 num_blocks=self.num_blocks,
+                model_name=self.model_name,
             )
         except Exception:
             logger.warning("Announcing %s failed", self.model_id, exc_info=True)

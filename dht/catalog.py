@@ -2,6 +2,7 @@
 
     declare_span(dht, "llama-7b", info, expiration_time=get_dht_time() + 60, num_blocks=32)   # a peer
     list_models(dht)   # {"llama-7b": 32, ...}, from every peer's record
+    list_model_infos(dht)   # {"llama-7b": ModelInfo(model_id="llama-7b", num_blocks=32, name="Llama 7B"), ...}
 
 ``declare_span(..., num_blocks=...)`` (and so ``Announcer(..., num_blocks=...)``) stores the model record in
 the same request and with the same expiration as the span's records, so a model leaves the catalog when its
@@ -20,13 +21,14 @@ import hivemind
 from swarm_peer.dht.identity import peer_id_from_public_key
 from swarm_peer.dht.model_record import (
     MODELS_KEY,
+    ModelInfo,
     model_from_dht_value,
     parse_model_subkey,
 )
 from swarm_peer.dht.node import DEFAULT_TIMEOUT, run_in_dht
 from swarm_peer.errors import ValidationError
 
-__all__ = ["list_models"]
+__all__ = ["list_model_infos", "list_models"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +45,14 @@ async def _get_models(_dht: hivemind.DHT, node: hivemind.DHTNode, *, timeout: fl
     return {subkey: entry.value for subkey, entry in found.value.items()}
 
 
-def list_models(dht: hivemind.DHT, *, timeout: float | None = None) -> dict[str, int]:
-    """The models peers declare, as {model_id: num_blocks}, sorted by model id.
+def list_model_infos(dht: hivemind.DHT, *, timeout: float | None = None) -> dict[str, ModelInfo]:
+    """The models peers declare, as {model_id: ModelInfo}, sorted by model id.
 
     Entries are kept only if they are well-formed model records in a subkey owned by the peer it names and
     made for the model it names; anything else is skipped with a debug log. Should peers disagree on a
     model's number of blocks, the number most of them declare wins (the larger on a tie, so that a gap is
-    shown rather than hidden).
+    shown rather than hidden); on its readable name (each peer names it), the most common non-empty name wins
+    (the first in sorted order on a tie).
     Raises ``TimeoutError`` if the DHT does not answer within ``timeout`` (default ``DEFAULT_TIMEOUT``).
     """
     timeout = DEFAULT_TIMEOUT if timeout is None else timeout
@@ -57,6 +60,7 @@ def list_models(dht: hivemind.DHT, *, timeout: float | None = None) -> dict[str,
     if entries is None:
         raise TimeoutError(f"listing the swarm's models took over {timeout:.1f} s")
     votes: dict[str, Counter[int]] = {}
+    names: dict[str, Counter[str]] = {}
     for subkey, value in entries.items():
         try:
             model_id, peer_id, public_key = parse_model_subkey(subkey)
@@ -69,7 +73,20 @@ def list_models(dht: hivemind.DHT, *, timeout: float | None = None) -> dict[str,
             logger.debug("Ignored an entry under %s: %s", MODELS_KEY, e)
             continue
         votes.setdefault(info.model_id, Counter())[info.num_blocks] += 1
+        names.setdefault(info.model_id, Counter())[info.name] += bool(info.name)
     return {
-        model_id: max(counts, key=lambda num_blocks: (counts[num_blocks], num_blocks))
+        model_id: ModelInfo(
+            model_id=model_id,
+            num_blocks=max(counts, key=lambda num_blocks: (counts[num_blocks], num_blocks)),
+            name=min(names[model_id], key=lambda name: (-names[model_id][name], name)),
+        )
         for model_id, counts in sorted(votes.items())
     }
+
+
+def list_models(dht: hivemind.DHT, *, timeout: float | None = None) -> dict[str, int]:
+    """The models peers declare, as {model_id: num_blocks}, sorted by model id (see ``list_model_infos``).
+
+    Raises ``TimeoutError`` if the DHT does not answer within ``timeout`` (default ``DEFAULT_TIMEOUT``).
+    """
+    return {model_id: info.num_blocks for model_id, info in list_model_infos(dht, timeout=timeout).items()}

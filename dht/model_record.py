@@ -8,10 +8,16 @@ may list several models::
 
     key    = "swarm.models"
     subkey = b"llama-7b@QmPeerIdBase58...[owner:ssh-rsa AAAA...]"          model_subkey("llama-7b", ...)
-    value  = model_to_dht_value(ModelInfo(model_id="llama-7b", num_blocks=32)) == {
+    value  = model_to_dht_value(ModelInfo(model_id="llama-7b", num_blocks=32, name="Llama 7B")) == {
         "t": "swarm.model", "v": 1,     # record tag and schema version
         "m": "llama-7b", "nb": 32,      # model id (the validator checks it matches the subkey), blocks
+        "n": "Llama 7B",                # readable name the peer gives the model (left out when empty)
     }
+
+The model id is a fingerprint of the model's content (``swarm_peer.manifest``), so the record also carries a
+readable name for listings. Peers choose it (``join --model-name``, default their folder's name), so peers of one
+model may give different names; the name never identifies the model. Records without ``"n"`` (older peers) read
+as an empty name.
 
 The compatibility rules of ``records`` hold here too: unknown wire fields are ignored, ``v`` is bumped only
 for an incompatible change, records of a newer version are skipped by ``list_models`` but still relayed.
@@ -47,10 +53,11 @@ __all__ = [
 MODELS_KEY = "swarm.models"  # never a block key: those end in ".{int}"
 MODEL_RECORD_TAG = "swarm.model"
 MODEL_SCHEMA_VERSION = 1
+MAX_NAME_LENGTH = 64
 
 
 class ModelInfo(BaseModel):
-    """A model some peer serves: its id (as in block keys) and how many blocks a full chain needs.
+    """A model some peer serves: its id (as in block keys), how many blocks a full chain needs, a readable name.
 
     Raises pydantic's ``ValidationError`` on construction with bad fields (``model_from_dht_value`` turns
     that into ``swarm_peer.errors.ValidationError``). Unknown fields are ignored.
@@ -60,6 +67,14 @@ class ModelInfo(BaseModel):
 
     model_id: str = Field(description="the model id of the block keys, see keys.validate_model_id")
     num_blocks: int = Field(ge=1, le=MAX_BLOCKS, strict=True, description="transformer blocks of the model")
+    name: str = Field("", max_length=MAX_NAME_LENGTH, description="readable name for listings, never a key")
+
+    @field_validator("name")
+    @classmethod
+    def _printable_name(cls, value: str) -> str:
+        if not value.isprintable():
+            raise ValueError("the model name must be printable text")
+        return value
 
     @field_validator("model_id")
     @classmethod
@@ -96,7 +111,10 @@ def parse_model_subkey(subkey: object) -> tuple[str, PeerID, bytes]:
 
 def model_to_dht_value(info: ModelInfo) -> dict[str, Any]:
     """The compact wire form of ``info`` (see the module docstring)."""
-    return {"t": MODEL_RECORD_TAG, "v": MODEL_SCHEMA_VERSION, "m": info.model_id, "nb": info.num_blocks}
+    value = {"t": MODEL_RECORD_TAG, "v": MODEL_SCHEMA_VERSION, "m": info.model_id, "nb": info.num_blocks}
+    if info.name:
+        value["n"] = info.name
+    return value
 
 
 def is_model_record(value: Any) -> bool:
@@ -130,6 +148,6 @@ def model_from_dht_value(value: Any) -> ModelInfo:
             f"unsupported model record version {version} (this peer reads {MODEL_SCHEMA_VERSION})"
         )
     try:
-        return ModelInfo(model_id=value["m"], num_blocks=value.get("nb"))
+        return ModelInfo(model_id=value["m"], num_blocks=value.get("nb"), name=value.get("n", ""))
     except PydanticValidationError as e:
         raise ValidationError(f"malformed model record for {value['m']}: {e}") from e

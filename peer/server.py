@@ -49,7 +49,8 @@ class Peer:
     def __init__(self, settings: PeerSettings):
         self.settings = settings
         self.checkpoint: Checkpoint = resolve_checkpoint(settings.model)
-        self.model_id = self.checkpoint.model_id
+        self.model_id = self.checkpoint.model_id  # the fingerprint of its manifest: the same for every copy
+        self.model_name = settings.model_name or self.checkpoint.name
         self.dht: hivemind.DHT = create_dht(**settings.network.model_dump())
         if settings.compute_threads:
             torch.set_num_threads(settings.compute_threads)
@@ -79,7 +80,12 @@ class Peer:
             adapters=settings.adapters,
         )
         logger.info(
-            "Loaded blocks %d:%d of %s in %.1f s", start, end, self.model_id, time.perf_counter() - t0
+            "Loaded blocks %d:%d of %s (%s) in %.1f s",
+            start,
+            end,
+            self.model_name,
+            self.model_id,
+            time.perf_counter() - t0,
         )
         threads = decode_threads(self.span)
         logger.info("Single-token steps run on %d of %d compute threads", threads, torch.get_num_threads())
@@ -92,6 +98,7 @@ class Peer:
             self.server_info,
             period=settings.announce_period,
             num_blocks=self.checkpoint.num_blocks,
+            model_name=self.model_name,
         )
         self._stop = asyncio.Event()
 
@@ -131,7 +138,12 @@ class Peer:
     def _info_json(self) -> bytes:
         info = json.loads(self.server_info().model_dump_json())
         return json.dumps(
-            {"model_id": self.model_id, "peer_id": self.dht.peer_id.to_base58(), **info}
+            {
+                "model_id": self.model_id,
+                "model_name": self.model_name,
+                "peer_id": self.dht.peer_id.to_base58(),
+                **info,
+            }
         ).encode()
 
     def run(self, on_ready: Callable[[], None] | None = None) -> None:
@@ -148,7 +160,12 @@ class Peer:
         self.state = ServerState.ONLINE
         self.announcer.start()
         logger.info(
-            "Serving blocks %d:%d of %s as %s", self.span.start, self.span.end, self.model_id, p2p.peer_id
+            "Serving blocks %d:%d of %s (%s) as %s",
+            self.span.start,
+            self.span.end,
+            self.model_name,
+            self.model_id,
+            p2p.peer_id,
         )
         if on_ready is not None:
             on_ready()

