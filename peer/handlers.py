@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -171,14 +172,21 @@ class BlockHandlers:
     ) -> Callable[[int, torch.dtype, tuple[int, ...]], None]:
         """Checks a request's tensors at their first part (``codec.TensorAssembler``): the ``own`` tensors are
         hidden_BTD, attention_mask_BS, position_ids_BT (then grad_outputs_BTD, for a backward), and the extras'
-        after them are bounded by the memory the peer gives clients' LoRAs."""
+        after them, together, by what deep prompts and LoRA weights of this span can take at the peer's limits
+        (the exact checks follow once they are decoded: ``adapters.check_lora``, ``adapters.check_prompts``)."""
         D, max_tokens = self.span.hidden_size, self.settings.max_batch_tokens
-        max_extras_bytes = int(self.settings.lora_cache_mb * 2**20)
+        linears, widest = _linears(self.span)
+        prompts = (self.span.end - self.span.start) * max_tokens * D
+        loras = linears * 2 * self.settings.max_lora_rank * widest
+        extras_left = [4 * (prompts + loras)]  # bytes, at most 4 per value
 
         def check(index: int, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
             if index >= own:
-                if math.prod(shape) * dtype.itemsize > max_extras_bytes:
-                    raise ValidationError(f"an adapter or prompts tensor of shape {list(shape)} is too large")
+                extras_left[0] -= math.prod(shape) * dtype.itemsize
+                if extras_left[0] < 0:
+                    raise ValidationError(
+                        f"adapter or prompts tensors up to shape {list(shape)} are too large"
+                    )
             elif index in (0, 3):
                 if len(shape) != 3 or shape[2] != D or not dtype.is_floating_point:
                     raise ValidationError(
@@ -528,6 +536,14 @@ class _Applied:
         if self.lora is not None:
             lora = Lora(self.lora.modules, self.lora.scalings, tuple(fresh[0::2]), tuple(fresh[1::2]))
         return _Applied(self.served, lora, prompts)
+
+
+@functools.lru_cache(maxsize=4)
+def _linears(span: BlockSpan) -> tuple[int, int]:
+    """How many linear layers the span's blocks have, and the widest side of any (what a LoRA can attach to)."""
+    layers = [m for layer in span.layers_of(span.start, span.end).values() for m in layer.modules()]
+    linears = [m for m in layers if isinstance(m, torch.nn.Linear)]
+    return len(linears), max((max(m.in_features, m.out_features) for m in linears), default=span.hidden_size)
 
 
 def _check_float(what: str, tensor: torch.Tensor, shape) -> torch.Tensor:

@@ -81,8 +81,8 @@ class InboundBudget:
                     await self._freed.wait()
             except TimeoutError:
                 raise BusyError(
-                    f"inbound budget exhausted: {self.used >> 20} of {self.max_bytes >> 20} MiB of requests "
-                    "in flight"
+                    f"inbound budget exhausted: {self.used / 2**20:.1f} of {self.max_bytes / 2**20:.1f} MiB of "
+                    "requests in flight"
                 ) from None
         self.used += nbytes
 
@@ -156,7 +156,7 @@ class Requests:
                     marker = await self._reader.readexactly(1)
             except TimeoutError:
                 raise DeadlineError(
-                    f"no message within the idle timeout of {self.idle_timeout:.0f} s"
+                    f"no message within the idle timeout of {self.idle_timeout:g} s"
                 ) from None
             data = await self._frame()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -186,7 +186,7 @@ class Requests:
                 self.bytes_read += nbytes
                 return await self._reader.readexactly(nbytes)
         except TimeoutError:
-            raise DeadlineError(f"a message was not complete within {limits.frame_seconds:.0f} s") from None
+            raise DeadlineError(f"a message was not complete within {limits.frame_seconds:g} s") from None
 
     async def drain(self) -> None:
         """Reads and drops what the caller still sends, for a moment (see the module's docstring)."""
