@@ -333,7 +333,8 @@ def finetune(model, data, output, mode, steps, epochs, batch_size, seq_len, toke
     from swarm_peer.models import resolve_checkpoint
     from swarm_peer.settings import ClientSettings
 
-    settings = ClientSettings(network=_network_settings(kwargs, client_mode=True, need_peers=True))
+    # --initial-peers is checked, but not required yet: the data, tokenizer and LoRA targets are checked first
+    settings = ClientSettings(network=_network_settings(kwargs, client_mode=True))
     checkpoint = resolve_checkpoint(model)
     blocks_NT = load_blocks(data, tokenizer or checkpoint.path, seq_len)
     if not steps:
