@@ -421,6 +421,18 @@ def test_announcer_refreshes_moves_and_stops_offline(swarm):
 
 
 @pytest.mark.timeout(30)
+def test_an_identity_serves_one_live_node_at_a_time(tmp_path):
+    path = str(tmp_path / "peer.id")
+    first = create_dht(identity_path=path)
+    try:
+        with pytest.raises(ValidationError, match="in use by another running peer"):
+            create_dht(identity_path=path)
+    finally:
+        _shutdown([first])
+    _shutdown([create_dht(identity_path=path)])  # free again once the first node is gone
+
+
+@pytest.mark.timeout(30)
 def test_persistent_identity_keeps_peer_id_and_signing_key(tmp_path):
     path = str(tmp_path / "peer.id")
     peer_ids, subkeys = [], []

@@ -9,6 +9,7 @@ kills a peer.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import signal
@@ -20,7 +21,10 @@ from types import SimpleNamespace
 
 import hivemind
 import pytest
-from hivemind.utils import get_dht_time
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.validation import CompositeValidator, DHTRecord
+from hivemind.utils import MSGPackSerializer, get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
 from rich.console import Console
 
 from swarm_peer.cli.local_swarm import LocalSwarm
@@ -32,20 +36,45 @@ from swarm_peer.dht import (
     ModelInfo,
     ServerInfo,
     ServerState,
+    SwarmRecordValidator,
     block_key,
+    block_key_id,
     create_dht,
     get_block_servers,
     list_models,
     local_subkey,
     model_subkey,
     model_to_dht_value,
+    peer_id_from_public_key,
+    peer_subkey,
     to_dht_value,
 )
+from swarm_peer.dht.records import MAX_ANNOUNCE_PERIOD, MAX_CLOCK_SKEW
 from swarm_peer.models import resolve_checkpoint
 from swarm_peer.settings import NetworkSettings
 
 WAIT = 10.0  # seconds: the bound of every wait on the DHT in these tests
 TEN_YEARS = 10 * 365 * 86400.0
+
+
+@pytest.mark.timeout(10)
+def test_validator_caps_the_expiration_with_room_for_clock_skew():
+    key = RSAPrivateKey()
+    signer = RSASignatureValidator(key)
+    validator = CompositeValidator([signer, SwarmRecordValidator()])
+    subkey = peer_subkey(peer_id_from_public_key(key.get_public_key().to_bytes()), signer.local_public_key)
+
+    def accepted(ttl: float) -> bool:
+        value = MSGPackSerializer.dumps(_record("skew", 0))
+        record = DHTRecord(
+            block_key_id("skew", 0), MSGPackSerializer.dumps(subkey), value, get_dht_time() + ttl
+        )
+        return validator.validate(dataclasses.replace(record, value=validator.sign_value(record)))
+
+    assert accepted(2 * MAX_ANNOUNCE_PERIOD)  # the longest an honest peer's record lives
+    assert accepted(2 * MAX_ANNOUNCE_PERIOD + MAX_CLOCK_SKEW - 5)  # from a writer whose clock runs ahead
+    assert not accepted(MAX_RECORD_TTL + 5)
+    assert not accepted(TEN_YEARS) and not accepted(float("inf")) and not accepted(float("nan"))
 
 
 @pytest.fixture(scope="module")
