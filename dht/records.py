@@ -93,7 +93,8 @@ assert not set(_ENVELOPE) & set(_WIRE_NAMES.values()), "wire names must not coll
 
 _Rate = Annotated[float, Field(ge=0.0, le=MAX_RATE, allow_inf_nan=False, strict=True)]
 _Seconds = Annotated[float, Field(ge=0.0, le=MAX_PING_SECONDS, allow_inf_nan=False, strict=True)]
-_ShortStr = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=64)]
+_PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f]*$"  # shown on status pages: no control characters (terminal escapes)
+_ShortStr = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=64, pattern=_PRINTABLE)]
 
 
 class ServerState(enum.IntEnum):
@@ -132,13 +133,23 @@ class ServerInfo(BaseModel):
         (), max_length=16, description="names of the loaded LoRA adapters"
     )
     version: str = Field(
-        "0", strict=True, min_length=1, max_length=32, description="swarm-peer package version of the peer"
+        "0",
+        strict=True,
+        min_length=1,
+        max_length=32,
+        pattern=_PRINTABLE,
+        description="swarm-peer package version of the peer",
     )
     dtype: str = Field(
-        "float32", strict=True, min_length=1, max_length=16, description="torch dtype of the hosted weights"
+        "float32",
+        strict=True,
+        min_length=1,
+        max_length=16,
+        pattern=_PRINTABLE,
+        description="torch dtype of the hosted weights",
     )
     public_name: str | None = Field(
-        None, strict=True, max_length=64, description="name shown on status pages"
+        None, strict=True, max_length=64, pattern=_PRINTABLE, description="name shown on status pages"
     )
     next_pings: dict[_ShortStr, _Seconds] = Field(
         default_factory=dict, max_length=64, description="peer id (base58) -> round-trip time in seconds"
