@@ -145,7 +145,7 @@ def model_status(
         )
         for block in servers
     )
-    return ModelStatus(model_id, num_blocks, tuple(peers), online, unreachable & best.keys())
+    return ModelStatus(model_id, num_blocks, tuple(peers), online, frozenset(unreachable & best.keys()))
 
 
 def _columns(num_blocks: int, width: int) -> list[range]:
