@@ -37,11 +37,11 @@ def stream_generate(
     distributed: DistributedModelForCausalLM | None = None,
 ) -> tuple[str, float]:
     """Prints the completion as it is produced; returns it and the measured tokens per second."""
-    checkpoint = resolve_checkpoint(model)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
     owned = distributed is None
+    # join the swarm first: it is what fails when the swarm cannot be reached
     distributed = distributed or DistributedModelForCausalLM.from_pretrained(model, settings=settings)
     try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(model).path)
         input_ids = encode_prompt(tokenizer, prompt, chat)
         torch.manual_seed(seed)
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

@@ -101,8 +101,11 @@ class LocalSwarm:
         env: dict[str, str] | None = None,
         start_timeout: float = 120.0,
         log_dir: str | None = None,
+        bootstrap_args: list[str] | None = None,
     ):
+        """``peer_args`` go to every ``join``, ``bootstrap_args`` to the bootstrap's ``dht`` (e.g. a fixed port)."""
         self.model, self.spans, self.peer_args = model, spans, list(peer_args or [])
+        self.bootstrap_args = list(bootstrap_args or [])
         self.env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         self.start_timeout = start_timeout
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="swarm-peer-"))
@@ -119,7 +122,9 @@ class LocalSwarm:
 
     def start(self) -> None:
         try:
-            boot = self._spawn("bootstrap", ["dht", "--host", "127.0.0.1", "--port", "0"])
+            boot = self._spawn(
+                "bootstrap", ["dht", "--host", "127.0.0.1", "--port", "0", *self.bootstrap_args]
+            )
             self.initial_peers = [boot.wait_line(lambda line: line.startswith("/ip4/"), self.start_timeout)]
             for start, end in self.spans:
                 self.add_peer(start, end, wait=False)

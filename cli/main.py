@@ -8,8 +8,9 @@
     swarm-peer export-client MODEL OUT/
     swarm-peer demo
 
-MODEL is a local checkpoint directory, or ``smollm2`` for the bundled demo model. Logging goes to stderr;
-stdout carries only what a script may read (multiaddrs, the "Serving blocks" line, generated text).
+MODEL is a local checkpoint directory, or ``smollm2`` for the bundled demo model. Logging goes to stderr (warnings
+and the commands' own lines; with ``-v``, everything); stdout carries only what a script may read (multiaddrs,
+the "Serving blocks" line, generated text). Errors are one line (``error: ...``), with exit status 1 or 2.
 """
 
 from __future__ import annotations
@@ -30,11 +31,15 @@ logger = logging.getLogger("swarm_peer.cli")
 
 
 def _configure_logging(verbose: bool) -> None:
+    """Without ``--verbose``: warnings, and the info lines of the commands themselves (``swarm_peer.cli``);
+    with it: every debug line of swarm-peer, timestamped. Libraries stay at warnings either way."""
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose else "%(levelname)s: %(message)s",
         stream=sys.stderr,
     )
+    if not verbose:
+        logging.getLogger("swarm_peer.cli").setLevel(logging.INFO)
     for noisy in ("hivemind", "httpx", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -59,10 +64,14 @@ def _network_options(f):
     return f
 
 
-def _network_settings(kwargs: dict, *, client_mode: bool | None = None):
+def _network_settings(kwargs: dict, *, client_mode: bool | None = None, need_peers: bool = False):
+    """The ``NetworkSettings`` of the network options; ``--initial-peers`` checked (and required if
+    ``need_peers``) before the command loads anything."""
+    from swarm_peer.cli.network import check_initial_peers
     from swarm_peer.settings import NetworkSettings
 
     initial_peers = tuple(p for arg in kwargs.pop("initial_peers") for p in arg.split())
+    check_initial_peers(initial_peers, required=need_peers)
     return NetworkSettings(
         initial_peers=initial_peers,
         host=kwargs.pop("host"),
@@ -160,10 +169,23 @@ _PEER_FIELDS = (
 def _parse_throughput(ctx, param, value: str):
     if value in ("auto", "eval"):
         return value
+    from swarm_peer.dht.records import MAX_RATE  # imports hivemind: only when joining
+
     try:
-        return float(value)
+        throughput = float(value)
     except ValueError:
         raise click.BadParameter("expected tokens/s (a number), 'auto' or 'eval'") from None
+    if not 0 < throughput <= MAX_RATE:
+        raise click.BadParameter(f"expected tokens/s in (0, {MAX_RATE:.0e}], 'auto' or 'eval'")
+    return throughput
+
+
+def _check_announce_period(ctx, param, value: float) -> float:
+    from swarm_peer.dht.records import MAX_ANNOUNCE_PERIOD  # imports hivemind: only when joining
+
+    if value > MAX_ANNOUNCE_PERIOD:
+        raise click.BadParameter(f"at most {MAX_ANNOUNCE_PERIOD:.0f} s: records outliving that are refused")
+    return value
 
 
 @cli.command()
@@ -184,7 +206,7 @@ def _parse_throughput(ctx, param, value: str):
 @_peer_option("bandwidth_mbps", type=click.FloatRange(min=0, min_open=True))
 @_peer_option("rebalance_period", type=click.FloatRange(min=0))
 @_peer_option("balance_quality", type=click.FloatRange(min=0, max=1, min_open=True))
-@_peer_option("announce_period", type=click.FloatRange(min=0, min_open=True))
+@_peer_option("announce_period", type=click.FloatRange(min=0, min_open=True), callback=_check_announce_period)
 @_peer_option("shutdown_grace", type=click.FloatRange(min=0))
 @_peer_option("session_timeout", type=click.FloatRange(min=0, min_open=True))
 @_peer_option("max_session_seconds", type=click.FloatRange(min=0, min_open=True))
@@ -253,10 +275,11 @@ def join(
 @_network_options
 def generate(model, prompt, max_new_tokens, chat, do_sample, temperature, top_p, seed, **kwargs):
     """Generate from PROMPT through the swarm, printing text as it is produced."""
-    from swarm_peer.cli.generation import stream_generate
     from swarm_peer.settings import ClientSettings
 
-    settings = ClientSettings(network=_network_settings(kwargs, client_mode=True))
+    settings = ClientSettings(network=_network_settings(kwargs, client_mode=True, need_peers=True))
+    from swarm_peer.cli.generation import stream_generate  # torch and transformers: after the argument checks
+
     stream_generate(
         model,
         prompt,
@@ -326,11 +349,12 @@ def finetune(model, data, output, mode, steps, epochs, batch_size, seq_len, toke
     from swarm_peer.models import resolve_checkpoint
     from swarm_peer.settings import ClientSettings
 
+    # --initial-peers is checked, but not required yet: the data, tokenizer and LoRA targets are checked first
+    settings = ClientSettings(network=_network_settings(kwargs, client_mode=True))
     checkpoint = resolve_checkpoint(model)
     blocks_NT = load_blocks(data, tokenizer or checkpoint.path, seq_len)
     if not steps:
         steps = math.ceil(blocks_NT.shape[0] * (epochs or 1) / batch_size)
-    settings = ClientSettings(network=_network_settings(kwargs, client_mode=True))
     kwargs.pop("client_mode")  # a client always is
     logger.info(f"{blocks_NT.shape[0]} blocks of {seq_len} tokens, {steps} steps of {batch_size} blocks")
     losses = run_finetune(
@@ -361,7 +385,7 @@ def status(model, timeout, **kwargs):
     """One table of the swarm: who serves which blocks of MODEL (default: every model); exit 1 on a gap."""
     from swarm_peer.cli.status import run_status
 
-    sys.exit(run_status(model, _network_settings(kwargs, client_mode=True), timeout=timeout))
+    sys.exit(run_status(model, _network_settings(kwargs, client_mode=True, need_peers=True), timeout=timeout))
 
 
 @cli.command("export-client")

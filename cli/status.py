@@ -12,45 +12,55 @@ peer over the model's blocks::
        QmXuFb…paGnYH                                ONLINE    0:2    ██··       100   8,192   0.1.0     alice
        Qma65r…9xNcCd                                OFFLINE   2:4    ··██       100   8,192   0.1.0     alice
 
-The coverage bar shows, per column, the fewest ONLINE peers on any block of that column (``✗``: none). Models
-with more than ``BAR_WIDTH`` blocks get one column per several blocks. A model comes from the swarm's catalog
-(``dht.list_models``), or from the MODEL argument: an announced model id, a checkpoint directory or
+The coverage bar shows, per column, the fewest ONLINE peers on any block of that column (``✗``: none). Every
+ONLINE peer is pinged (its ``swarm.v1.info`` RPC, in parallel, ``PING_TIMEOUT``): one that does not answer is
+shown as UNREACHABLE and covers nothing, however fresh its record (a killed peer's records outlive it by up to
+two announce periods). Models with more than ``BAR_WIDTH`` blocks get one column per several blocks. A model comes from the swarm's catalog
+(``dht.list_model_infos``), or from the MODEL argument: an announced model id, a checkpoint directory or
 ``smollm2`` (its id and size are then read from the checkpoint, so it works even if no peer lists it).
 
-Exit status: 0 when every shown model has an ONLINE peer on every block, 1 otherwise or when no model is found.
+The command is bounded: ``--timeout`` is one deadline for all of it (joining, listing, lookups, pings); at most
+``MAX_MODELS`` models are looked up (pass MODEL to see another), each in one request for at most ``MAX_BLOCKS``
+blocks (records that claim more are refused by every node). What the deadline cuts off is named in a warning.
+
+Exit status: 0 when every shown model has a reachable ONLINE peer on every block, 1 otherwise (a model cut off
+by the deadline or the cap included) or when no model is found.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
 import hivemind
-from hivemind.p2p import P2PDaemonError, PeerID
-from hivemind.utils.multiaddr import Multiaddr
+from hivemind.p2p import PeerID
 from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from swarm_peer.cli.network import check_initial_peers, join_swarm
+from swarm_peer.client.runtime import SwarmRuntime
 from swarm_peer.dht import (
     ServerInfo,
     ServerState,
     block_ranges,
-    create_dht,
     get_block_servers,
     list_model_infos,
     validate_model_id,
 )
 from swarm_peer.errors import ValidationError
 from swarm_peer.models import DEMO_MODEL, resolve_checkpoint
-from swarm_peer.settings import NetworkSettings
+from swarm_peer.settings import ClientSettings, NetworkSettings
 
 __all__ = [
     "BAR_WIDTH",
+    "MAX_MODELS",
+    "PING_TIMEOUT",
     "ModelStatus",
     "coverage_bar",
     "model_status",
@@ -63,8 +73,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 BAR_WIDTH = 60  # at most this many columns per bar; a column stands for ceil(num_blocks / BAR_WIDTH) blocks
+MAX_MODELS = 16  # models looked up when no MODEL is given (anyone can list models: the list is not trusted)
+PING_TIMEOUT = 2.0  # seconds an ONLINE peer has to answer its info RPC before it is shown UNREACHABLE
 _NON_TERMINAL_WIDTH = 240  # piped output: wide enough that rich never folds a row
 _STATE_STYLES = {ServerState.ONLINE: "green", ServerState.JOINING: "yellow", ServerState.OFFLINE: "dim red"}
+_UNREACHABLE_STYLE = "bold red"
 
 
 @dataclass(frozen=True)
@@ -73,13 +86,15 @@ class ModelStatus:
 
     ``peers``: one (peer id, record) per peer that announced any block, the record in its best state (a peer
     that moved keeps OFFLINE records on the blocks it left until they expire); sorted by span.
-    ``online``: per block, how many peers announced it as ONLINE.
+    ``online``: per block, how many reachable peers announced it as ONLINE.
+    ``unreachable``: the ONLINE peers that did not answer a ping.
     """
 
     model_id: str
     num_blocks: int
     peers: tuple[tuple[PeerID, ServerInfo], ...]
     online: tuple[int, ...]
+    unreachable: frozenset[PeerID] = frozenset()
     name: str = ""  # the readable name peers list the model under (never part of its id)
 
     @property
@@ -110,10 +125,14 @@ def resolve_model(model: str) -> tuple[str, int | None]:
 
 
 def model_status(
-    dht: hivemind.DHT, model_id: str, num_blocks: int, *, timeout: float | None = None, name: str = ""
+    model_id: str,
+    num_blocks: int,
+    servers: list[dict[PeerID, ServerInfo]],
+    unreachable: frozenset[PeerID] = frozenset(),
+    name: str = "",
 ) -> ModelStatus:
-    """Look up every block of ``model_id`` (one DHT request) and summarize it. Raises ``TimeoutError``."""
-    servers = get_block_servers(dht, model_id, range(num_blocks), timeout=timeout)
+    """Summarize the records found for each block of ``model_id`` (``get_block_servers``); peers in
+    ``unreachable`` cover nothing."""
     best: dict[PeerID, ServerInfo] = {}
     for block_servers in servers:
         for peer_id, info in block_servers.items():
@@ -123,9 +142,12 @@ def model_status(
         best.items(), key=lambda item: (item[1].start_block, item[1].end_block, item[0].to_base58())
     )
     online = tuple(
-        sum(info.state == ServerState.ONLINE for info in block_servers.values()) for block_servers in servers
+        sum(
+            info.state == ServerState.ONLINE and peer_id not in unreachable for peer_id, info in block.items()
+        )
+        for block in servers
     )
-    return ModelStatus(model_id, num_blocks, tuple(peers), online, name)
+    return ModelStatus(model_id, num_blocks, tuple(peers), online, frozenset(unreachable & best.keys()), name)
 
 
 def _columns(num_blocks: int, width: int) -> list[range]:
@@ -186,10 +208,12 @@ def render_status(statuses: list[ModelStatus], console: Console) -> None:
             gaps,
         )
         for peer_id, info in status.peers:
-            style = _STATE_STYLES[info.state]
+            state, style = info.state.name, _STATE_STYLES[info.state]
+            if peer_id in status.unreachable:
+                state, style = "UNREACHABLE", _UNREACHABLE_STYLE
             table.add_row(
                 "  " + _short(peer_id),
-                Text(info.state.name, style=style),
+                Text(state, style=style),
                 f"{info.start_block}:{info.end_block}",
                 Text(span_bar(info.start_block, info.end_block, status.num_blocks), style=style),
                 f"{info.throughput:.0f}" if info.throughput else "—",
@@ -201,31 +225,18 @@ def render_status(statuses: list[ModelStatus], console: Console) -> None:
     console.print(table)
 
 
-def _check_initial_peers(initial_peers: tuple[str, ...]) -> None:
-    if not initial_peers:
-        raise click.UsageError("give --initial-peers: the multiaddr of a peer in the swarm")
-    for maddr in initial_peers:
-        try:
-            Multiaddr(maddr)["p2p"]
-        except (ValueError, LookupError) as e:
-            raise click.BadParameter(
-                f"{maddr!r} is not a peer's multiaddr like /ip4/10.0.0.1/tcp/31337/p2p/Qm... ({e})",
-                param_hint="--initial-peers",
-            ) from None
+class _Deadline:
+    """What is left of one overall time budget."""
 
+    def __init__(self, seconds: float):
+        self.seconds, self._end = seconds, time.monotonic() + seconds
 
-def _join(network: NetworkSettings, timeout: float) -> hivemind.DHT:
-    """A DHT node joined to the swarm within ``timeout``; ``click.ClickException`` if it cannot join."""
-    dht = create_dht(**network.model_dump(), start=False)
-    try:
-        dht.run_in_background(await_ready=True, timeout=timeout)
-    except (P2PDaemonError, RuntimeError, TimeoutError) as e:
-        dht.shutdown()
-        reason = str(e) or f"no answer within {timeout:.1f} s"
-        raise click.ClickException(
-            f"cannot join the swarm at {' '.join(network.initial_peers)}: {reason}"
-        ) from None
-    return dht
+    def left(self, reserve: float = 0.0) -> float:
+        """Seconds left, less ``reserve`` (kept for later steps); ``TimeoutError`` once there are none."""
+        left = self._end - time.monotonic() - reserve
+        if left <= 0:
+            raise TimeoutError(f"--timeout of {self.seconds:.1f} s is spent")
+        return left
 
 
 def run_status(
@@ -233,33 +244,34 @@ def run_status(
 ) -> int:
     """Print the swarm's status table for ``model`` (default: every model peers list); return the exit status.
 
-    ``timeout`` bounds joining the DHT and each lookup. Raises ``click.UsageError`` for bad arguments and
-    ``click.ClickException`` when the swarm cannot be joined, does not answer, or serves no (such) model.
+    ``timeout`` bounds the whole command (see the module docstring). Raises ``click.UsageError`` for bad
+    arguments and ``click.ClickException`` when the swarm cannot be joined, does not answer, or serves no (such)
+    model.
     """
-    _check_initial_peers(network.initial_peers)
+    deadline = _Deadline(timeout)
+    check_initial_peers(network.initial_peers, required=True)
     model_id, num_blocks = resolve_model(model) if model is not None else (None, None)
-    dht = _join(network, timeout)
+    dht = join_swarm(network, deadline.left())
     try:
-        infos = list_model_infos(dht, timeout=timeout)
-        names = {m: info.name for m, info in infos.items()}
-        if num_blocks is not None:
-            models = {model_id: num_blocks}
-        else:
-            models = {m: info.num_blocks for m, info in infos.items()}
-            if model_id is not None:
-                if model_id not in models:
-                    raise click.ClickException(f"no peer in the swarm lists the model {model_id}")
-                models = {model_id: models[model_id]}
-            elif not models:
-                raise click.ClickException("no peer in the swarm lists a model")
-        statuses = [
-            model_status(dht, m, n, timeout=timeout, name=names.get(m, "")) for m, n in models.items()
-        ]
+        models = _models_to_show(dht, model_id, num_blocks, deadline)
+        found: dict[str, list[dict[PeerID, ServerInfo]]] = {}
+        for m, n in models.items():
+            try:  # a model that takes the rest of the time is skipped, not fatal: anyone can list models
+                found[m] = get_block_servers(dht, m, range(n[0]), timeout=deadline.left(reserve=PING_TIMEOUT))
+            except TimeoutError:
+                logger.debug("Looking up %s ran out of time", m, exc_info=True)
+        skipped = [m for m in models if m not in found]
+        if not found:
+            raise TimeoutError(f"no model could be looked up within {timeout:.1f} s")
+        unreachable = _unreachable(dht, network, found, deadline)
     except TimeoutError as e:
         raise click.ClickException(f"the swarm did not answer: {e}") from None
     finally:
         dht.shutdown()
 
+    statuses = [
+        model_status(m, models[m][0], servers, unreachable, models[m][1]) for m, servers in found.items()
+    ]
     if console is None:
         console = Console()
         if not console.is_terminal:
@@ -268,4 +280,52 @@ def run_status(
     incomplete = [status for status in statuses if not status.covered]
     for status in incomplete:
         logger.warning("%s: no ONLINE peer serves blocks %s", status.model_id, _spans(status.uncovered))
-    return 1 if incomplete else 0
+    if skipped:
+        logger.warning("not looked up within --timeout %.1f s: %s", timeout, ", ".join(skipped))
+    return 1 if incomplete or skipped else 0
+
+
+def _models_to_show(
+    dht: hivemind.DHT, model_id: str | None, num_blocks: int | None, deadline: _Deadline
+) -> dict[str, tuple[int, str]]:
+    """{model id: (num_blocks, readable name)} of the models to look up: MODEL's, or at most ``MAX_MODELS`` that
+    peers list."""
+    infos = list_model_infos(dht, timeout=deadline.left())
+    models = {m: (info.num_blocks, info.name) for m, info in infos.items()}
+    if num_blocks is not None:
+        return {model_id: (num_blocks, models.get(model_id, (0, ""))[1])}
+    if model_id is not None:
+        if model_id not in models:
+            raise click.ClickException(f"no peer in the swarm lists the model {model_id}")
+        return {model_id: models[model_id]}
+    if not models:
+        raise click.ClickException("no peer in the swarm lists a model")
+    if len(models) > MAX_MODELS:
+        logger.warning(
+            "peers list %d models; showing the first %d (give MODEL to see another)", len(models), MAX_MODELS
+        )
+    return dict(list(models.items())[:MAX_MODELS])
+
+
+def _unreachable(
+    dht: hivemind.DHT,
+    network: NetworkSettings,
+    found: dict[str, list[dict[PeerID, ServerInfo]]],
+    deadline: _Deadline,
+) -> frozenset[PeerID]:
+    """The ONLINE peers of ``found`` that do not answer an info RPC within ``PING_TIMEOUT`` (all at once)."""
+    online = {
+        peer_id
+        for servers in found.values()
+        for block in servers
+        for peer_id, info in block.items()
+        if info.state == ServerState.ONLINE
+    }
+    if not online:
+        return frozenset()
+    runtime = SwarmRuntime(ClientSettings(network=network), dht=dht)
+    try:
+        rtts = runtime.ping(online, timeout=min(PING_TIMEOUT, deadline.left()))
+    finally:
+        runtime.shutdown()
+    return frozenset(peer_id for peer_id, rtt in rtts.items() if rtt is None)

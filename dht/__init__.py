@@ -39,9 +39,12 @@ from swarm_peer.dht.node import (
     local_peer_id,
     local_subkey,
     run_in_dht,
+    validate_initial_peers,
     visible_maddrs,
 )
 from swarm_peer.dht.records import (
+    MAX_BLOCKS,
+    MAX_RECORD_TTL,
     MAX_VALUE_BYTES,
     RECORD_TAG,
     SCHEMA_VERSION,
@@ -55,6 +58,8 @@ from swarm_peer.dht.validation import SwarmRecordValidator
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "MAX_BLOCKS",
+    "MAX_RECORD_TTL",
     "MAX_VALUE_BYTES",
     "MODELS_KEY",
     "RECORD_TAG",
@@ -88,6 +93,7 @@ __all__ = [
     "peer_subkey",
     "run_in_dht",
     "to_dht_value",
+    "validate_initial_peers",
     "validate_model_id",
     "visible_maddrs",
 ]

@@ -31,7 +31,7 @@ from pydantic import ValidationError as PydanticValidationError
 from swarm_peer.dht.keys import block_key, block_ranges, validate_model_id
 from swarm_peer.dht.model_record import MODELS_KEY, ModelInfo, model_subkey, model_to_dht_value
 from swarm_peer.dht.node import DEFAULT_TIMEOUT, local_subkey, run_in_dht
-from swarm_peer.dht.records import ServerInfo, ServerState, to_dht_value
+from swarm_peer.dht.records import MAX_ANNOUNCE_PERIOD, MAX_RECORD_TTL, ServerInfo, ServerState, to_dht_value
 from swarm_peer.errors import ValidationError
 
 __all__ = ["Announcer", "declare_span"]
@@ -104,9 +104,12 @@ def declare_span(
 
     Returns True if the DHT accepted every record, False if some store was rejected or the DHT did not answer
     within ``timeout`` (logged as a warning). Raises ``ValidationError`` if ``info`` cannot be announced
-    (block outside the span, record over the size cap, bad model id or ``num_blocks``, foreign ``dht``).
+    (block outside the span, record over the size cap, bad model id or ``num_blocks``, foreign ``dht``, an
+    expiration more than ``MAX_RECORD_TTL`` from now: every node would refuse it).
     """
     validate_model_id(model_id)
+    if not expiration_time - get_dht_time() <= MAX_RECORD_TTL:
+        raise ValidationError(f"records may expire at most {MAX_RECORD_TTL:.0f} s from now")
     if num_blocks is not None:
         _model_info(model_id, num_blocks, model_name)  # raise here, not in the DHT process
     blocks = tuple(range(info.start_block, info.end_block) if blocks is None else blocks)
@@ -184,8 +187,10 @@ class Announcer(threading.Thread):
         validate_model_id(model_id)
         if num_blocks is not None:
             _model_info(model_id, num_blocks, model_name)
-        if not period > 0:
-            raise ValidationError(f"announce period must be positive, got {period}")
+        if not 0 < period <= MAX_ANNOUNCE_PERIOD:
+            raise ValidationError(
+                f"announce period must be in (0, {MAX_ANNOUNCE_PERIOD:.0f}] s, got {period}"
+            )
         local_subkey(dht)  # fail now, not in the thread, if the DHT cannot sign
         super().__init__(name=f"swarm-announcer-{model_id}", daemon=True)
         self.dht, self.model_id, self.info_fn = dht, model_id, info_fn

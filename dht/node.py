@@ -20,6 +20,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -31,15 +32,25 @@ from typing import Any, TypeVar
 
 import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
-from hivemind.p2p import PeerID
+from hivemind.p2p import P2PDaemonError, PeerID
 from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.utils.multiaddr import Multiaddr
 
 from swarm_peer.dht.identity import load_identity, peer_id_from_public_key, public_key_bytes, write_identity
 from swarm_peer.dht.keys import peer_subkey
+from swarm_peer.dht.process import SwarmDHT, check_port_free, lock_identity
 from swarm_peer.dht.validation import SwarmRecordValidator
-from swarm_peer.errors import ValidationError
+from swarm_peer.errors import SwarmError, ValidationError
 
-__all__ = ["DEFAULT_TIMEOUT", "create_dht", "local_peer_id", "local_subkey", "run_in_dht", "visible_maddrs"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "create_dht",
+    "local_peer_id",
+    "local_subkey",
+    "run_in_dht",
+    "validate_initial_peers",
+    "visible_maddrs",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +83,7 @@ def create_dht(
     use_relay: bool = True,
     use_auto_relay: bool = False,
     start: bool = True,
+    timeout: float | None = None,
     **kwargs: Any,
 ) -> hivemind.DHT:
     """Start (unless ``start=False``) a DHT node that can sign, validate and announce swarm records.
@@ -84,8 +96,11 @@ def create_dht(
       then any ``record_validators`` passed in ``kwargs``;
     - other ``kwargs`` go to ``hivemind.DHT`` / ``DHTNode.create`` / ``P2P.create``.
 
-    Raises ``ValidationError`` for a bad host, port or identity file; hivemind's errors if the node fails to
-    start (e.g. ``P2PDaemonError`` when the identity is already used by a live peer).
+    Raises ``ValidationError`` for a bad host, a port in use, a malformed initial peer (``validate_initial_peers``),
+    a bad identity file or one that another live peer uses (``process.lock_identity``); ``SwarmError`` if the
+    node fails to start or to reach any initial peer within ``timeout`` (default: hivemind's own bounds, about
+    15 s for the daemon and a few seconds for the initial peers). The DHT process and its p2p daemon end with
+    the calling process (``process.SwarmDHT``).
     """
     try:
         address = ipaddress.ip_address(host)
@@ -94,10 +109,13 @@ def create_dht(
     if type(port) is not int or not 0 <= port < 65536:
         raise ValidationError(f"port must be an int in [0, 65536), got {port!r}")
     host_maddr = f"/ip{address.version}/{host}/tcp/{port}"
+    initial_peers = validate_initial_peers(initial_peers)
+    check_port_free(host, port)
 
-    temp_dir = None
+    temp_dir = identity_lock = None
     if identity_path is not None:
         private_key = load_identity(identity_path)
+        identity_lock = lock_identity(identity_path)
     else:
         # p2pd reads its identity from a file: write a fresh key to a private temporary one
         private_key = RSAPrivateKey()
@@ -112,26 +130,33 @@ def create_dht(
         peer_id=peer_id_from_public_key(public_key_bytes(private_key)),
         owner_marker=signature_validator.local_public_key,
     )
+    await_ready = kwargs.pop("await_ready", True)
+    dht = SwarmDHT(
+        initial_peers=initial_peers or None,
+        start=False,
+        host_maddrs=[host_maddr],
+        announce_maddrs=list(announce_maddrs) or None,
+        identity_path=identity_path,
+        client_mode=client_mode,
+        use_relay=use_relay,
+        use_auto_relay=use_auto_relay,
+        record_validators=validators,
+        identity_lock=identity_lock,
+        **kwargs,
+    )
     try:
-        dht = hivemind.DHT(
-            initial_peers=list(initial_peers) or None,
-            start=start,
-            host_maddrs=[host_maddr],
-            announce_maddrs=list(announce_maddrs) or None,
-            identity_path=identity_path,
-            client_mode=client_mode,
-            use_relay=use_relay,
-            use_auto_relay=use_auto_relay,
-            record_validators=validators,
-            **kwargs,
-        )
-    except BaseException:
+        if start:
+            dht.run_in_background(await_ready=await_ready, timeout=timeout)
+    except BaseException as e:
+        dht.shutdown()  # a node still starting after the timeout is stopped; this also releases the identity
         if temp_dir is not None:
             shutil.rmtree(temp_dir, ignore_errors=True)
+        if isinstance(e, _START_ERRORS):
+            raise _start_error(e, initial_peers, host_maddr) from e
         raise
     _SIGNERS[dht] = signer
     if temp_dir is not None:
-        if start and kwargs.get("await_ready", True):
+        if start and await_ready:
             shutil.rmtree(temp_dir, ignore_errors=True)  # the daemon has read it
         else:
             weakref.finalize(dht, shutil.rmtree, temp_dir, ignore_errors=True)
@@ -139,6 +164,34 @@ def create_dht(
         "Created a DHT node %s listening on %s (client_mode=%s)", signer.peer_id, host_maddr, client_mode
     )
     return dht
+
+
+# what hivemind raises when its p2p daemon does not start (a port taken, initial peers that do not answer), when
+# no initial peer answers the DHT's ping (RuntimeError), or when the node is not ready within the timeout
+_START_ERRORS = (P2PDaemonError, RuntimeError, TimeoutError)
+
+
+def _start_error(e: BaseException, initial_peers: Sequence[str], host_maddr: str) -> SwarmError:
+    """One line saying why the node did not start; p2pd's reasons come after a log timestamp, which goes."""
+    where = f"join the swarm at {' '.join(initial_peers)}" if initial_peers else f"listen on {host_maddr}"
+    reason = str(e).splitlines()[-1] if str(e) else "no answer in time"
+    reason = re.sub(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d ", "", reason)
+    return SwarmError(f"cannot {where}: {reason}")
+
+
+def validate_initial_peers(initial_peers: Sequence[str]) -> list[str]:
+    """Return ``initial_peers`` as a list if each is a peer's multiaddr (with ``/p2p/<peer id>``).
+
+    Raises ``ValidationError`` naming the first one that is not, e.g. ``garbage`` or ``/ip4/10.0.0.1/tcp/5``.
+    """
+    for maddr in initial_peers:
+        try:
+            Multiaddr(maddr)["p2p"]
+        except (ValueError, LookupError, TypeError) as e:
+            raise ValidationError(
+                f"{maddr!r} is not a peer's multiaddr like /ip4/10.0.0.1/tcp/31337/p2p/Qm... ({e})"
+            ) from None
+    return list(initial_peers)
 
 
 def _signer(dht: hivemind.DHT) -> _Signer:

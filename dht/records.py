@@ -35,7 +35,13 @@ from swarm_peer.dht.keys import validate_model_id
 from swarm_peer.errors import ValidationError
 
 __all__ = [
+    "MAX_ANNOUNCE_PERIOD",
     "MAX_BLOCKS",
+    "MAX_CACHE_TOKENS",
+    "MAX_CLOCK_SKEW",
+    "MAX_PING_SECONDS",
+    "MAX_RATE",
+    "MAX_RECORD_TTL",
     "MAX_VALUE_BYTES",
     "RECORD_TAG",
     "SCHEMA_VERSION",
@@ -49,8 +55,23 @@ __all__ = [
 
 RECORD_TAG = "swarm.server"
 SCHEMA_VERSION = 1
-MAX_BLOCKS = 1 << 16  # block indices are in [0, MAX_BLOCKS)
 MAX_VALUE_BYTES = 2048  # msgpack-serialized record, before hivemind appends the ~350-byte signature
+
+# Bounds on what a record may say. Every reader (routing, balancing, ``swarm-peer status``) takes records at
+# their word, so a record outside them is refused by every node (``SwarmRecordValidator``), not just ignored.
+# blocks per model and block indices, [0, MAX_BLOCKS): the deepest open models have ~130 (Llama 3.1 405B: 126);
+# a status page looks up every block of a model in one request, which takes ~1 s for 256 blocks on loopback
+MAX_BLOCKS = 256
+MAX_RATE = 1e7  # tokens/s or steps/s of any rate field; a tiny model's block on a fast GPU does ~1e6
+MAX_CACHE_TOKENS = 1 << 30  # free attention-cache tokens; a 1 TiB cache of a 576-wide float16 model is ~5e8
+MAX_PING_SECONDS = 600.0  # a next-peer round trip; anything slower is as good as unreachable
+# Peers announce every ``announce_period`` seconds (30 by default, at most MAX_ANNOUNCE_PERIOD) and their
+# records live twice that, so the record of a dead peer lapses within two periods. A node refuses a record
+# that expires more than MAX_RECORD_TTL after its own clock's now: the longest lifetime an honest peer gives,
+# plus MAX_CLOCK_SKEW for nodes whose clocks run behind the writer's.
+MAX_ANNOUNCE_PERIOD = 300.0
+MAX_CLOCK_SKEW = 60.0
+MAX_RECORD_TTL = 2 * MAX_ANNOUNCE_PERIOD + MAX_CLOCK_SKEW
 
 # field name -> wire name. Never reuse a wire name for another meaning.
 _WIRE_NAMES = {
@@ -70,8 +91,10 @@ _WIRE_NAMES = {
 _ENVELOPE = ("t", "v", "m", "b")  # tag, schema version, model id, block index
 assert not set(_ENVELOPE) & set(_WIRE_NAMES.values()), "wire names must not collide with the envelope"
 
-_NonNegativeFloat = Annotated[float, Field(ge=0.0, allow_inf_nan=False, strict=True)]
-_ShortStr = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=64)]
+_Rate = Annotated[float, Field(ge=0.0, le=MAX_RATE, allow_inf_nan=False, strict=True)]
+_Seconds = Annotated[float, Field(ge=0.0, le=MAX_PING_SECONDS, allow_inf_nan=False, strict=True)]
+_PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f]*$"  # shown on status pages: no control characters (terminal escapes)
+_ShortStr = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=64, pattern=_PRINTABLE)]
 
 
 class ServerState(enum.IntEnum):
@@ -98,29 +121,37 @@ class ServerInfo(BaseModel):
     )
     start_block: int = Field(ge=0, lt=MAX_BLOCKS, strict=True, description="first hosted block (inclusive)")
     end_block: int = Field(gt=0, le=MAX_BLOCKS, strict=True, description="end of the hosted span (exclusive)")
-    throughput: _NonNegativeFloat = Field(0.0, description="tokens/s the span can process; 0 = unknown")
-    inference_rps: _NonNegativeFloat = Field(
-        0.0, description="inference steps/s the span can serve; 0 = unknown"
-    )
-    network_tps: _NonNegativeFloat = Field(
+    throughput: _Rate = Field(0.0, description="tokens/s the span can process; 0 = unknown")
+    inference_rps: _Rate = Field(0.0, description="inference steps/s the span can serve; 0 = unknown")
+    network_tps: _Rate = Field(
         0.0, description="tokens/s the peer's link carries (hidden states in and out); 0 = unknown"
     )
     cache_tokens_left: int = Field(
-        0, ge=0, strict=True, description="free attention-cache capacity, in tokens"
+        0, ge=0, le=MAX_CACHE_TOKENS, strict=True, description="free attention-cache capacity, in tokens"
     )
     adapters: tuple[_ShortStr, ...] = Field(
         (), max_length=16, description="names of the loaded LoRA adapters"
     )
     version: str = Field(
-        "0", strict=True, min_length=1, max_length=32, description="swarm-peer package version of the peer"
+        "0",
+        strict=True,
+        min_length=1,
+        max_length=32,
+        pattern=_PRINTABLE,
+        description="swarm-peer package version of the peer",
     )
     dtype: str = Field(
-        "float32", strict=True, min_length=1, max_length=16, description="torch dtype of the hosted weights"
+        "float32",
+        strict=True,
+        min_length=1,
+        max_length=16,
+        pattern=_PRINTABLE,
+        description="torch dtype of the hosted weights",
     )
     public_name: str | None = Field(
-        None, strict=True, max_length=64, description="name shown on status pages"
+        None, strict=True, max_length=64, pattern=_PRINTABLE, description="name shown on status pages"
     )
-    next_pings: dict[_ShortStr, _NonNegativeFloat] = Field(
+    next_pings: dict[_ShortStr, _Seconds] = Field(
         default_factory=dict, max_length=64, description="peer id (base58) -> round-trip time in seconds"
     )
 

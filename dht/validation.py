@@ -9,6 +9,8 @@ What it accepts and rejects (``validate`` returns False to reject):
 - a value that is not a swarm record (no ``"swarm.server"`` or ``"swarm.model"`` tag) outside
   ``MODELS_KEY``: accepted, other hivemind components (averagers, progress trackers) share the DHT;
 - a value that does not deserialize: rejected (hivemind would fail on it when returning it from a get);
+- a tagged record that expires more than ``MAX_RECORD_TTL`` seconds from now (by this node's clock): rejected,
+  so a record cannot outlive its peer by more than that (honest peers give theirs two announce periods);
 - a tagged record whose embedded (model id, block) does not hash to ``record.key``: rejected, so a record
   cannot be replayed under another key;
 - a tagged record whose subkey is not ``<peer id>[owner:<rsa key>]`` (unsigned), or whose peer id is not the
@@ -34,7 +36,7 @@ import logging
 
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p import PeerID
-from hivemind.utils import MSGPackSerializer
+from hivemind.utils import MSGPackSerializer, get_dht_time
 
 from swarm_peer.dht.identity import peer_id_from_public_key
 from swarm_peer.dht.keys import block_key_id, parse_peer_subkey
@@ -47,6 +49,7 @@ from swarm_peer.dht.model_record import (
     parse_model_subkey,
 )
 from swarm_peer.dht.records import (
+    MAX_RECORD_TTL,
     MAX_VALUE_BYTES,
     SCHEMA_VERSION,
     from_dht_value,
@@ -80,6 +83,7 @@ class SwarmRecordValidator(RecordValidatorBase):
         if not (is_model_entry or is_swarm_record(value)):
             return True
         try:
+            _check_expiration(record)
             if is_model_entry:
                 self._check_model(record, value)
             else:
@@ -123,6 +127,13 @@ class SwarmRecordValidator(RecordValidatorBase):
     @property
     def priority(self) -> int:
         return 0  # below RSASignatureValidator (10): validate after its signature is checked and stripped
+
+
+def _check_expiration(record: DHTRecord) -> None:
+    """Raise ``ValidationError`` if the record expires later than ``MAX_RECORD_TTL`` from now (or never)."""
+    ttl = record.expiration_time - get_dht_time()
+    if not ttl <= MAX_RECORD_TTL:  # also NaN
+        raise ValidationError(f"record expires in {ttl:.0f} s, over the cap of {MAX_RECORD_TTL:.0f} s")
 
 
 def _subkey(record: DHTRecord) -> object:

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from swarm_peer.dht.records import MAX_RATE
 from swarm_peer.models import Checkpoint, atomic_write, cache_dir, read_json
 from swarm_peer.peer.blocks import DTYPES, BlockSpan
 from swarm_peer.threads import fastest_threads
@@ -144,10 +145,13 @@ def network_tps(*, hidden_size: int, dtype: str, bandwidth_mbps: float) -> float
 def announced(
     probe: BlockProbe, *, num_blocks: int, hidden_size: int, dtype: str, bandwidth_mbps: float
 ) -> dict[str, float]:
-    """The ``ServerInfo`` fields for a span of ``num_blocks``: throughput, inference_rps, network_tps."""
-    network = network_tps(hidden_size=hidden_size, dtype=dtype, bandwidth_mbps=bandwidth_mbps)
+    """The ``ServerInfo`` fields for a span of ``num_blocks``: throughput, inference_rps, network_tps.
+
+    Each is at most ``MAX_RATE``, the most a record may say (a tiny model on a fast device can measure more).
+    """
+    network = min(network_tps(hidden_size=hidden_size, dtype=dtype, bandwidth_mbps=bandwidth_mbps), MAX_RATE)
     return {
         "throughput": min(probe.forward_tps / num_blocks, network),
-        "inference_rps": probe.inference_sps / num_blocks,
+        "inference_rps": min(probe.inference_sps / num_blocks, MAX_RATE),
         "network_tps": network,
     }

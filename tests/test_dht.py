@@ -50,6 +50,7 @@ from swarm_peer.dht import (
 )
 from swarm_peer.dht.announce import _store_span
 from swarm_peer.dht.lookup import _get_entries
+from swarm_peer.dht.records import MAX_BLOCKS
 from swarm_peer.errors import ValidationError
 
 WAIT = 10.0  # seconds: the bound of every wait on the DHT in these tests
@@ -146,6 +147,13 @@ def test_block_key_is_hashed_by_hivemind_as_sha1_of_msgpack():
         dict(throughput=float("nan")),
         dict(cache_tokens_left=-5),
         dict(public_name="x" * 65),
+        dict(public_name="\x1b[2Jgotcha"),
+        dict(adapters=("lora\n",)),
+        dict(throughput=1e9),
+        dict(inference_rps=float("inf")),
+        dict(cache_tokens_left=1 << 40),
+        dict(end_block=MAX_BLOCKS + 1),
+        dict(next_pings={"peer": 1e6}),
         dict(version=b"0.1"),
         dict(adapters=("a",) * 17),
         dict(next_pings={f"peer{i}": 0.1 for i in range(65)}),
@@ -195,31 +203,34 @@ def test_wire_form_is_compact_tagged_and_tolerant():
 def test_largest_record_keeps_the_dht_request_under_the_atomic_pipe_write(keys):
     """Why MAX_VALUE_BYTES is what it is: DHT.run_coroutine pickles this over a pipe shared by threads.
 
-    declare_span sends its blocks as ranges, so a 4096-block span costs no more than one block.
+    declare_span sends its blocks as ranges, so the longest span (MAX_BLOCKS) costs no more than one block.
     """
-    info = _info(0, 4096, version="v" * 32, dtype="d" * 16, public_name="p" * 64, adapters=("a" * 64,) * 4)
+    last = MAX_BLOCKS - 1
+    info = _info(
+        0, MAX_BLOCKS, version="v" * 32, dtype="d" * 16, public_name="p" * 64, adapters=("a" * 64,) * 4
+    )
     pings: dict[str, float] = {}
     while True:  # grow next_pings until the record hits the cap
         bigger = info.model_copy(update={"next_pings": {**pings, f"12D3KooW{len(pings):044d}": 0.123456789}})
         try:
-            to_dht_value(bigger, model_id="m" * 128, block=4095)
+            to_dht_value(bigger, model_id="m" * 128, block=last)
         except ValidationError:
             break
         info, pings = bigger, dict(bigger.next_pings)
-    assert len(MSGPackSerializer.dumps(to_dht_value(info, model_id="m" * 128, block=4095))) <= MAX_VALUE_BYTES
+    assert len(MSGPackSerializer.dumps(to_dht_value(info, model_id="m" * 128, block=last))) <= MAX_VALUE_BYTES
     call = partial(
         _store_span,
         timeout=10.0,
         model_id="m" * 128,
         info=info,
-        ranges=((0, 4096),),
+        ranges=((0, MAX_BLOCKS),),
         subkey=keys.alice.subkey,
         expiration_time=get_dht_time(),
     )
     message = ("_run_coroutine", [], dict(coro=call, future=MPFuture()))  # as DHT.run_coroutine sends it
     assert len(pickle.dumps(message)) < 4096
     lookup = partial(
-        _get_entries, timeout=10.0, model_id="m" * 128, ranges=block_ranges(range(0, 4096, 2)[:64])
+        _get_entries, timeout=10.0, model_id="m" * 128, ranges=block_ranges(range(0, MAX_BLOCKS, 2)[:64])
     )
     assert len(pickle.dumps(("_run_coroutine", [], dict(coro=lookup, future=MPFuture())))) < 4096
 
@@ -414,6 +425,18 @@ def test_announcer_refreshes_moves_and_stops_offline(swarm):
     offline = current["info"].model_copy(update={"state": ServerState.OFFLINE})
     assert lookup()[1:] == [{a_id: offline}, {a_id: offline}]
     assert online_servers(swarm.client, "announcer", [1, 2], timeout=WAIT) == [{}, {}]
+
+
+@pytest.mark.timeout(30)
+def test_an_identity_serves_one_live_node_at_a_time(tmp_path):
+    path = str(tmp_path / "peer.id")
+    first = create_dht(identity_path=path)
+    try:
+        with pytest.raises(ValidationError, match="in use by another running peer"):
+            create_dht(identity_path=path)
+    finally:
+        _shutdown([first])
+    _shutdown([create_dht(identity_path=path)])  # free again once the first node is gone
 
 
 @pytest.mark.timeout(30)

@@ -22,6 +22,7 @@ from rich.console import Console
 from swarm_peer.cli.local_swarm import LocalSwarm
 from swarm_peer.cli.main import cli
 from swarm_peer.cli.status import ModelStatus, coverage_bar, render_status, run_status, span_bar
+from swarm_peer.client.runtime import SwarmRuntime
 from swarm_peer.dht import (
     Announcer,
     ModelInfo,
@@ -44,7 +45,8 @@ from swarm_peer.dht import (
 )
 from swarm_peer.errors import ValidationError
 from swarm_peer.models import resolve_checkpoint
-from swarm_peer.settings import NetworkSettings
+from swarm_peer.protocols import rpc, swarm_pb2
+from swarm_peer.settings import ClientSettings, NetworkSettings
 
 WAIT = 10.0  # seconds: the bound of every wait on the DHT in these tests
 OTHER_MODEL = "other-model"  # announced by this test process, next to the tiny checkpoint's peers
@@ -209,6 +211,10 @@ def test_list_models_finds_what_peers_declare():
             dht.shutdown()
 
 
+async def _answer_info(request: swarm_pb2.InfoRequest, context) -> swarm_pb2.InfoResponse:
+    return swarm_pb2.InfoResponse(info_json=b"{}")
+
+
 @pytest.mark.timeout(240)
 def test_status_shows_full_coverage_then_a_gap(tiny_checkpoints):
     path = tiny_checkpoints["llama"]
@@ -216,9 +222,11 @@ def test_status_shows_full_coverage_then_a_gap(tiny_checkpoints):
     # a fixed throughput (no probe) and no rebalancing: the spans stay where the test puts them
     peer_args = ["--public-name", "alice", "--throughput", "100", "--rebalance-period", "0"]
     with LocalSwarm(path, [(0, 2), (2, 4)], peer_args=peer_args) as swarm:
-        # a second, fully covered model, announced from this process as a peer would
+        # a second, fully covered model, announced from this process as a peer would (answering info pings)
         other = create_dht(initial_peers=swarm.initial_peers)
+        runtime = SwarmRuntime(ClientSettings(), dht=other)
         try:
+            runtime.run(runtime.p2p.add_protobuf_handler(rpc.INFO, _answer_info, swarm_pb2.InfoRequest))
             info = ServerInfo(
                 state=ServerState.ONLINE, start_block=0, end_block=2, throughput=123.0, public_name="bob"
             )
@@ -254,4 +262,5 @@ def test_status_shows_full_coverage_then_a_gap(tiny_checkpoints):
             assert OTHER_MODEL not in stdout
             assert "no ONLINE peer serves blocks 2:4" in stderr
         finally:
+            runtime.shutdown()
             other.shutdown()
