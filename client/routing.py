@@ -38,6 +38,7 @@ __all__ = ["Hop", "Router"]
 logger = logging.getLogger(__name__)
 
 _RETRY_PERIOD = 0.5
+_LOOKUP_TIMEOUT = 10.0  # seconds one DHT lookup may take; a slower one is tried again
 _UNKNOWN_BLOCK_SECONDS = 0.01  # per-block compute time of a peer that announces no inference_rps
 _CACHE_PENALTY_SECONDS = 10.0  # a peer announcing too little free cache: use it only if nothing else covers
 _PING_TIMEOUT = 2.0
@@ -88,7 +89,12 @@ class Router:
             raise RoutingError(f"blocks {start}:{end} are not inside the model's 0:{self.num_blocks}")
         deadline = time.monotonic() + self.route_timeout
         while True:
-            servers = self._usable_servers(start, end)
+            try:  # a lookup that the DHT does not answer in time is tried again, within the route's deadline
+                timeout = min(_LOOKUP_TIMEOUT, max(deadline - time.monotonic(), _RETRY_PERIOD))
+                servers = self._usable_servers(start, end, timeout)
+            except TimeoutError:
+                logger.info("Looking up blocks %d:%d of %s timed out", start, end, self.model_id)
+                servers = [{} for _ in range(start, end)]
             missing = next((start + i for i, peers in enumerate(servers) if not peers), None)
             if missing is None:
                 route = choose(servers)
@@ -103,9 +109,9 @@ class Router:
                 )
             time.sleep(_RETRY_PERIOD)
 
-    def _usable_servers(self, start: int, end: int) -> list[dict[PeerID, ServerInfo]]:
+    def _usable_servers(self, start: int, end: int, timeout: float) -> list[dict[PeerID, ServerInfo]]:
         """Per block of [start, end): the online, unbanned peers that serve it (and the adapter, if any)."""
-        servers = online_servers(self.runtime.dht, self.model_id, range(start, end))
+        servers = online_servers(self.runtime.dht, self.model_id, range(start, end), timeout=timeout)
         if self.adapter:
             servers = [{p: i for p, i in peers.items() if self.adapter in i.adapters} for peers in servers]
         self.banned = len({peer for peers in servers for peer in peers if self.health.is_banned(peer)})

@@ -13,7 +13,8 @@ Blocks are constructed with their global index and the full config (so per-layer
 attention is right), then every ``layer_idx`` attribute is renumbered from 0 within the sub-span being run, so
 that a KV cache made for that sub-span (``DynamicCache`` of the cut-down config) lines up with it. The modules that
 carry a ``layer_idx`` are listed once per sub-span, so a decode step sets a few attributes instead of walking every
-module. Compute runs on one thread at a time (peer.compute), which keeps that renumbering race-free.
+module. Compute runs on one thread at a time (``BlockHandlers._compute`` in peer.handlers), which keeps that renumbering
+race-free.
 
 A decode step of one sequence without padding, as in plain generation, needs no mask (every new token sees the
 whole cache) and then the base model adds only Python work around its layers: building and checking a mask it

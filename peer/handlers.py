@@ -62,6 +62,7 @@ logger = logging.getLogger(__name__)
 # one took less than this: handing a step to the compute thread and back costs about as much as a hop's transport.
 # Longer steps go to the compute thread, so the loop keeps answering while they run.
 _INLINE_SECONDS = 0.05
+_INLINE_CHECK_VALUES = 1 << 16  # a request with more hidden values than this is checked off the event loop
 
 
 class BlockHandlers:
@@ -111,8 +112,9 @@ class BlockHandlers:
     def switch(self, span: BlockSpan, drain_seconds: float) -> None:
         """Serves ``span`` from now on. Sessions open on the old span go on for ``drain_seconds``; after that, their
         next step is refused with a ``SessionError``, which hands them back to their clients (they fail over)."""
-        self.span = span
+        # the handover time first: a session that sees the new span must never see the old handover time
         self._handover_at = time.monotonic() + drain_seconds
+        self.span = span
 
     async def _emulated_latency(self) -> None:
         if self.settings.added_latency:
@@ -152,9 +154,9 @@ class BlockHandlers:
                 raise ValidationError("the request stream ended before its tensors were complete")
             assembler.feed(more.tensors)
         tensors = assembler.tensors()
-        hidden_BTD, mask_BS, positions_BT = self._check_inputs(*tensors[:3], past=0, batch_size=None)
+        hidden_BTD, mask_BS, positions_BT = await self._checked(tensors[:3], past=0, batch_size=None)
         B, T, _ = hidden_BTD.shape
-        applied = self._extras(span, a, b, message, tensors[own:], call, B, max_prompt_tokens=T)
+        applied = await self._extras(span, a, b, message, tensors[own:], call, B, max_prompt_tokens=T)
         key = (str(call.remote_id), first.graph_id) if first.graph_id else None
         inputs = (hidden_BTD, mask_BS, positions_BT)
         if backward:
@@ -204,11 +206,13 @@ class BlockHandlers:
 
         return check
 
-    def _extras(
+    async def _extras(
         self, span, a, b, message, tensors, call: Call, batch_size: int, max_prompt_tokens: int
     ) -> _Applied:
         """The adapters and prompts a request asks for, checked against blocks [a, b) of ``span``."""
-        request, digest = extras.decode(message, tensors)
+        # decoding hashes attached LoRA weights and checks every value: off the event loop when there are any
+        decode = (extras.decode, message, tensors)
+        request, digest = await asyncio.to_thread(*decode) if tensors else decode[0](*decode[1:])
         client = str(call.remote_id)
         lora = request.lora
         if digest is not None:
@@ -281,7 +285,9 @@ class BlockHandlers:
         tensors = await self._parts(
             requests, opening.tensors, extras.tensor_count(message), "the open", self._declared(0, 0)
         )
-        applied = self._extras(span, a, b, message, tensors, call, batch_size, max_prompt_tokens=max_length)
+        applied = await self._extras(
+            span, a, b, message, tensors, call, batch_size, max_prompt_tokens=max_length
+        )
         with (
             self.budget.session(call.remote_id.to_base58(), batch_size * max_length) as charge,
             self.inboxes.open(opening.session_id, a) as inbox,
@@ -320,8 +326,8 @@ class BlockHandlers:
                             f"this peer moved to blocks {self.span.start}:{self.span.end}; continue the session "
                             "elsewhere"
                         )
-                    hidden_BTD, mask_BS, positions_BT = self._check_inputs(
-                        *step.tensors, past=position, batch_size=session.batch_size
+                    hidden_BTD, mask_BS, positions_BT = await self._checked(
+                        step.tensors, past=position, batch_size=session.batch_size
                     )
                     B, T, _ = hidden_BTD.shape
                     if position + T > session.max_length:
@@ -451,6 +457,12 @@ class BlockHandlers:
                 f"blocks {a}:{b} are not served here (this peer serves {span.start}:{span.end})"
             )
         return span, a, b
+
+    async def _checked(self, tensors: list[torch.Tensor], past: int, batch_size: int | None):
+        """``_check_inputs``; off the event loop for inputs of many tokens (checking them for NaN takes ms)."""
+        if tensors[0].numel() > _INLINE_CHECK_VALUES:
+            return await asyncio.to_thread(self._check_inputs, *tensors, past=past, batch_size=batch_size)
+        return self._check_inputs(*tensors, past=past, batch_size=batch_size)
 
     def _check_inputs(self, hidden_BTD, mask_BS, positions_BT, *, past: int, batch_size: int | None):
         """Validates one step's tensors against the span and the session's state; returns them normalized."""

@@ -258,8 +258,9 @@ class Peer:
         deadline = time.monotonic() + self.settings.shutdown_grace
         while (self.handlers.in_flight or self.handlers.open_sessions) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        self.handlers.shutdown()
-        self.dht.shutdown()
+        loop = asyncio.get_running_loop()  # both wait for threads and processes: not on the loop
+        await loop.run_in_executor(None, self.handlers.shutdown)
+        await loop.run_in_executor(None, self.dht.shutdown)
 
     def stop(self) -> None:
         self._stop.set()

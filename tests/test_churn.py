@@ -237,14 +237,14 @@ def test_a_failing_peer_is_banned_until_its_ban_expires(path):
             while time.monotonic() - t_banned < 0.5:  # banned: never tried again
                 model.router.inference_route()
             assert pinged.count(dead.peer_id) == 1
-            time.sleep(
-                3.0
-            )  # the ban has expired: the peer is tried again, fails, and is banned twice as long
+            dead_id = next(p for p in _peer_ids(model) if str(p) == dead.peer_id)
+            # once the ban has expired, the peer is tried again, fails, and is banned twice as long
+            _wait_for(
+                lambda: not model.router.health.is_banned(dead_id), 10, "the ban to expire", period=0.05
+            )
             model.router.inference_route()
             assert pinged.count(dead.peer_id) == 2
-            assert (
-                model.router.health.failures(next(p for p in _peer_ids(model) if str(p) == dead.peer_id)) == 2
-            )
+            assert model.router.health.failures(dead_id) == 2
         finally:
             model.shutdown()
 

@@ -41,7 +41,15 @@ def served_adapter(tiny_checkpoints, tmp_path_factory):
 @pytest.fixture(scope="module")
 def swarm(tiny_checkpoints, served_adapter):
     path = tiny_checkpoints["llama"]
-    peer_args = ["--adapters", f"tune={served_adapter}", "--max-lora-rank", str(MAX_RANK)]
+    # --max-batch-tokens: every test's calls fit (3 rows of 10 tokens and 4 prompts), a 5-row batch only if split
+    peer_args = [
+        "--adapters",
+        f"tune={served_adapter}",
+        "--max-lora-rank",
+        str(MAX_RANK),
+        "--max-batch-tokens",
+        "45",
+    ]
     with LocalSwarm(path, SPANS, peer_args=peer_args) as swarm:
         # It cannot keep any client's LoRA (every request naming weights by digest is refused and sent again),
         # nor any forward's graph (every backward recomputes the forward).
@@ -140,6 +148,8 @@ def test_lora_gradients_match_peft(client):
 
 @pytest.mark.timeout(300)
 def test_large_batch_is_split_into_chunks(swarm, client):
+    """5 rows of 10 tokens exceed the peers' 45 tokens per call: only split into calls of 2 rows do they go
+    through, with exact gradients. Control: the same batch in one call is refused."""
     model, ref = client
     swarm_, path = swarm
     settings = client_settings(swarm_, max_chunk_tokens=20)  # 2 rows of 10 tokens per call
@@ -151,6 +161,8 @@ def test_large_batch_is_split_into_chunks(swarm, client):
         _loss(chunked(input_ids=ids, attention_mask=mask).logits, weights).backward()
         _loss(twin(input_ids=ids, attention_mask=mask).logits, weights).backward()
         _lora_grads_match(lora, twin)
+        with pytest.raises(ValidationError, match="exceed this peer's limit"):
+            model(input_ids=ids, attention_mask=mask)  # max_chunk_tokens 8192: one call
     finally:
         chunked.shutdown()
 
