@@ -36,7 +36,7 @@ def run_demo(prompt: str, *, max_new_tokens: int, num_peers: int) -> None:
         try:
             servers = online_servers(model.swarm.dht, model.model_id, range(checkpoint.num_blocks))
             table = Table(title=f"Who serves {model.model_id}")
-            for column in ("peer", "blocks", "state", "cache tokens free"):
+            for column in ("peer", "blocks", "state", "KV cache free"):
                 table.add_column(column)
             seen = {}
             for block_servers in servers:
@@ -47,7 +47,7 @@ def run_demo(prompt: str, *, max_new_tokens: int, num_peers: int) -> None:
                     str(peer_id),
                     f"{info.start_block}:{info.end_block}",
                     info.state.name,
-                    str(info.cache_tokens_left),
+                    f"{info.cache_mb_left:,.0f} MiB",
                 )
             console.print(table)
             console.print(f"[bold]User:[/] {prompt}\n[bold]Assistant:[/] ", end="")

@@ -143,7 +143,7 @@ def _peer_option(field: str, type=_COUNT, **extra):
 
 
 _PEER_FIELDS = (
-    "cache_tokens",
+    "cache_mb",
     "client_cache_share",
     "max_length",
     "max_batch_tokens",
@@ -162,7 +162,7 @@ _PEER_FIELDS = (
     "adapters",
     "max_lora_rank",
     "lora_cache_mb",
-    "graph_cache_tokens",
+    "graph_cache_mb",
 )
 
 
@@ -198,7 +198,7 @@ def _check_announce_period(ctx, param, value: float) -> float:
 @click.option(
     "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True
 )
-@_peer_option("cache_tokens")
+@_peer_option("cache_mb", type=click.FloatRange(min=0, min_open=True))
 @_peer_option("client_cache_share", type=click.FloatRange(min=0, max=1, min_open=True))
 @_peer_option("max_length")
 @_peer_option("max_batch_tokens")
@@ -217,7 +217,7 @@ def _check_announce_period(ctx, param, value: float) -> float:
 @_peer_option("adapters", type=str, multiple=True, metavar="[NAME=]PATH")
 @_peer_option("max_lora_rank")
 @_peer_option("lora_cache_mb", type=click.FloatRange(min=0, min_open=True))
-@_peer_option("graph_cache_tokens", type=click.IntRange(min=0))
+@_peer_option("graph_cache_mb", type=click.FloatRange(min=0))
 @click.option("--public-name", help="a name shown to others in swarm listings")
 @click.option(
     "--model-name", help="the model's readable name in listings and logs [default: its folder's name]"

@@ -192,7 +192,8 @@ def render_status(statuses: list[ModelStatus], console: Console) -> None:
     table.add_column("span", no_wrap=True)
     table.add_column("blocks", no_wrap=True)
     table.add_column("tok/s", justify="right", no_wrap=True)
-    table.add_column("cache", justify="right", no_wrap=True)
+    table.add_column("KV free", justify="right", no_wrap=True)
+    table.add_column("graphs free", justify="right", no_wrap=True)
     table.add_column("version", no_wrap=True)
     table.add_column("name")
     for status in statuses:
@@ -202,6 +203,7 @@ def render_status(statuses: list[ModelStatus], console: Console) -> None:
             Text("covered", style="green") if status.covered else Text("GAPS", style="bold red"),
             f"0:{status.num_blocks}",
             coverage_bar(status.online),
+            "",
             "",
             "",
             "",
@@ -217,12 +219,17 @@ def render_status(statuses: list[ModelStatus], console: Console) -> None:
                 f"{info.start_block}:{info.end_block}",
                 Text(span_bar(info.start_block, info.end_block, status.num_blocks), style=style),
                 f"{info.throughput:.0f}" if info.throughput else "—",
-                f"{info.cache_tokens_left:,}",
+                _mib(info.cache_mb_left),
+                _mib(info.graph_cache_mb_left),
                 Text(info.version),  # Text, not str: what peers announce is never read as rich markup
                 Text(info.public_name or ""),
             )
         table.add_section()
     console.print(table)
+
+
+def _mib(mib: float) -> str:
+    return f"{mib / 1024:,.1f} GiB" if mib >= 1024 else f"{mib:,.0f} MiB"
 
 
 class _Deadline:

@@ -6,7 +6,8 @@ A peer announces, for every block ``b`` of its span, one record under ``block_ke
         "t": "swarm.server", "v": 1,            # record tag and schema version
         "m": "llama-7b", "b": 3,                # the key it belongs to (a validator checks it)
         "s": 2, "sb": 0, "eb": 8,               # state, span [start_block, end_block)
-        "tp": 812.5, "rps": 3.1, "ct": 65536,   # throughput, inference rps, cache tokens left
+        "tp": 812.5, "rps": 3.1, "ct": 65536,   # throughput, inference rps, cache tokens left (whole span)
+        "cm": 320.0, "gm": 1024.0,              # MiB free in the attention cache and the kept-graph cache
         "ad": [], "ver": "0.1.0", "dt": "float16", "pn": None, "np": {"QmNext...": 0.004},
     }
 
@@ -37,6 +38,7 @@ from swarm_peer.errors import ValidationError
 __all__ = [
     "MAX_ANNOUNCE_PERIOD",
     "MAX_BLOCKS",
+    "MAX_CACHE_MB",
     "MAX_CACHE_TOKENS",
     "MAX_CLOCK_SKEW",
     "MAX_PING_SECONDS",
@@ -64,6 +66,7 @@ MAX_VALUE_BYTES = 2048  # msgpack-serialized record, before hivemind appends the
 MAX_BLOCKS = 256
 MAX_RATE = 1e7  # tokens/s or steps/s of any rate field; a tiny model's block on a fast GPU does ~1e6
 MAX_CACHE_TOKENS = 1 << 30  # free attention-cache tokens; a 1 TiB cache of a 576-wide float16 model is ~5e8
+MAX_CACHE_MB = float(1 << 30)  # free MiB of a cache (1 PiB)
 MAX_PING_SECONDS = 600.0  # a next-peer round trip; anything slower is as good as unreachable
 # Peers announce every ``announce_period`` seconds (30 by default, at most MAX_ANNOUNCE_PERIOD) and their
 # records live twice that, so the record of a dead peer lapses within two periods. A node refuses a record
@@ -87,11 +90,14 @@ _WIRE_NAMES = {
     "public_name": "pn",
     "next_pings": "np",
     "network_tps": "nt",
+    "cache_mb_left": "cm",
+    "graph_cache_mb_left": "gm",
 }
 _ENVELOPE = ("t", "v", "m", "b")  # tag, schema version, model id, block index
 assert not set(_ENVELOPE) & set(_WIRE_NAMES.values()), "wire names must not collide with the envelope"
 
 _Rate = Annotated[float, Field(ge=0.0, le=MAX_RATE, allow_inf_nan=False, strict=True)]
+_MiB = Annotated[float, Field(ge=0.0, le=MAX_CACHE_MB, allow_inf_nan=False, strict=True)]
 _Seconds = Annotated[float, Field(ge=0.0, le=MAX_PING_SECONDS, allow_inf_nan=False, strict=True)]
 _PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f]*$"  # shown on status pages: no control characters (terminal escapes)
 _ShortStr = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=64, pattern=_PRINTABLE)]
@@ -129,6 +135,8 @@ class ServerInfo(BaseModel):
     cache_tokens_left: int = Field(
         0, ge=0, le=MAX_CACHE_TOKENS, strict=True, description="free attention-cache capacity, in tokens"
     )
+    cache_mb_left: _MiB = Field(0.0, description="free attention (KV) cache, in MiB")
+    graph_cache_mb_left: _MiB = Field(0.0, description="free memory for kept training graphs, in MiB")
     adapters: tuple[_ShortStr, ...] = Field(
         (), max_length=16, description="names of the loaded LoRA adapters"
     )

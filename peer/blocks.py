@@ -36,7 +36,7 @@ from transformers import AutoModel, DynamicCache
 
 from swarm_peer.compat import CACHE
 from swarm_peer.errors import ValidationError
-from swarm_peer.models import Checkpoint
+from swarm_peer.models import Checkpoint, attention_shape
 from swarm_peer.peer import adapters as _adapters
 from swarm_peer.protocols.extras import Lora
 
@@ -141,6 +141,11 @@ class BlockSpan:
 
     def new_cache(self, a: int, b: int) -> DynamicCache:
         return DynamicCache(config=self.span_config(a, b))
+
+    def cache_bytes_per_token(self, a: int, b: int) -> int:
+        """Bytes that one token of one sequence adds to a ``new_cache(a, b)``: a key and a value per block."""
+        _, kv_heads, head_dim = attention_shape(self.config)
+        return (b - a) * 2 * kv_heads * head_dim * self.dtype.itemsize
 
     def _runner(self, a: int, b: int) -> nn.Module:
         """The family's base model for global blocks ``[a, b)``, wrapping the shared real layers."""

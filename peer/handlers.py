@@ -47,7 +47,7 @@ from swarm_peer.errors import DeadlineError, MissingBlocksError, MissingWeightsE
 from swarm_peer.peer import adapters, push
 from swarm_peer.peer.blocks import BlockSpan
 from swarm_peer.peer.cache import CacheBudget, SessionCharge
-from swarm_peer.peer.graphs import Graph, GraphCache
+from swarm_peer.peer.graphs import Graph, GraphCache, SavedTensors
 from swarm_peer.protocols import codec, extras, rpc, swarm_pb2
 from swarm_peer.protocols.extras import Lora
 from swarm_peer.protocols.serving import Call, Ledger, Limits, Requests, RpcServer
@@ -81,12 +81,12 @@ class BlockHandlers:
         None leaves torch's setting."""
         self.span, self.model_id, self.settings, self.info_json = span, model_id, settings, info_json
         self.decode_threads = decode_threads
-        self.budget = CacheBudget(settings.cache_tokens, settings.client_cache_share)
+        self.budget = CacheBudget(int(settings.cache_mb * 2**20), settings.client_cache_share)
         self.server = RpcServer(
             Limits(max_streams=settings.max_streams, inbound_bytes=int(settings.max_inbound_mb * 2**20))
         )
         self.loras = adapters.LoraCache(int(settings.lora_cache_mb * 2**20))
-        self.graphs = GraphCache(settings.graph_cache_tokens)
+        self.graphs = GraphCache(int(settings.graph_cache_mb * 2**20))
         self.inboxes = push.Inboxes()
         self.p2p: P2P | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
@@ -163,7 +163,7 @@ class BlockHandlers:
             grad_BTD = _check_float("grad_outputs", tensors[3], hidden_BTD.shape)
             results = await self._compute(self._backward, span, inputs, grad_BTD, a, b, applied, key)
         else:
-            keep = key is not None and self.graphs.fits(B * T)
+            keep = key is not None and self.graphs.max_bytes > 0
             results = [await self._compute(self._forward, span, inputs, a, b, applied, key if keep else None)]
         call.ledger.close()  # the request's bytes are spent; the answer is ours
         for parts in codec.pack(results):
@@ -244,16 +244,17 @@ class BlockHandlers:
             with torch.inference_mode(), applied.applying(span, a, b, past=0):
                 return span.forward(*inputs, a, b).to(hidden_BTD.dtype)
         graph = self._graph(span, inputs, a, b, applied)
-        self.graphs.put(key, graph, tokens=hidden_BTD.shape[0] * hidden_BTD.shape[1])
+        self.graphs.put(key, graph)
         return graph.outputs.detach().to(hidden_BTD.dtype)
 
     def _graph(self, span, inputs, a, b, applied: _Applied) -> Graph:
-        with torch.enable_grad():
+        with torch.enable_grad(), SavedTensors(span.layers.parameters()) as saved:
             trainable = applied.trainable()
             inputs_BTD = inputs[0].to(span.dtype).requires_grad_(True)
             with trainable.applying(span, a, b, past=0):
                 outputs_BTD = span.forward(inputs_BTD, *inputs[1:], a, b)
-        return Graph(inputs, applied, outputs_BTD, [inputs_BTD, *trainable.leaves()])
+        saved.count(outputs_BTD)
+        return Graph(inputs, applied, outputs_BTD, [inputs_BTD, *trainable.leaves()], saved.nbytes)
 
     def _backward(self, span, inputs, grad_BTD, a, b, applied: _Applied, key=None):
         """Gradients w.r.t. the inputs, then the deep prompts (if sent), then the client's LoRA weights. Uses the
@@ -289,7 +290,9 @@ class BlockHandlers:
             span, a, b, message, tensors, call, batch_size, max_prompt_tokens=max_length
         )
         with (
-            self.budget.session(call.remote_id.to_base58(), batch_size * max_length) as charge,
+            self.budget.session(
+                call.remote_id.to_base58(), span.cache_bytes_per_token(a, b), batch_size * max_length
+            ) as charge,
             self.inboxes.open(opening.session_id, a) as inbox,
         ):
             inbox.set_neighbours(opening.neighbours)

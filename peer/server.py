@@ -29,8 +29,9 @@ import uvloop
 
 import swarm_peer
 from swarm_peer.dht import Announcer, ServerInfo, ServerState, create_dht, get_block_servers
+from swarm_peer.dht.records import MAX_CACHE_MB, MAX_CACHE_TOKENS
 from swarm_peer.errors import ValidationError
-from swarm_peer.models import Checkpoint, resolve_checkpoint
+from swarm_peer.models import Checkpoint, attention_shape, resolve_checkpoint
 from swarm_peer.peer import balance
 from swarm_peer.peer.balance import spans_from_servers
 from swarm_peer.peer.blocks import DTYPES, BlockSpan
@@ -123,16 +124,20 @@ class Peer:
         return balance.choose_span(spans, total, length)
 
     def server_info(self) -> ServerInfo:
+        span, cache_left = self.span, self.handlers.budget.bytes_left
+        tokens_left = min(cache_left // span.cache_bytes_per_token(span.start, span.end), MAX_CACHE_TOKENS)
         return ServerInfo(
             state=self.state,
-            start_block=self.span.start,
-            end_block=self.span.end,
-            **self.speed(self.span.end - self.span.start),
-            cache_tokens_left=self.handlers.budget.tokens_left,
+            start_block=span.start,
+            end_block=span.end,
+            **self.speed(span.end - span.start),
+            cache_tokens_left=tokens_left,
+            cache_mb_left=min(cache_left / 2**20, MAX_CACHE_MB),
+            graph_cache_mb_left=min(self.handlers.graphs.bytes_left / 2**20, MAX_CACHE_MB),
             version=swarm_peer.__version__,
             dtype=self.settings.dtype,
             public_name=self.settings.public_name,
-            adapters=tuple(self.span.adapters),
+            adapters=tuple(span.adapters),
         )
 
     def _info_json(self) -> bytes:
@@ -270,9 +275,7 @@ def blocks_that_fit(checkpoint: Checkpoint, settings: PeerSettings) -> int:
     """How many blocks half of the device's free memory holds (the rest is left for caches and the system)."""
     config = checkpoint.config
     hidden = int(config.hidden_size)
-    heads = int(config.num_attention_heads)
-    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    heads, kv_heads, head_dim = attention_shape(config)
     params = (
         2 * hidden * heads * head_dim
         + 2 * hidden * kv_heads * head_dim

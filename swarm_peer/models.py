@@ -36,7 +36,15 @@ from swarm_peer.manifest import (
     split_block_name,
 )
 
-__all__ = ["Checkpoint", "resolve_checkpoint", "cache_dir", "DEMO_MODEL", "atomic_write", "read_json"]
+__all__ = [
+    "Checkpoint",
+    "attention_shape",
+    "resolve_checkpoint",
+    "cache_dir",
+    "DEMO_MODEL",
+    "atomic_write",
+    "read_json",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +60,13 @@ def cache_dir() -> Path:
     path = Path(root)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def attention_shape(config) -> tuple[int, int, int]:
+    """A block's query heads, key/value heads and head size, as a transformers config gives them."""
+    heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or int(config.hidden_size) // heads)
+    return heads, int(getattr(config, "num_key_value_heads", None) or heads), head_dim
 
 
 @dataclass(frozen=True)

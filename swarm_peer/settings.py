@@ -52,8 +52,10 @@ class PeerSettings(_Settings):
     num_blocks: int | None = Field(None, ge=1, description="how many blocks to serve when choosing the span")
     device: str = Field("cpu", description="torch device of the blocks")
     dtype: str = Field("float32", description="dtype of the blocks: float32, bfloat16 or float16")
-    cache_tokens: int = Field(
-        8192, ge=1, description="KV-cache budget: batch * tokens held, summed over sessions"
+    cache_mb: float = Field(
+        512.0,
+        gt=0,
+        description="MiB of attention (KV) cache over all sessions, charged for the tokens they hold",
     )
     client_cache_share: float = Field(
         0.5, gt=0, le=1, description="most of the KV-cache budget that one client may hold, over its sessions"
@@ -105,11 +107,11 @@ class PeerSettings(_Settings):
     lora_cache_mb: float = Field(
         256.0, gt=0, description="memory for clients' LoRA weights, kept so they are sent once"
     )
-    graph_cache_tokens: int = Field(
-        8192,
+    graph_cache_mb: float = Field(
+        1024.0,
         ge=0,
-        description="batch * tokens of training forwards whose graphs are kept so their backward skips "
-        "recomputing (costs activation memory); 0 = always recompute",
+        description="MiB of activations of training forwards kept so that their backward skips recomputing "
+        "them; 0 = always recompute",
     )
     added_latency: float = Field(
         0.0, ge=0, description="seconds added to every reply, to emulate a slow link (testing)"

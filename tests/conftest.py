@@ -11,10 +11,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config  # noqa: E402
 
 from swarm_peer.cli.local_swarm import LocalSwarm  # noqa: E402
-from swarm_peer.models import DEMO_MODEL, resolve_checkpoint  # noqa: E402
+from swarm_peer.models import DEMO_MODEL, attention_shape, resolve_checkpoint  # noqa: E402
 from swarm_peer.settings import ClientSettings, NetworkSettings  # noqa: E402
 
 _SMALL = dict(
@@ -59,6 +59,13 @@ def client_settings(swarm: LocalSwarm, **kwargs) -> ClientSettings:
     return ClientSettings(
         network=NetworkSettings(initial_peers=tuple(swarm.initial_peers), client_mode=True), **kwargs
     )
+
+
+def kv_cache_mb(path: str, tokens: int) -> float:
+    """``--cache-mb`` for a peer of all of ``path``'s blocks (float32) whose cache holds ``tokens`` tokens."""
+    config = AutoConfig.from_pretrained(path)
+    _, kv_heads, head_dim = attention_shape(config)
+    return tokens * config.num_hidden_layers * 2 * kv_heads * head_dim * 4 / 2**20
 
 
 def reference_model(path: str):

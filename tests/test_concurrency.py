@@ -10,12 +10,11 @@ import torch
 from swarm_peer import DistributedModelForCausalLM
 from swarm_peer.cli.local_swarm import LocalSwarm
 
-from .conftest import client_settings, reference_model
+from .conftest import client_settings, kv_cache_mb, reference_model
 
 PROMPT_TOKENS, NEW_TOKENS, THREADS = 6, 10, 16
 SESSION_TOKENS = PROMPT_TOKENS + NEW_TOKENS
 # two peers whose caches hold 8 sessions together: 16 at once cannot all fit, so some wait (busy) and go on later
-PEER_ARGS = ["--cache-tokens", str(4 * SESSION_TOKENS), "--client-cache-share", "1"]
 
 
 @pytest.mark.timeout(300)
@@ -27,7 +26,8 @@ def test_sixteen_threads_generate_through_one_model_object(tiny_checkpoints):
     ]
     ref = reference_model(path)
     want = [ref.generate(p, max_new_tokens=NEW_TOKENS, do_sample=False) for p in prompts]
-    with LocalSwarm(path, [(0, 4), (0, 4)], peer_args=PEER_ARGS) as swarm:
+    peer_args = ["--cache-mb", str(kv_cache_mb(path, 4 * SESSION_TOKENS)), "--client-cache-share", "1"]
+    with LocalSwarm(path, [(0, 4), (0, 4)], peer_args=peer_args) as swarm:
         model = DistributedModelForCausalLM.from_pretrained(
             path, settings=client_settings(swarm, ban_seconds=0.5)
         )

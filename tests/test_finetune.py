@@ -53,7 +53,7 @@ def swarm(tiny_checkpoints, served_adapter):
     with LocalSwarm(path, SPANS, peer_args=peer_args) as swarm:
         # It cannot keep any client's LoRA (every request naming weights by digest is refused and sent again),
         # nor any forward's graph (every backward recomputes the forward).
-        swarm.add_peer(3, 4, extra_args=["--lora-cache-mb", "0.000001", "--graph-cache-tokens", "0"])
+        swarm.add_peer(3, 4, extra_args=["--lora-cache-mb", "0.000001", "--graph-cache-mb", "0"])
         yield swarm, path
 
 

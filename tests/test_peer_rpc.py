@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 
@@ -19,7 +20,7 @@ from swarm_peer.client.session import InferenceSession
 from swarm_peer.errors import BusyError, RoutingError, SessionError, ValidationError
 from swarm_peer.protocols import codec, rpc, swarm_pb2
 
-from .conftest import client_settings, reference_model
+from .conftest import client_settings, kv_cache_mb, reference_model
 
 CACHE_TOKENS = 96
 
@@ -31,7 +32,10 @@ def swarm(tiny_checkpoints):
     with LocalSwarm(
         path,
         [(0, 4)],
-        peer_args=["--cache-tokens", str(CACHE_TOKENS), "--max-length", "64", "--max-batch-tokens", "10000"],
+        peer_args=[
+            *("--cache-mb", str(kv_cache_mb(path, CACHE_TOKENS)), "--max-length", "64"),
+            *("--max-batch-tokens", "10000"),
+        ],
     ) as swarm:
         yield swarm
 
@@ -256,3 +260,41 @@ def test_sessions_hold_the_cache_they_use_and_a_client_at_most_its_share(peer, o
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+def _info(model, hop) -> dict:
+    answer = model.swarm.run(
+        model.swarm.p2p.call_protobuf_handler(
+            hop.peer_id, rpc.INFO, swarm_pb2.InfoRequest(), swarm_pb2.InfoResponse
+        )
+    )
+    return json.loads(answer.info_json)
+
+
+@pytest.mark.timeout(120)
+def test_caches_are_charged_and_reported_in_bytes(peer, swarm):
+    """The KV cache is charged the bytes a real transformers cache of the same tokens holds; a kept training graph
+    is charged its activations' bytes until its backward takes it; the peer reports both."""
+    model, hop, ref = peer
+    full = _info(model, hop)
+    assert full["cache_mb_left"] == kv_cache_mb(swarm.model, CACHE_TOKENS)
+    T = 10
+    with torch.no_grad():
+        kv = ref(torch.randint(3, 100, (1, T)), use_cache=True).past_key_values
+    kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in kv.layers)
+    with InferenceSession(model.swarm, model.router, model.model_id, max_length=64) as session:
+        session.step(*_inputs(T=T))
+        held = full["cache_mb_left"] - _info(model, hop)["cache_mb_left"]
+    assert held * 2**20 == kv_bytes
+
+    x, graph_id = _inputs(B=2, T=5), 7
+    model.swarm.run(call_span(model.swarm, rpc.FORWARD, model.model_id, hop, x, graph_id=graph_id))
+    kept = (full["graph_cache_mb_left"] - _info(model, hop)["graph_cache_mb_left"]) * 2**20
+    block_outputs = 4 * x[0].nbytes  # each of the 4 blocks' outputs at least is saved for backward
+    assert block_outputs <= kept <= 100 * block_outputs
+    model.swarm.run(
+        call_span(
+            model.swarm, rpc.BACKWARD, model.model_id, hop, [*x, torch.ones(2, 5, 64)], graph_id=graph_id
+        )
+    )
+    assert _info(model, hop)["graph_cache_mb_left"] == full["graph_cache_mb_left"]

@@ -244,8 +244,8 @@ def test_status_shows_full_coverage_then_a_gap(tiny_checkpoints):
             code, stdout, stderr = _finish(every)
             assert code == 0, stdout + stderr[-3000:]
             _row(stdout, model_id, "covered", "0:4", "1111")
-            _row(stdout, "ONLINE", "0:2", "██··", "100", "8,192", "alice")
-            _row(stdout, "ONLINE", "2:4", "··██", "100", "8,192", "alice")
+            _row(stdout, "ONLINE", "0:2", "██··", "100", "512 MiB", "1.0 GiB", "alice")
+            _row(stdout, "ONLINE", "2:4", "··██", "100", "512 MiB", "1.0 GiB", "alice")
             _row(stdout, OTHER_MODEL, "covered", "0:2", "11")
             _row(stdout, "ONLINE", "0:2", "██ ", "123", "bob")
             assert "uncovered" not in stdout
