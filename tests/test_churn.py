@@ -186,9 +186,18 @@ def test_rebalancing_during_a_live_session_keeps_it_going(path, want):
                 # a strong peer on 0:2 makes 2:4 the bottleneck: the old 0:2 peer should move there
                 swarm.add_peer(0, 2, extra_args=["--throughput", "1000", "--rebalance-period", "0"])
                 _wait_for(lambda: _spans(model).get(mover.peer_id) == (2, 4), 60, "the peer to move to 2:4")
-                time.sleep(1.5)  # past the mover's grace period: its old session is handed back
-                got = model.generate(first, max_new_tokens=NEW_TOKENS - 6, do_sample=False)
-                assert mover.peer_id not in [str(hop.peer_id) for hop in session.route if hop.start == 0]
+
+                def first_hop() -> str:
+                    return next(str(hop.peer_id) for hop in session.route if hop.start == 0)
+
+                # the mover serves its old session for its grace period (1 s), then hands it back on the next step
+                got = first
+                while first_hop() == mover.peer_id and got.shape[1] < want.shape[1]:
+                    got = model.generate(got, max_new_tokens=1, do_sample=False)
+                    time.sleep(0.25)
+                assert first_hop() != mover.peer_id, "the mover kept its old session past its grace period"
+                if got.shape[1] < want.shape[1]:
+                    got = model.generate(got, max_new_tokens=want.shape[1] - got.shape[1], do_sample=False)
         finally:
             model.shutdown()
     assert torch.equal(got, want), f"{got.tolist()} != {want.tolist()}"
