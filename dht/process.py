@@ -35,7 +35,7 @@ import hivemind
 
 from swarm_peer.errors import ValidationError
 
-__all__ = ["WATCHDOG_PERIOD", "SwarmDHT", "check_port_free", "lock_identity"]
+__all__ = ["WATCHDOG_PERIOD", "SwarmDHT", "check_port_free", "exit_when_orphaned", "lock_identity"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class SwarmDHT(hivemind.DHT):
         signal.signal(signal.SIGTERM, lambda *_: _exit_with_children())
         parent = self._parent_pid
         threading.Thread(
-            target=_exit_when_orphaned, args=(parent,), name="swarm-dht-watchdog", daemon=True
+            target=exit_when_orphaned, args=(parent,), name="swarm-dht-watchdog", daemon=True
         ).start()
         super().run()
 
@@ -75,10 +75,12 @@ class SwarmDHT(hivemind.DHT):
             lock.close()
 
 
-def _exit_when_orphaned(parent_pid: int) -> None:
+def exit_when_orphaned(parent_pid: int) -> None:
+    """Run in a thread of a child process (a DHT's, an averager's): ends that process, and its own children,
+    within ``WATCHDOG_PERIOD`` seconds of its parent ``parent_pid`` ending."""
     while os.getppid() == parent_pid:
         time.sleep(WATCHDOG_PERIOD)
-    logger.warning("The process that started this DHT is gone: stopping the DHT and its p2p daemon")
+    logger.warning("The process that started this one is gone: stopping it and its children")
     _exit_with_children()
 
 
