@@ -1,9 +1,10 @@
-"""``swarm-peer`` commands: dht, join, generate, finetune, status, demo.
+"""``swarm-peer`` commands: dht, join, generate, finetune, train, status, demo.
 
     swarm-peer dht --host 127.0.0.1 --port 31337 --identity boot.key
     swarm-peer join MODEL --initial-peers MADDR --blocks 0:15 [--device cpu] [--dtype float32]
     swarm-peer generate MODEL --initial-peers MADDR --max-new-tokens 40 "The capital of France is"
     swarm-peer finetune MODEL --initial-peers MADDR --data FILE.txt --output DIR [--mode lora|ptune|deep_ptune]
+    swarm-peer train MODEL --data FILE.txt --run-id RUN --initial-peers MADDR [--inner-steps 50] [--min-peers K]
     swarm-peer status --initial-peers MADDR [MODEL]
     swarm-peer export-client MODEL OUT/
     swarm-peer demo
@@ -128,14 +129,19 @@ _COUNT = click.IntRange(min=1)
 
 def _peer_option(field: str, type=_COUNT, **extra):
     """A ``join`` option whose default and help come from ``PeerSettings``, so the two never disagree."""
-    from swarm_peer.settings import PeerSettings
+    return _settings_option("PeerSettings", field, type, **extra)
 
-    info = PeerSettings.model_fields[field]
+
+def _settings_option(settings: str, field: str, type, **extra):
+    """An option whose default and help come from the field of the settings class named ``settings``."""
+    import swarm_peer.settings
+
+    info = getattr(swarm_peer.settings, settings).model_fields[field]
     return click.option(
         "--" + field.replace("_", "-"),
         field,
         type=type,
-        default=info.default,
+        default=None if info.is_required() else info.default,
         show_default=True,
         help=info.description,
         **extra,
@@ -369,6 +375,76 @@ def finetune(model, data, output, mode, steps, epochs, batch_size, seq_len, toke
         **kwargs,
     )
     click.echo(f"first loss {losses[0]:.4f}, last loss {losses[-1]:.4f}; adapter saved to {output}")
+
+
+def _train_option(field: str, type=_COUNT, **extra):
+    """A ``train`` option whose default and help come from ``TrainSettings``."""
+    return _settings_option("TrainSettings", field, type, **extra)
+
+
+_POSITIVE = click.FloatRange(min=0, min_open=True)
+_TRAIN_FIELDS = (
+    "run_id", "inner_steps", "aggregator", "byzantine", "tau", "batch_size", "seq_len", "lr", "weight_decay",
+    "outer_lr", "outer_momentum", "steps", "min_peers", "max_peers", "averaging_timeout", "compression",
+    "checkpoint_dir", "device", "seed", "attack",
+)  # fmt: skip
+
+
+@cli.command()
+@click.argument("model")
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="a UTF-8 text file: this volunteer's shard of the training text",
+)
+@_train_option("run_id", type=str, required=True)
+@_train_option("inner_steps")
+@_train_option(
+    "aggregator", type=click.Choice(["centered_clip", "mean", "median", "trimmed_mean", "krum", "geomedian"])
+)
+@_train_option("byzantine", type=click.IntRange(min=0))
+@_train_option("tau", type=_POSITIVE)
+@_train_option("batch_size")
+@_train_option("seq_len", type=click.IntRange(min=2))
+@_train_option("lr", type=_POSITIVE)
+@_train_option("weight_decay", type=click.FloatRange(min=0))
+@_train_option("outer_lr", type=_POSITIVE)
+@_train_option("outer_momentum", type=click.FloatRange(min=0, max=1, max_open=True))
+@_train_option("steps")
+@_train_option("min_peers")
+@_train_option("max_peers", type=click.IntRange(min=2))
+@_train_option("averaging_timeout", type=_POSITIVE)
+@_train_option("compression", type=click.Choice(["none", "float16", "8bit"]))
+@_train_option("checkpoint_dir", type=click.Path(file_okay=False))
+@_train_option("device", type=str)
+@_train_option("seed", type=int)
+@_train_option("attack", type=click.Choice(["none", "scale", "nan"]), hidden=True)
+@_network_options
+def train(model, data, **kwargs):
+    """Train MODEL together with the other volunteers of a run: DiLoCo over robust averaging."""
+    from pydantic import ValidationError
+
+    from swarm_peer.settings import TrainSettings
+
+    try:
+        settings = TrainSettings(
+            model=model,
+            data=data,
+            **{field: kwargs.pop(field) for field in _TRAIN_FIELDS},
+            network=_network_settings(kwargs),
+        )
+    except ValidationError as e:
+        raise click.UsageError("; ".join(_setting_error(error) for error in e.errors())) from None
+    from swarm_peer.cli.train import run_train  # torch and transformers: after the argument checks
+
+    run_train(settings)
+
+
+def _setting_error(error: dict) -> str:
+    """A pydantic error about a setting, as the option it came from says it."""
+    message = error["msg"].removeprefix("Value error, ")
+    return f"--{str(error['loc'][0]).replace('_', '-')}: {message}" if error["loc"] else message
 
 
 @cli.command()

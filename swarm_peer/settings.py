@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["NetworkSettings", "PeerSettings", "ClientSettings"]
+__all__ = ["NetworkSettings", "PeerSettings", "ClientSettings", "TrainSettings"]
 
 
 class _Settings(BaseModel):
@@ -158,3 +158,62 @@ class ClientSettings(_Settings):
     max_chunk_tokens: int = Field(
         8192, ge=1, description="largest batch * tokens per forward/backward call; larger batches are split"
     )
+
+
+class TrainSettings(_Settings):
+    """A volunteer of a collaborative training run (``swarm-peer train``): DiLoCo over robust group averaging."""
+
+    model: str = Field(description="Hugging Face folder (weights, or a config for random init) or 'smollm2'")
+    data: str = Field(description="a UTF-8 text file: this volunteer's shard of the training text")
+    run_id: str = Field(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="name of the run; peers of one run",
+    )
+    inner_steps: int = Field(
+        50, ge=1, description="local AdamW steps between averaging rounds (1 = synchronous data parallel)"
+    )
+    aggregator: Literal["centered_clip", "mean", "median", "trimmed_mean", "krum", "geomedian"] = Field(
+        "centered_clip", description="how each part of the averaged update is reduced over the group"
+    )
+    byzantine: int | None = Field(
+        None, ge=0, description="inputs trimmed_mean and krum leave out (default: a quarter of the group)"
+    )
+    tau: float | None = Field(None, gt=0, description="centered_clip's radius (default: the honest spread)")
+    batch_size: int = Field(8, ge=1, description="sequences per local step")
+    seq_len: int = Field(256, ge=2, description="tokens per sequence")
+    lr: float = Field(3e-4, gt=0, description="inner AdamW learning rate")
+    weight_decay: float = Field(0.1, ge=0, description="inner AdamW weight decay")
+    outer_lr: float = Field(0.7, gt=0, description="outer Nesterov SGD learning rate (DiLoCo)")
+    outer_momentum: float = Field(0.9, ge=0, lt=1, description="outer Nesterov momentum (DiLoCo)")
+    steps: int | None = Field(
+        None,
+        ge=1,
+        description="stop at the run's step N, a multiple of --inner-steps (a round's end); default: never",
+    )
+    min_peers: int = Field(1, ge=1, description="peers a round waits for (up to --averaging-timeout)")
+    max_peers: int = Field(64, ge=2, description="largest averaging group")
+    averaging_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="seconds a round may wait for its group; alone, a peer steps on its own update",
+    )
+    compression: Literal["none", "float16", "8bit"] = Field(
+        "none", description="codec of the averaged updates on the wire"
+    )
+    checkpoint_dir: str | None = Field(
+        None, description="the global weights as a Hugging Face folder, and the state to resume from"
+    )
+    device: str = Field("cpu", description="torch device of the local model")
+    seed: int = Field(0, description="random seed of this volunteer's batches")
+    attack: Literal["none", "scale", "nan"] = Field(
+        "none", description="(testing) send updates scaled x1000, or NaN: a dishonest volunteer"
+    )
+    network: NetworkSettings = Field(default_factory=NetworkSettings)
+
+    @model_validator(mode="after")
+    def _steps_end_a_round(self) -> TrainSettings:
+        if self.steps is not None and self.steps % self.inner_steps:
+            raise ValueError(f"steps ({self.steps}) must be a multiple of inner_steps ({self.inner_steps})")
+        return self

@@ -17,7 +17,7 @@ from swarm_peer.cli.local_swarm import LocalSwarm  # noqa: E402
 from swarm_peer.models import DEMO_MODEL, attention_shape, resolve_checkpoint  # noqa: E402
 from swarm_peer.settings import ClientSettings, NetworkSettings  # noqa: E402
 
-_SMALL = dict(
+SMALL_CONFIG = dict(
     hidden_size=64,
     intermediate_size=128,
     num_attention_heads=4,
@@ -26,12 +26,12 @@ _SMALL = dict(
     max_position_embeddings=256,
 )
 TINY_CONFIGS = {
-    "llama": lambda: LlamaConfig(num_hidden_layers=4, **_SMALL),
+    "llama": lambda: LlamaConfig(num_hidden_layers=4, **SMALL_CONFIG),
     # a sliding window shorter than the test sequences, so the window really is exercised
-    "mistral": lambda: MistralConfig(num_hidden_layers=3, sliding_window=6, **_SMALL),
+    "mistral": lambda: MistralConfig(num_hidden_layers=3, sliding_window=6, **SMALL_CONFIG),
     # bias in q/k/v, GQA, and a mix of full and sliding-window layers
     "qwen2": lambda: Qwen2Config(
-        num_hidden_layers=4, use_sliding_window=True, sliding_window=6, max_window_layers=2, **_SMALL
+        num_hidden_layers=4, use_sliding_window=True, sliding_window=6, max_window_layers=2, **SMALL_CONFIG
     ),
 }
 

@@ -1,0 +1,84 @@
+"""``swarm-peer train``: one volunteer of a collaborative training run (``client.diloco``), from the command line.
+
+    swarm-peer train MODEL --data shard.txt --run-id my-run --initial-peers MADDR [--inner-steps 50]
+        [--aggregator centered_clip] [--min-peers K] [--steps N] [--checkpoint-dir ckpt/]
+
+MODEL is a Hugging Face folder with its tokenizer (with weights; or only a config, for random weights: every
+volunteer then draws the same ones, seeded by the run id) or ``smollm2``. With ``--checkpoint-dir``, the global
+weights are saved there at every round (a folder ``from_pretrained`` loads, with the tokenizer) with the state to
+resume from; a volunteer started again on the same folder resumes, then takes the run's newer state if a member
+has one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import click
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from swarm_peer.client.diloco import DiLoCoTrainer, latest_checkpoint
+from swarm_peer.client.text_data import TokenStream
+from swarm_peer.models import DEMO_MODEL, resolve_checkpoint
+from swarm_peer.settings import TrainSettings
+
+__all__ = ["load_model", "run_train"]
+
+_WEIGHTS = ("*.safetensors", "pytorch_model*.bin")
+
+
+def load_model(path: Path, run_id: str):
+    """The causal LM in ``path`` (float32), or a random one from its config, the same for every volunteer of
+    ``run_id``."""
+    if any(next(path.glob(pattern), None) for pattern in _WEIGHTS):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    seed = int.from_bytes(hashlib.sha256(run_id.encode()).digest()[:8], "little")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
+
+
+def run_train(settings: TrainSettings) -> None:
+    from tqdm.auto import tqdm
+
+    from swarm_peer.dht import create_dht
+
+    path = resolve_checkpoint(DEMO_MODEL).path if settings.model == DEMO_MODEL else Path(settings.model)
+    if not (path / "config.json").is_file():
+        raise click.BadParameter(f"{path} holds no config.json", param_hint="MODEL")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise click.BadParameter(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
+    stream = TokenStream.from_file(settings.data, tokenizer)
+    resume = latest_checkpoint(settings.checkpoint_dir) if settings.checkpoint_dir else None
+    model = load_model(resume or path, settings.run_id)
+
+    dht = create_dht(**settings.network.model_dump())
+    trainer = DiLoCoTrainer(model, stream, settings, dht)
+    try:
+        if resume is not None:
+            trainer.restore(resume)
+        if trainer.join():
+            click.echo(f"Took the run's state at step {trainer.step} from a member", err=True)
+        rounds = 0
+        with tqdm(
+            total=settings.steps, initial=trainer.step, desc=f"train {settings.run_id}", unit="step"
+        ) as bar:
+            for record in trainer.train(settings.steps):
+                bar.update()
+                if record.peers is not None:
+                    rounds += 1
+                    bar.set_postfix(loss=f"{record.loss:.4f}", peers=record.peers)
+                    if settings.checkpoint_dir:
+                        trainer.save(settings.checkpoint_dir, tokenizer)
+                else:
+                    bar.set_postfix(loss=f"{record.loss:.4f}")
+        last = trainer.history[-1].loss if trainer.history else float("nan")
+        where = f"; global weights in {settings.checkpoint_dir}" if settings.checkpoint_dir else ""
+        click.echo(f"Trained to step {trainer.step} ({rounds} rounds), last loss {last:.4f}{where}")
+    finally:
+        trainer.shutdown()
+        dht.shutdown()

@@ -1,0 +1,321 @@
+"""Collaborative training with DiLoCo over robust group averaging: volunteers train one model together, each on its
+own text, and exchange one update every H local steps.
+
+DiLoCo (Douillard et al., "DiLoCo: Distributed Low-Communication Training of Language Models", 2023; on hivemind:
+OpenDiLoCo, Jaghouar et al., 2024): every volunteer keeps the run's global weights θ and a local model. It takes H
+inner AdamW steps on its own batches, then the group averages the pseudo-gradients Δ_k = θ - θ_k with a robust
+aggregator (``protocols.averaging``: a dishonest volunteer cannot drag the average) and every member takes one
+outer step of Nesterov SGD on θ with the averaged Δ (lr 0.7, momentum 0.9: DiLoCo's defaults) and starts its next
+H steps from the new θ. A volunteer sends one model-sized vector per H steps instead of one per step.
+
+With H = 1 it is synchronous data-parallel training with a global batch instead (as ``hivemind.Optimizer``): the
+gradients are averaged every step and every member takes the same AdamW step on the average; there is no outer
+optimizer.
+
+Members of a round receive the same averaged bytes and apply the same deterministic step, so volunteers that start
+from the same state and average in every round stay bitwise identical (``--min-peers`` makes each round wait for
+all of them). A volunteer that finds no group in time steps on its own update. One that joins later, or restarts,
+first downloads the run's state (θ, the outer optimizer's momentum, the step) from a member.
+
+    trainer = DiLoCoTrainer(model, TokenStream.from_file("shard.txt", tokenizer), settings, dht)
+    trainer.join()  # the run's current state, if a member shares it
+    for record in trainer.train():  # one StepRecord per local step
+        print(record.step, record.loss, record.peers)
+    trainer.shutdown()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hivemind.compression import Float16Compression, NoCompression, Uniform8BitQuantization
+from torch import nn
+
+from swarm_peer.client.text_data import TokenStream
+from swarm_peer.errors import ValidationError
+from swarm_peer.protocols.averaging import RobustAverager
+from swarm_peer.settings import TrainSettings
+
+__all__ = ["TRAINER_STATE", "TRAIN_LOG", "DiLoCoTrainer", "StepRecord", "latest_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+_CODECS = {"none": NoCompression, "float16": Float16Compression, "8bit": Uniform8BitQuantization}
+_STATE_VERSION = 1
+TRAINER_STATE = "trainer_state.pt"  # beside the weights in a checkpoint folder
+TRAIN_LOG = "train_log.jsonl"  # and every step's StepRecord, one JSON object a line
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One local step: its number (from 1), the batch's loss, and, when it ended a round, the round's group size
+    (1 when no group formed)."""
+
+    step: int
+    loss: float
+    peers: int | None = None
+
+
+class _RunAverager(RobustAverager):
+    """The run's averager; shares the trainer's state with volunteers that join (hivemind's state download)."""
+
+    def __init__(self, *args, trainer: DiLoCoTrainer, **kwargs):
+        self.trainer = trainer
+        super().__init__(*args, **kwargs)
+
+    def get_current_state(self):  # in this (the trainer's) process, from hivemind's background thread
+        metadata, tensors = self.trainer.state()
+        return metadata, tensors, None
+
+
+class DiLoCoTrainer:
+    """One volunteer of a run (module docstring). ``model``: a causal LM whose parameters all train."""
+
+    def __init__(self, model: nn.Module, stream: TokenStream, settings: TrainSettings, dht):
+        self.settings, self.stream = settings, stream
+        self.model = model.to(settings.device).train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.inner = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
+        self.synchronous = settings.inner_steps == 1
+        self.global_params = [p.detach().to("cpu", torch.float32, copy=True) for p in self.params]
+        self.outer = torch.optim.SGD(
+            self.global_params, lr=settings.outer_lr, momentum=settings.outer_momentum, nesterov=True
+        )
+        self.step = 0
+        self.global_step = 0  # the step the global weights are from: the last round's end
+        self.history: list[StepRecord] = []  # every local step's record, saved with the checkpoints
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        self._lock = threading.Lock()  # the state, against the state download (another thread)
+        self.averager = _RunAverager(
+            [torch.zeros_like(p) for p in self.global_params],
+            dht,
+            trainer=self,
+            prefix=f"swarm-train-{settings.run_id}",
+            aggregator=settings.aggregator,
+            byzantine=settings.byzantine,
+            tau=settings.tau,
+            min_group_size=settings.min_peers,
+            target_group_size=settings.max_peers,
+            min_matchmaking_time=2.0,
+            request_timeout=1.0,
+            compression=_CODECS[settings.compression](),
+            state_compression=NoCompression(),
+        )
+
+    # ---------------------------------------------------------------- the run's state
+
+    def state(self) -> tuple[dict, list[torch.Tensor]]:
+        """What a joining volunteer downloads: the global weights, the step they are from (the last round's end:
+        the joiner's first round is then the members' next one), and the optimizer state that every member holds
+        alike (the outer momentum; with H = 1, AdamW's moments)."""
+        with self._lock:
+            tensors = [p.clone() for p in self.global_params] + self._shared_optimizer_tensors()
+            return {"version": _STATE_VERSION, "step": self.global_step}, tensors
+
+    def _shared_optimizer_tensors(self) -> list[torch.Tensor]:
+        if self.synchronous:
+            states = [self.inner.state.get(p, {}) for p in self.params]
+            if not all(states):
+                return []
+            return [s[k].detach().cpu().clone() for s in states for k in ("exp_avg", "exp_avg_sq")]
+        states = [self.outer.state.get(p, {}) for p in self.global_params]
+        return [s["momentum_buffer"].clone() for s in states] if all(states) else []
+
+    def join(self, timeout: float = 30.0) -> bool:
+        """Takes the run's state from a member that shares it, if one does and it is ahead; whether it did."""
+        loaded = self.averager.load_state_from_peers(timeout=timeout)
+        if loaded is None:
+            return False
+        metadata, tensors = loaded
+        try:
+            self._load(metadata, tensors)
+        except ValidationError as e:
+            logger.warning("Ignored the run's state a member sent: %s", e)
+            return False
+        return True
+
+    def _load(self, metadata, tensors: list[torch.Tensor]) -> None:
+        if not isinstance(metadata, dict) or metadata.get("version") != _STATE_VERSION:
+            raise ValidationError(f"unknown state format {metadata!r:.100}")
+        step = metadata.get("step")
+        if type(step) is not int or step < 0:
+            raise ValidationError(f"bad step {step!r:.50}")
+        n, shapes = len(self.global_params), [p.shape for p in self.global_params]
+        # the weights, then the optimizer state (outer momentum per weight; with H = 1, AdamW's two moments each)
+        expected = shapes + [shape for shape in shapes for _ in range(2 if self.synchronous else 1)]
+        if len(tensors) not in (n, len(expected)):
+            raise ValidationError(f"{len(tensors)} tensors, where {n} or {len(expected)} were due")
+        for tensor, shape in zip(tensors, expected, strict=False):
+            if tensor.shape != shape or not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+                raise ValidationError(f"a state tensor of shape {tuple(tensor.shape)} where {tuple(shape)} was due")
+        if step <= self.step:
+            return  # not ahead of us
+        with self._lock, torch.no_grad():
+            for g, p, t in zip(self.global_params, self.params, tensors[:n], strict=True):
+                g.copy_(t)
+                p.copy_(t)
+            extra = tensors[n:]
+            if self.synchronous and extra:
+                for i, p in enumerate(self.params):
+                    self.inner.state[p] = {
+                        "step": torch.tensor(float(step)),
+                        "exp_avg": extra[2 * i].to(p.device),
+                        "exp_avg_sq": extra[2 * i + 1].to(p.device),
+                    }
+            elif extra:
+                for g, buffer in zip(self.global_params, extra, strict=True):
+                    self.outer.state[g] = {"momentum_buffer": buffer.clone()}
+            self.step = self.global_step = step
+        logger.info("Joined the run at step %d", step)
+
+    # ---------------------------------------------------------------- training
+
+    def train(self, until: int | None = None) -> Iterator[StepRecord]:
+        """Local steps, a round every ``inner_steps``, until the run's step ``until`` (a joiner that took the state
+        at step s takes ``until - s`` of them), or forever."""
+        settings = self.settings
+        while until is None or self.step < until:
+            batch_BT = self.stream.batch(settings.batch_size, settings.seq_len, self.generator).to(settings.device)
+            loss = self.model(input_ids=batch_BT, labels=batch_BT).loss
+            if not torch.isfinite(loss):
+                raise ValidationError(f"the loss became {loss.item()} at step {self.step + 1}")
+            self.inner.zero_grad(set_to_none=False)
+            loss.backward()
+            peers = None
+            if self.synchronous:
+                peers = self._average_gradients()
+                self.inner.step()
+                with self._lock, torch.no_grad():
+                    self.step = self.global_step = self.step + 1
+                    for g, p in zip(self.global_params, self.params, strict=True):
+                        g.copy_(p)
+            else:
+                self.inner.step()
+                self.step += 1
+                if self.step % settings.inner_steps == 0:
+                    peers = self._outer_step()
+            record = StepRecord(self.step, loss.item(), peers)
+            self.history.append(record)
+            yield record
+
+    def _average_gradients(self) -> int:
+        grads = [p.grad.detach().cpu().float() for p in self.params]
+        averaged, peers = self._average(grads)
+        with torch.no_grad():
+            for p, g in zip(self.params, averaged, strict=True):
+                p.grad.copy_(g)
+        return peers
+
+    def _outer_step(self) -> int:
+        with torch.no_grad():
+            deltas = [g - p.detach().cpu().float() for g, p in zip(self.global_params, self.params, strict=True)]
+        averaged, peers = self._average(deltas)
+        with self._lock, torch.no_grad():
+            for g, delta in zip(self.global_params, averaged, strict=True):
+                g.grad = delta
+            self.outer.step()
+            self.outer.zero_grad(set_to_none=True)
+            for g, p in zip(self.global_params, self.params, strict=True):
+                p.copy_(g)
+            self.global_step = self.step
+        return peers
+
+    def _average(self, update: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
+        """The group's robust average of ``update`` (this volunteer's own update when no group formed in time),
+        and the group's size."""
+        sent = self._attacked(update)
+        with self.averager.get_tensors() as buffers:
+            for buffer, tensor in zip(buffers, sent, strict=True):
+                buffer.copy_(tensor)
+        result = self.averager.average(timeout=self.settings.averaging_timeout, gather=self.step)
+        if result is None:
+            return update, 1
+        with self.averager.get_tensors() as buffers:
+            return [buffer.clone() for buffer in buffers], len(result.peers)
+
+    def _attacked(self, update: list[torch.Tensor]) -> list[torch.Tensor]:
+        """(testing) what a dishonest volunteer sends instead of its update."""
+        attack = self.settings.attack
+        if attack == "scale":
+            return [1000 * t for t in update]
+        if attack == "nan":
+            return [torch.full_like(t, float("nan")) for t in update]
+        return update
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def save(self, directory: str | Path, tokenizer=None) -> None:
+        """Writes the global weights as a Hugging Face folder (config, safetensors; ``from_pretrained`` loads it,
+        with the tokenizer when given), ``trainer_state.pt`` (step, optimizers, batch sampler) to resume from, and
+        ``train_log.jsonl`` (every step's loss).
+        Call it at a round's end, when the local model holds the global weights. The folder is replaced whole:
+        an interrupted save leaves the previous one."""
+        directory = Path(directory)
+        partial = directory.with_name(directory.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        with self._lock:
+            self.model.save_pretrained(partial)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(partial)
+            state = {
+                "version": _STATE_VERSION,
+                "run_id": self.settings.run_id,
+                "inner_steps": self.settings.inner_steps,
+                "step": self.step,
+                "inner": self.inner.state_dict(),
+                "outer": self.outer.state_dict(),
+                "generator": self.generator.get_state(),
+            }
+            torch.save(state, partial / TRAINER_STATE)
+            lines = (json.dumps(dataclasses.asdict(record)) + "\n" for record in self.history)
+            (partial / TRAIN_LOG).write_text("".join(lines))
+        previous = directory.with_name(directory.name + ".previous")
+        if directory.exists():
+            shutil.rmtree(previous, ignore_errors=True)
+            directory.rename(previous)
+        partial.rename(directory)
+        shutil.rmtree(previous, ignore_errors=True)
+
+    def restore(self, directory: str | Path) -> None:
+        """Takes the step, optimizers and sampler from ``save``'s ``trainer_state.pt`` (the weights were loaded with
+        the model, from the same folder)."""
+        path = Path(directory) / TRAINER_STATE
+        try:
+            state = torch.load(path, weights_only=True)
+        except Exception as e:  # a truncated or foreign file: torch raises many kinds
+            raise ValidationError(f"cannot read the trainer state {path}: {e}") from e
+        if state.get("version") != _STATE_VERSION or state.get("run_id") != self.settings.run_id:
+            raise ValidationError(f"{path} is not a checkpoint of run {self.settings.run_id!r}")
+        if state.get("inner_steps") != self.settings.inner_steps:
+            raise ValidationError(
+                f"{path} was trained with --inner-steps {state.get('inner_steps')}, not {self.settings.inner_steps}"
+            )
+        with self._lock:
+            self.inner.load_state_dict(state["inner"])
+            self.outer.load_state_dict(state["outer"])
+            self.generator.set_state(state["generator"])
+            self.step = self.global_step = int(state["step"])
+        log = Path(directory) / TRAIN_LOG
+        if log.is_file():
+            self.history = [StepRecord(**json.loads(line)) for line in log.read_text().splitlines()]
+
+    def shutdown(self) -> None:
+        self.averager.shutdown()
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    """The folder ``DiLoCoTrainer.save`` left in ``directory`` (or, after a crash between its two renames, the
+    previous one), if any."""
+    directory = Path(directory)
+    for candidate in (directory, directory.with_name(directory.name + ".previous")):
+        if (candidate / TRAINER_STATE).is_file():
+            return candidate
+    return None

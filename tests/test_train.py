@@ -1,0 +1,222 @@
+"""Collaborative training (``swarm-peer train``): real trainer processes on 127.0.0.1 train a tiny random Llama on
+generated text, against one process training on the same tokens (the oracle), under attack (the plain mean as the
+control), and through a trainer killed mid-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+from swarm_peer.client.text_data import TokenStream
+from swarm_peer.dht import create_dht
+from swarm_peer.dht.node import visible_maddrs
+
+from .conftest import SMALL_CONFIG
+
+SEQ_LEN, BATCH = 32, 8
+
+
+def _sentences(rng: random.Random, n: int) -> list[str]:
+    """Arithmetic in words: a small language with structure a tiny model learns in a few hundred steps."""
+    words = "zero one two three four five six seven eight nine".split()
+    out = []
+    for _ in range(n):
+        a, b = rng.randrange(10), rng.randrange(10)
+        out.append(f"{words[a]} plus {words[b]} is {words[(a + b) % 10]} .")
+    return out
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A tiny random Llama with its own tokenizer (a config only: volunteers draw the weights from the run id),
+    four shards of training text and a held-out text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    root = tmp_path_factory.mktemp("train")
+    rng = random.Random(0)
+    for name in ("shard0", "shard1", "shard2", "shard3", "heldout"):
+        (root / f"{name}.txt").write_text("\n".join(" ".join(_sentences(rng, 8)) for _ in range(200)) + "\n")
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train([str(root / "shard0.txt")], trainers.WordLevelTrainer(special_tokens=["<unk>", "<eos>"]))
+    model_dir = root / "tiny"
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<eos>").save_pretrained(
+        model_dir
+    )
+    small = {**SMALL_CONFIG, "vocab_size": 32, "max_position_embeddings": 64}
+    LlamaConfig(num_hidden_layers=2, tie_word_embeddings=True, **small).save_pretrained(model_dir)
+    return root
+
+
+@pytest.fixture(scope="module")
+def bootstrap():
+    node = create_dht()
+    yield visible_maddrs(node)[0]
+    node.shutdown()
+
+
+def _trainer(workdir: Path, bootstrap: str, i: int, run_id: str, *args: str) -> subprocess.Popen:
+    command = [
+        sys.executable, "-m", "swarm_peer.cli.main", "train", str(workdir / "tiny"),
+        "--data", str(workdir / f"shard{i % 4}.txt"), "--run-id", run_id, "--initial-peers", bootstrap,
+        "--batch-size", str(BATCH), "--seq-len", str(SEQ_LEN), "--lr", "3e-3", "--seed", str(i),
+        "--checkpoint-dir", str(workdir / run_id / f"peer{i}"), *args,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _run(
+    workdir,
+    bootstrap,
+    run_id: str,
+    extra: dict[int, list[str]],
+    n: int,
+    *args: str,
+    waited: int | None = None,
+):
+    """``n`` trainers of ``run_id`` (volunteer i with ``extra[i]`` added); waits for the first ``waited`` (all) to
+    succeed, then kills the others. Their checkpoint folders."""
+    processes = [_trainer(workdir, bootstrap, i, run_id, *args, *extra.get(i, [])) for i in range(n)]
+    try:
+        for p in processes[:waited]:
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err[-3000:]
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [workdir / run_id / f"peer{i}" for i in range(n)]
+
+
+def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return load_file(checkpoint / "model.safetensors")
+
+
+def _heldout_loss(workdir: Path, checkpoint: Path) -> float:
+    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(checkpoint)
+    stream = TokenStream.from_file(workdir / "heldout.txt", tokenizer)
+    batch = stream.batch(64, SEQ_LEN, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model(input_ids=batch, labels=batch).loss.item()
+
+
+def _log(checkpoint: Path) -> list[dict]:
+    return [json.loads(line) for line in (checkpoint / "train_log.jsonl").read_text().splitlines()]
+
+
+STEPS = 120
+
+
+@pytest.mark.timeout(400)
+def test_four_volunteers_with_diloco_match_one_process_on_the_same_tokens(workdir, bootstrap):
+    checkpoints = _run(
+        workdir, bootstrap, "diloco", {}, 4, "--inner-steps", "20", "--min-peers", "4", "--steps", str(STEPS)
+    )
+    weights = [_weights(c) for c in checkpoints]
+    assert all(torch.equal(weights[0][k], w[k]) for w in weights[1:] for k in weights[0]), "weights differ"
+    logs = [_log(c) for c in checkpoints]
+    assert [r["peers"] for r in logs[0] if r["peers"] is not None] == [4] * (STEPS // 20)
+    swarm_loss = _heldout_loss(workdir, checkpoints[0])
+
+    # the oracle: one process, AdamW, the same number of steps on 4x the batch drawn from all four shards
+    from swarm_peer.cli.train import load_model
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(workdir / "tiny")
+    model = load_model(workdir / "tiny", "diloco").train()
+    streams = [TokenStream.from_file(workdir / f"shard{i}.txt", tokenizer) for i in range(4)]
+    generators = [torch.Generator().manual_seed(i) for i in range(4)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    for _ in range(STEPS):
+        batch = torch.cat([s.batch(BATCH, SEQ_LEN, g) for s, g in zip(streams, generators, strict=True)])
+        optimizer.zero_grad()
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+    local = workdir / "local"
+    model.save_pretrained(local)
+    tokenizer.save_pretrained(local)
+    local_loss = _heldout_loss(workdir, local)
+    initial_loss = logs[0][0]["loss"]
+    assert local_loss < 0.5 * initial_loss  # the task is learnt at all
+    assert swarm_loss <= 1.1 * local_loss, (swarm_loss, local_loss)
+
+
+def _identical(checkpoints: list[Path]) -> bool:
+    weights = [_weights(c) for c in checkpoints]
+    return all(torch.equal(weights[0][k], w[k]) for w in weights[1:] for k in weights[0])
+
+
+ROBUST = ("--inner-steps", "10", "--steps", "60", "--averaging-timeout", "30")
+
+
+@pytest.mark.timeout(600)
+def test_a_scaling_attacker_is_clipped_while_it_ruins_the_plain_mean(workdir, bootstrap):
+    attacker = {4: ["--attack", "scale"]}
+    honest = _run(workdir, bootstrap, "scaled-cc", attacker, 5, *ROBUST, "--min-peers", "5")[:4]
+    assert _identical(honest), "the honest volunteers' weights differ"
+    initial = _log(honest[0])[0]["loss"]
+    robust_loss = _heldout_loss(workdir, honest[0])
+    assert robust_loss < 0.6 * initial, (robust_loss, initial)
+
+    # the control: the same attack on a plain mean wrecks the run (a non-finite loss stops a trainer: accepted)
+    processes = [
+        _trainer(workdir, bootstrap, i, "scaled-mean", *ROBUST, "--min-peers", "5", "--aggregator", "mean",
+                 *attacker.get(i, []))
+        for i in range(5)
+    ]  # fmt: skip
+    for p in processes:
+        p.communicate(timeout=300)
+    checkpoint = workdir / "scaled-mean" / "peer0"
+    ruined = not checkpoint.exists() or not (_heldout_loss(workdir, checkpoint) < 2 * robust_loss)
+    assert ruined, "the plain mean withstood an update scaled x1000"
+
+
+@pytest.mark.timeout(400)
+def test_a_sender_of_nan_is_left_out_and_the_honest_volunteers_agree(workdir, bootstrap):
+    # the banned volunteer finds no group any more: it is not waited for
+    nan = {4: ["--attack", "nan"]}
+    honest = _run(workdir, bootstrap, "nan-cc", nan, 5, *ROBUST, "--min-peers", "4", waited=4)[:4]
+    assert _identical(honest)
+    assert all(torch.isfinite(w).all() for w in _weights(honest[0]).values())
+    groups = [r["peers"] for r in _log(honest[0]) if r["peers"] is not None]
+    assert groups[0] == 5 and all(size == 4 for size in groups[1:]), groups  # banned after the first round
+
+
+@pytest.mark.timeout(400)
+def test_a_killed_volunteer_restarts_takes_the_state_and_the_run_goes_on(workdir, bootstrap):
+    args = ("--inner-steps", "10", "--steps", "80", "--min-peers", "3", "--averaging-timeout", "20")
+    processes = [_trainer(workdir, bootstrap, i, "killed", *args) for i in range(4)]
+    victim = workdir / "killed" / "peer3"
+    restarted = None
+    try:
+        deadline = time.monotonic() + 120
+        while not (victim / "trainer_state.pt").exists():  # its first round is done and saved
+            assert time.monotonic() < deadline, "no round finished"
+            time.sleep(0.2)
+        os.kill(processes[3].pid, signal.SIGKILL)
+        processes[3].wait()
+        restarted = _trainer(workdir, bootstrap, 3, "killed", *args)
+        for p in [*processes[:3], restarted]:
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err[-3000:]
+    finally:
+        for p in [*processes, restarted]:
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+    assert "Took the run's state" in err, err[-2000:]
+    checkpoints = [workdir / "killed" / f"peer{i}" for i in range(4)]
+    assert _identical(checkpoints), "the restarted volunteer does not hold the run's weights"
