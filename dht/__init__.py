@@ -23,8 +23,10 @@ from swarm_peer.dht.keys import (
     peer_subkey,
     validate_model_id,
 )
+from swarm_peer.dht.listing import Listing
 from swarm_peer.dht.lookup import get_block_servers, online_servers
 from swarm_peer.dht.model_record import (
+    MODELS,
     MODELS_KEY,
     ModelInfo,
     model_from_dht_value,
@@ -61,10 +63,12 @@ __all__ = [
     "MAX_BLOCKS",
     "MAX_RECORD_TTL",
     "MAX_VALUE_BYTES",
+    "MODELS",
     "MODELS_KEY",
     "RECORD_TAG",
     "SCHEMA_VERSION",
     "Announcer",
+    "Listing",
     "ModelInfo",
     "ServerInfo",
     "ServerState",
