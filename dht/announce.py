@@ -23,6 +23,7 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Sequence
+from typing import Generic, Self, TypeVar
 
 import hivemind
 from hivemind.utils import get_dht_time
@@ -37,6 +38,7 @@ from swarm_peer.errors import ValidationError
 __all__ = ["Announcer", "declare_span"]
 
 logger = logging.getLogger(__name__)
+Info = TypeVar("Info", bound=ServerInfo)  # the record an announcer declares
 
 _EXPIRATION_STEP = 1e-3  # seconds; a replacing record must expire strictly later than the one it replaces
 
@@ -108,8 +110,7 @@ def declare_span(
     expiration more than ``MAX_RECORD_TTL`` from now: every node would refuse it).
     """
     validate_model_id(model_id)
-    if not expiration_time - get_dht_time() <= MAX_RECORD_TTL:
-        raise ValidationError(f"records may expire at most {MAX_RECORD_TTL:.0f} s from now")
+    _check_expiration(expiration_time)
     if num_blocks is not None:
         _model_info(model_id, num_blocks, model_name)  # raise here, not in the DHT process
     blocks = tuple(range(info.start_block, info.end_block) if blocks is None else blocks)
@@ -146,6 +147,11 @@ def declare_span(
     return not rejected and listed is not False
 
 
+def _check_expiration(expiration_time: float) -> None:
+    if not expiration_time - get_dht_time() <= MAX_RECORD_TTL:
+        raise ValidationError(f"records may expire at most {MAX_RECORD_TTL:.0f} s from now")
+
+
 def _model_info(model_id: str, num_blocks: int, model_name: str = "") -> ModelInfo:
     try:
         return ModelInfo(model_id=model_id, num_blocks=num_blocks, name=model_name)
@@ -160,7 +166,107 @@ def _spans(blocks: Sequence[int]) -> str:
     return ",".join(f"{start}:{end}" for start, end in block_ranges(blocks))
 
 
-class Announcer(threading.Thread):
+class _PeriodicAnnouncer(threading.Thread, Generic[Info]):
+    """A daemon thread that declares ``info_fn()`` every ``period`` seconds (and at once after ``update()``), with
+    an expiration of ``2 * period`` from now, and a final record when stopped.
+
+    Expiration times only grow (the DHT keeps, per subkey, the record that expires last). Every DHT call is
+    bounded by ``timeout``; a failed announcement is logged and retried at the next period, and an exception
+    from ``info_fn`` skips that round. Subclasses say how a record is declared (``_declare``) and what the final
+    one says (``_final_info``). Usable as a context manager, which starts and stops it.
+    """
+
+    def __init__(
+        self, dht: hivemind.DHT, info_fn: Callable[[], Info], period: float, *, timeout: float, what: str
+    ):
+        if not 0 < period <= MAX_ANNOUNCE_PERIOD:
+            raise ValidationError(
+                f"announce period must be in (0, {MAX_ANNOUNCE_PERIOD:.0f}] s, got {period}"
+            )
+        local_subkey(dht)  # fail now, not in the thread, if the DHT cannot sign
+        super().__init__(name=f"swarm-announcer-{what}", daemon=True)
+        self.dht, self.info_fn = dht, info_fn
+        self.period, self.timeout = period, timeout
+        self.what = what  # for logs
+        self._wakeup = threading.Event()
+        self._stopping = threading.Event()
+        self._final = True  # whether stopping declares a final record
+        self._last_info: Info | None = None  # the last declared record and its expiration time
+        self._last_expiration = -math.inf
+
+    def run(self) -> None:
+        while not self._stopping.is_set():
+            info = self._current_info()
+            if info is not None:
+                self._announce(info, ttl=2 * self.period)
+            self._wakeup.wait(self.period)
+            self._wakeup.clear()
+        if self._final:
+            self._announce_final()
+
+    def update(self) -> None:
+        """Re-announce now (returns at once; the thread does the work)."""
+        self._wakeup.set()
+
+    def _finish(self, timeout: float | None) -> bool:
+        """Stop the thread (it declares the final record, if ``self._final``) and join it; whether it ended in
+        ``timeout`` (default: enough for the announcement in flight plus the final one)."""
+        self._stopping.set()
+        self._wakeup.set()
+        if self.ident is None:  # never started: announce from this thread
+            if self._final:
+                self._announce_final()
+            return True
+        timeout = 3 * (self.timeout + 1.0) if timeout is None else timeout
+        self.join(timeout)
+        if self.is_alive():
+            logger.warning("Announcer for %s did not stop within %.1f s", self.what, timeout)
+        return not self.is_alive()
+
+    def stop(self) -> bool:
+        return self._finish(None)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _current_info(self) -> Info | None:
+        try:
+            return self.info_fn()
+        except Exception:
+            logger.warning(
+                "info_fn of the %s announcer failed; skipping this round", self.what, exc_info=True
+            )
+            return None
+
+    def _announce_final(self) -> None:
+        """Declare the final record. It must expire after the last one (the DHT would keep the older one), so it
+        lives until shortly after that one would have expired: at most ``2 * period``."""
+        info = self._current_info() or self._last_info
+        if info is not None:
+            self._announce(self._final_info(info), ttl=self.period)
+
+    def _final_info(self, info: Info) -> Info:
+        return info
+
+    def _announce(self, info: Info, *, ttl: float) -> None:
+        """Declare ``info`` with an expiration ``ttl`` from now, and later than the last one."""
+        expiration_time = max(get_dht_time() + ttl, self._last_expiration + _EXPIRATION_STEP)
+        try:
+            self._declare(info, expiration_time)
+        except Exception:
+            logger.warning("Announcing %s failed", self.what, exc_info=True)
+        # even a failed store may have reached some replicas: the next record must expire later
+        self._last_info, self._last_expiration = info, expiration_time
+
+    def _declare(self, info: Info, expiration_time: float) -> None:
+        raise NotImplementedError
+
+
+class Announcer(_PeriodicAnnouncer[ServerInfo]):
     """A daemon thread that keeps this peer's span announced in the DHT.
 
     Every ``period`` seconds (and at once after ``update()``) it declares ``info_fn()`` with an expiration of
@@ -187,34 +293,11 @@ class Announcer(threading.Thread):
         validate_model_id(model_id)
         if num_blocks is not None:
             _model_info(model_id, num_blocks, model_name)
-        if not 0 < period <= MAX_ANNOUNCE_PERIOD:
-            raise ValidationError(
-                f"announce period must be in (0, {MAX_ANNOUNCE_PERIOD:.0f}] s, got {period}"
-            )
-        local_subkey(dht)  # fail now, not in the thread, if the DHT cannot sign
-        super().__init__(name=f"swarm-announcer-{model_id}", daemon=True)
-        self.dht, self.model_id, self.info_fn = dht, model_id, info_fn
-        self.period, self.timeout = period, timeout
+        super().__init__(dht, info_fn, period, timeout=timeout, what=model_id)
+        self.model_id = model_id
         self.num_blocks = num_blocks  # lists the model with every announcement, if given
         self.model_name = model_name
-        self._wakeup = threading.Event()
-        self._stopping = threading.Event()
         self._final_state = ServerState.OFFLINE
-        self._last_info: ServerInfo | None = None  # the last declared record and its expiration time
-        self._last_expiration = -math.inf
-
-    def run(self) -> None:
-        while not self._stopping.is_set():
-            info = self._current_info()
-            if info is not None:
-                self._announce(info, ttl=2 * self.period)
-            self._wakeup.wait(self.period)
-            self._wakeup.clear()
-        self._announce_final()
-
-    def update(self) -> None:
-        """Re-announce now (returns at once; the thread does the work)."""
-        self._wakeup.set()
 
     def stop(self, final_state: ServerState = ServerState.OFFLINE, timeout: float | None = None) -> bool:
         """Declare ``final_state`` for the span and join the thread; True if it ended within ``timeout``.
@@ -224,67 +307,34 @@ class Announcer(threading.Thread):
         enough time for the announcement in flight plus the final one.
         """
         self._final_state = final_state
-        self._stopping.set()
-        self._wakeup.set()
-        if self.ident is None:  # never started: announce from this thread
-            self._announce_final()
-            return True
-        timeout = 3 * (self.timeout + 1.0) if timeout is None else timeout
-        self.join(timeout)
-        if self.is_alive():
-            logger.warning("Announcer for %s did not stop within %.1f s", self.model_id, timeout)
-        return not self.is_alive()
+        return self._finish(timeout)
 
-    def __enter__(self) -> Announcer:
-        self.start()
-        return self
+    def _final_info(self, info: ServerInfo) -> ServerInfo:
+        return info.model_copy(update={"state": self._final_state})
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def _current_info(self) -> ServerInfo | None:
-        try:
-            return self.info_fn()
-        except Exception:
-            logger.warning(
-                "info_fn of the %s announcer failed; skipping this round", self.model_id, exc_info=True
+    def _declare(self, info: ServerInfo, expiration_time: float) -> None:
+        """Declare ``info`` and OFFLINE on the blocks the span left since the last record."""
+        if self._last_info is not None:
+            left = sorted(
+                set(range(self._last_info.start_block, self._last_info.end_block))
+                - set(range(info.start_block, info.end_block))
             )
-            return None
-
-    def _announce_final(self) -> None:
-        info = self._current_info() or self._last_info
-        if info is not None:
-            self._announce(info.model_copy(update={"state": self._final_state}), ttl=self.period)
-
-    def _announce(self, info: ServerInfo, *, ttl: float) -> None:
-        """Declare ``info`` (and OFFLINE on blocks the span left) with an expiration later than the last one."""
-        expiration_time = max(get_dht_time() + ttl, self._last_expiration + _EXPIRATION_STEP)
-        try:
-            if self._last_info is not None:
-                left = sorted(
-                    set(range(self._last_info.start_block, self._last_info.end_block))
-                    - set(range(info.start_block, info.end_block))
+            if left:
+                offline = self._last_info.model_copy(update={"state": ServerState.OFFLINE})
+                declare_span(
+                    self.dht,
+                    self.model_id,
+                    offline,
+                    expiration_time=expiration_time,
+                    blocks=left,
+                    timeout=self.timeout,
                 )
-                if left:
-                    offline = self._last_info.model_copy(update={"state": ServerState.OFFLINE})
-                    declare_span(
-                        self.dht,
-                        self.model_id,
-                        offline,
-                        expiration_time=expiration_time,
-                        blocks=left,
-                        timeout=self.timeout,
-                    )
-            declare_span(
-                self.dht,
-                self.model_id,
-                info,
-                expiration_time=expiration_time,
-                timeout=self.timeout,
-                num_blocks=self.num_blocks,
-                model_name=self.model_name,
-            )
-        except Exception:
-            logger.warning("Announcing %s failed", self.model_id, exc_info=True)
-        # even a failed store may have reached some replicas: the next record must expire later
-        self._last_info, self._last_expiration = info, expiration_time
+        declare_span(
+            self.dht,
+            self.model_id,
+            info,
+            expiration_time=expiration_time,
+            timeout=self.timeout,
+            num_blocks=self.num_blocks,
+            model_name=self.model_name,
+        )
