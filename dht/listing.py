@@ -2,7 +2,7 @@
 
 Block records live under keys that already name their model, so nothing could be found without knowing it.
 A listing is one fixed key that every peer writes into, one subkey per name it lists: the models it serves
-(``model_record.MODELS``)::
+(``model_record.MODELS``), the training runs it takes part in (``run_record.RUNS``)::
 
     key    = "swarm.models"                                             MODELS.key, hashed: MODELS.key_id()
     subkey = b"llama-7b@QmPeerIdBase58...[owner:ssh-rsa AAAA...]"        MODELS.subkey("llama-7b", peer_subkey)
@@ -36,7 +36,7 @@ class Listing:
     ``validate_name`` returns a name unchanged or raises ``ValidationError``; names never contain ``@``.
     """
 
-    kind: str  # "model": for messages
+    kind: str  # "model", "run": for messages
     key: str
     tag: str  # the record tag, wire field "t"
     version: int  # the schema version this peer reads and writes, wire field "v"

@@ -214,7 +214,7 @@ def is_swarm_record(value: Any) -> bool:
 def record_version(value: Any, tag: str, kind: str) -> int:
     """The schema version of a DHT value that carries the record tag ``tag``, of any version.
 
-    Every kind of swarm record (``kind``: "swarm", "model", for messages) starts with this envelope.
+    Every kind of swarm record (``kind``: "swarm", "model", "run", for messages) starts with this envelope.
     Raises ``ValidationError`` if ``value`` lacks the tag or its version is not a positive int.
     """
     if not (isinstance(value, dict) and value.get("t") == tag):

@@ -6,8 +6,9 @@ the hash of a fixed key name, while our keys are dynamic (``"{model_id}.{block}"
 
 What it accepts and rejects (``validate`` returns False to reject):
 
-- a value that is not a swarm record (no ``"swarm.server"`` or ``"swarm.model"`` tag) outside
-  ``MODELS_KEY``: accepted, other hivemind components (averagers, progress trackers) share the DHT;
+- a value that is not a swarm record (no ``"swarm.server"``, ``"swarm.model"`` or ``"swarm.run"`` tag) outside
+  ``MODELS_KEY`` and ``RUNS_KEY``: accepted, other hivemind components (averagers, progress trackers) share
+  the DHT;
 - a value that does not deserialize: rejected (hivemind would fail on it when returning it from a get);
 - a tagged record that expires more than ``MAX_RECORD_TTL`` seconds from now (by this node's clock): rejected,
   so a record cannot outlive its peer by more than that (honest peers give theirs two announce periods);
@@ -19,7 +20,9 @@ What it accepts and rejects (``validate`` returns False to reject):
   records of a newer schema version are accepted once their envelope checks out (mixed-version swarms);
 - under ``MODELS_KEY``, only model records (``model_record``) in an owned subkey
   ``<model id>@<peer id>[owner:<rsa key>]`` of the same model id, checked the same way; a model record under
-  any other key is rejected.
+  any other key is rejected;
+- under ``RUNS_KEY``, likewise, only training-run records (``run_record``) in an owned subkey
+  ``<run id>@<peer id>[owner:<rsa key>]`` of the same run id; a run record under any other key is rejected.
 
 Ordering with ``RSASignatureValidator``: hivemind's ``CompositeValidator`` sorts validators by ``priority``,
 signs in increasing and validates in decreasing priority, stripping each validator's signature before the
@@ -52,6 +55,7 @@ from swarm_peer.dht.records import (
     is_swarm_record,
     record_key,
 )
+from swarm_peer.dht.run_record import RUNS, run_from_dht_value
 from swarm_peer.errors import ValidationError
 
 __all__ = ["SwarmRecordValidator"]
@@ -60,7 +64,10 @@ logger = logging.getLogger(__name__)
 
 
 # per listing: its key and records, its hashed key, the parser of the fields of the version this peer reads
-_LISTINGS = tuple((listing, listing.key_id(), parse) for listing, parse in ((MODELS, model_from_dht_value),))
+_LISTINGS = tuple(
+    (listing, listing.key_id(), parse)
+    for listing, parse in ((MODELS, model_from_dht_value), (RUNS, run_from_dht_value))
+)
 
 
 class SwarmRecordValidator(RecordValidatorBase):
