@@ -1,4 +1,5 @@
-"""Announcing a peer's span in the DHT: one signed record per block, refreshed before it expires.
+"""Announcing a peer's span in the DHT: one signed record per block, refreshed before it expires; and a
+volunteer's training run.
 
     declare_span(dht, "llama-7b", info, expiration_time=get_dht_time() + 60)   # once
 
@@ -14,6 +15,12 @@ expiration time: a new record replaces the old one only if it expires later, so 
 non-decreasing expiration times (``Announcer`` guarantees it). Given the model's ``num_blocks``, both also
 list the model in the swarm's catalog (``model_record``, ``catalog.list_models``), so that status pages can
 find it.
+
+A volunteer of a training run is listed the same way, under ``RUNS_KEY`` (``run_record``)::
+
+    declare_run(dht, RunInfo(run_id="my-run", ...), get_dht_time() + 60)       # once
+    with RunAnnouncer(dht, lambda: trainer_info(), period=30):                   # keep it up while training
+        ...
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Sequence
-from typing import Generic, Self, TypeVar
+from typing import Any, Generic, Self, TypeVar
 
 import hivemind
 from hivemind.utils import get_dht_time
@@ -33,12 +40,13 @@ from swarm_peer.dht.keys import block_key, block_ranges, validate_model_id
 from swarm_peer.dht.model_record import MODELS_KEY, ModelInfo, model_subkey, model_to_dht_value
 from swarm_peer.dht.node import DEFAULT_TIMEOUT, local_subkey, run_in_dht
 from swarm_peer.dht.records import MAX_ANNOUNCE_PERIOD, MAX_RECORD_TTL, ServerInfo, ServerState, to_dht_value
+from swarm_peer.dht.run_record import RUNS, RUNS_KEY, RunInfo, run_to_dht_value
 from swarm_peer.errors import ValidationError
 
-__all__ = ["Announcer", "declare_span"]
+__all__ = ["Announcer", "RunAnnouncer", "declare_run", "declare_span"]
 
 logger = logging.getLogger(__name__)
-Info = TypeVar("Info", bound=ServerInfo)  # the record an announcer declares
+Info = TypeVar("Info", ServerInfo, RunInfo)
 
 _EXPIRATION_STEP = 1e-3  # seconds; a replacing record must expire strictly later than the one it replaces
 
@@ -338,3 +346,93 @@ class Announcer(_PeriodicAnnouncer[ServerInfo]):
             num_blocks=self.num_blocks,
             model_name=self.model_name,
         )
+
+
+async def _store_run(
+    _dht: hivemind.DHT,
+    node: hivemind.DHTNode,
+    *,
+    timeout: float,
+    value: dict[str, Any],
+    subkey: bytes,
+    expiration_time: float,
+) -> bool | None:
+    """In the DHT process: store a run record under ``RUNS_KEY``; whether it was stored, None on timeout."""
+    try:
+        return bool(
+            await asyncio.wait_for(node.store(RUNS_KEY, value, expiration_time, subkey=subkey), timeout)
+        )
+    except TimeoutError:
+        return None
+
+
+def declare_run(
+    dht: hivemind.DHT, info: RunInfo, expiration_time: float, *, timeout: float = DEFAULT_TIMEOUT
+) -> bool:
+    """List this volunteer in the training run ``info.run_id`` (``run_record``) until ``expiration_time``.
+
+    The record goes under ``RUNS_KEY``, in this peer's subkey for the run (``RUNS.subkey``). ``expiration_time``
+    is absolute, in ``hivemind.get_dht_time()`` seconds; it must be later than that of the record it replaces,
+    or the DHT keeps the old one. ``dht`` must come from ``create_dht``.
+
+    Returns True if the DHT accepted the record, False if it was rejected or the DHT did not answer within
+    ``timeout`` (logged as a warning). Raises ``ValidationError`` if ``info`` cannot be announced (malformed,
+    e.g. a ``model_copy(update=...)`` with a bad field; a foreign ``dht``; an expiration more than
+    ``MAX_RECORD_TTL`` from now: every node would refuse it).
+    """
+    _check_expiration(expiration_time)
+    value = run_to_dht_value(info)
+    subkey = RUNS.subkey(info.run_id, local_subkey(dht))
+    try:
+        stored = run_in_dht(
+            dht,
+            _store_run,
+            timeout=timeout,
+            value=value,
+            subkey=subkey,
+            expiration_time=float(expiration_time),
+        )
+    except TimeoutError:
+        stored = None
+    if stored is None:
+        logger.warning("Announcing run %s timed out after %.1f s", info.run_id, timeout)
+    elif not stored:
+        logger.warning("The DHT did not store the record of run %s", info.run_id)
+    return bool(stored)
+
+
+class RunAnnouncer(_PeriodicAnnouncer[RunInfo]):
+    """A daemon thread that keeps this volunteer listed in its training run (``declare_run``).
+
+    Every ``period`` seconds (and at once after ``update()``) it declares ``info()`` with an expiration of
+    ``2 * period`` from now, so a volunteer that dies leaves the listing within two periods. ``info`` is called
+    from the thread: return an immutable snapshot (a ``RunInfo``). Every DHT call is bounded by ``timeout``; a
+    failed announcement is logged and retried at the next period, and an exception from ``info`` skips that
+    round. Usable as a context manager, which starts and stops it::
+
+        with RunAnnouncer(dht, lambda: trainer.run_info(), period=30):
+            trainer.train()
+    """
+
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        info: Callable[[], RunInfo],
+        period: float = 30.0,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+    ):
+        super().__init__(dht, info, period, timeout=timeout, what="run")
+
+    def stop(self, final: bool = True, timeout: float | None = None) -> bool:
+        """Stop announcing and join the thread; True if it ended within ``timeout``.
+
+        With ``final``, declare ``info()`` a last time (the final step and loss). The DHT keeps, per subkey,
+        the record that expires last, so no record can end an earlier one: the final record expires with the
+        last one (after at most ``2 * period``), and without it, the last one stays until then.
+        """
+        self._final = final
+        return self._finish(timeout)
+
+    def _declare(self, info: RunInfo, expiration_time: float) -> None:
+        declare_run(self.dht, info, expiration_time, timeout=self.timeout)

@@ -1,13 +1,17 @@
-"""The swarm's catalog of served models: every hosting peer lists its model under ``MODELS_KEY`` (see
-``listing``).
+"""The swarm's catalogs: every hosting peer lists its model under ``MODELS_KEY``, every volunteer of a training
+run lists the run under ``RUNS_KEY`` (see ``listing``).
 
     declare_span(dht, "llama-7b", info, expiration_time=get_dht_time() + 60, num_blocks=32)   # a peer
     list_models(dht)   # {"llama-7b": 32, ...}, from every peer's record
     list_model_infos(dht)   # {"llama-7b": ModelInfo(model_id="llama-7b", num_blocks=32, name="Llama 7B"), ...}
 
+    declare_run(dht, RunInfo(run_id="my-run", ...), expiration_time=get_dht_time() + 60)   # a volunteer
+    list_runs(dht)   # {"my-run": {"QmPeer...": RunInfo(run_id="my-run", step=120, ...), ...}, ...}
+
 ``declare_span(..., num_blocks=...)`` (and so ``Announcer(..., num_blocks=...)``) stores the model record in
 the same request and with the same expiration as the span's records, so a model leaves the catalog when its
-last peer's records expire. The record format is in ``model_record``.
+last peer's records expire; a run leaves it when its last volunteer's record expires (``RunAnnouncer``).
+The record formats are in ``model_record`` and ``run_record``.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ from swarm_peer.dht.identity import peer_id_from_public_key
 from swarm_peer.dht.listing import Listing
 from swarm_peer.dht.model_record import MODELS, ModelInfo, model_from_dht_value
 from swarm_peer.dht.node import DEFAULT_TIMEOUT, run_in_dht
+from swarm_peer.dht.run_record import RUNS, RunInfo, run_from_dht_value
 from swarm_peer.errors import ValidationError
 
-__all__ = ["list_model_infos", "list_models"]
+__all__ = ["list_model_infos", "list_models", "list_runs"]
 
 logger = logging.getLogger(__name__)
 Info = TypeVar("Info")
@@ -106,3 +111,19 @@ def list_models(dht: hivemind.DHT, *, timeout: float | None = None) -> dict[str,
     Raises ``TimeoutError`` if the DHT does not answer within ``timeout`` (default ``DEFAULT_TIMEOUT``).
     """
     return {model_id: info.num_blocks for model_id, info in list_model_infos(dht, timeout=timeout).items()}
+
+
+def list_runs(dht: hivemind.DHT, *, timeout: float | None = None) -> dict[str, dict[str, RunInfo]]:
+    """The training runs volunteers declare (``declare_run``), as {run id: {peer id (base58): RunInfo}}, sorted
+    by run id, then peer id.
+
+    Entries are kept only if they are well-formed run records in a subkey owned by the peer it names and made
+    for the run it names; anything else is skipped with a debug log.
+    Raises ``TimeoutError`` if the DHT does not answer within ``timeout`` (default ``DEFAULT_TIMEOUT``).
+    """
+    runs: dict[str, dict[str, RunInfo]] = {}
+    for run_id, peer_id, info in sorted(
+        _list(dht, RUNS, run_from_dht_value, timeout), key=lambda entry: (entry[0], entry[1].to_base58())
+    ):
+        runs.setdefault(run_id, {})[peer_id.to_base58()] = info
+    return runs
