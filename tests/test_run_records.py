@@ -1,5 +1,5 @@
-"""Training runs in the DHT: the run record, what nodes refuse, ``list_runs``, ``RunAnnouncer``, on real DHT
-nodes on 127.0.0.1.
+"""Training runs in the DHT: the run record, what nodes refuse, ``list_runs``, ``RunAnnouncer``, and the runs
+table of ``swarm-peer status`` (a real subprocess), on real DHT nodes on 127.0.0.1.
 
 Records a dishonest volunteer could write are stored with raw hivemind stores (signed, but past
 ``declare_run``'s checks) with ``exclude_self=True``, so what comes back is the verdict of the *other* nodes.
@@ -8,6 +8,9 @@ Records a dishonest volunteer could write are stored with raw hivemind stores (s
 from __future__ import annotations
 
 import dataclasses
+import io
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
@@ -20,7 +23,9 @@ from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import CompositeValidator, DHTRecord
 from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
+from rich.console import Console
 
+from swarm_peer.cli.status import MAX_RUN_PEERS, render_runs
 from swarm_peer.dht import (
     MAX_RECORD_TTL,
     MAX_VALUE_BYTES,
@@ -151,6 +156,21 @@ def test_validator_accepts_only_owned_well_formed_run_records_under_the_runs_key
     assert not accepted(model_to_dht_value(ModelInfo(model_id="alpha", num_blocks=4)))
 
 
+@pytest.mark.timeout(10)
+def test_runs_table_says_what_most_volunteers_say_literally():
+    volunteers = {
+        f"Qm{i:04d}": _info("alpha", model_name=name, step=i, aggregator="[b]")
+        for i, name in enumerate(["[red]x[/]"] * (MAX_RUN_PEERS + 1) + ["other"] * 2)
+    }
+    out = io.StringIO()
+    render_runs({"alpha": volunteers}, Console(file=out, width=200))
+    text = out.getvalue()
+    # the name most volunteers give, the highest step, the count of all; rich markup is not interpreted
+    _row(text, "alpha", "[red]x[/]", str(MAX_RUN_PEERS + 3), str(MAX_RUN_PEERS + 2), "[b]", "50")
+    _row(text, f"Qm{MAX_RUN_PEERS + 2:04d}", "2.5000")  # the furthest volunteer first
+    assert "… 3 more" in text and "Qm0000" not in text, text
+
+
 # ---------------------------------------------------------------- real DHTs
 
 
@@ -252,8 +272,38 @@ def test_list_runs_skips_entries_that_are_foreign_or_malformed(swarm):
         reader.shutdown()
 
 
+def _status(initial_peers: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "swarm_peer.cli.main",
+            "status",
+            "--timeout",
+            str(WAIT),
+            "--initial-peers",
+            *initial_peers,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+
+
+def _row(stdout: str, *cells: str) -> str:
+    """The one line of the table that holds all ``cells``."""
+    lines = [line for line in stdout.splitlines() if all(cell in line for cell in cells)]
+    assert len(lines) == 1, f"expected one row with {cells} in:\n{stdout}"
+    return lines[0]
+
+
+def _short(peer_id: str) -> str:
+    return f"{peer_id[:6]}…{peer_id[-6:]}"
+
+
 @pytest.mark.timeout(60)
-def test_list_runs_sees_every_volunteer_of_every_run(swarm):
+def test_list_runs_and_status_show_every_volunteer_of_every_run(swarm):
     one_id, two_id = (
         RUNS.parse_subkey(RUNS.subkey("x", local_subkey(dht)))[1].to_base58()
         for dht in (swarm.one, swarm.two)
@@ -277,6 +327,15 @@ def test_list_runs_sees_every_volunteer_of_every_run(swarm):
 
         assert _wait_until(lambda: listed() == expected), listed()
 
+        process = _status(swarm.initial_peers)
+        stdout, stderr = process.communicate(timeout=60)
+        assert "Traceback" not in stderr, stderr[-3000:]
+        assert process.returncode == 0, stdout + stderr[-3000:]  # a swarm that only trains: no model, no gap
+        _row(stdout, "alpha", "tiny-llama", " 2 ", "12", "centered_clip", "50")
+        _row(stdout, _short(one_id), "12", "3.2500", " 2 ")
+        _row(stdout, _short(two_id), "11", "—", " 1 ")
+        _row(stdout, "beta", "other", " 1 ", "3", "median", "10")
+        assert stdout.index("alpha") < stdout.index(_short(one_id)) < stdout.index("beta"), stdout
     finally:
         for announcer in announcers:
             assert announcer.stop(final=False, timeout=WAIT)
