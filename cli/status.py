@@ -1,4 +1,5 @@
-"""``swarm-peer status``: one table of the swarm: per model, which peers serve which blocks, and the gaps.
+"""``swarm-peer status``: one table of the swarm: per model, which peers serve which blocks, and the gaps; then
+the training runs going on and their volunteers.
 
     swarm-peer status --initial-peers /ip4/10.0.0.1/tcp/31337/p2p/Qm...           # every model peers list
     swarm-peer status --initial-peers /ip4/10.0.0.1/tcp/31337/p2p/Qm... ./tiny    # one model
@@ -19,12 +20,26 @@ two announce periods). Models with more than ``BAR_WIDTH`` blocks get one column
 (``dht.list_model_infos``), or from the MODEL argument: an announced model id, a checkpoint directory or
 ``smollm2`` (its id and size are then read from the checkpoint, so it works even if no peer lists it).
 
+Without MODEL, a second table lists the training runs volunteers announce (``swarm-peer train``,
+``dht.list_runs``): a row per run (its model, how many volunteers announce it, the highest step any reached, how
+updates are aggregated, inner steps per outer step), then a row per volunteer (its step, last loss, and the size
+of the group it averaged with last)::
+
+     training run / volunteer   model     volunteers   step   loss     group   aggregator      inner steps   version
+     ───────────────────────────────────────────────────────────────────────────────────────────────────────────────
+     my-run                     smollm2            2    120                     centered_clip            50
+       QmXuFb…paGnYH                                    120   3.2104       2                                 0.1.0
+       Qma65r…9xNcCd                                    119   3.3012       2                                 0.1.0
+
 The command is bounded: ``--timeout`` is one deadline for all of it (joining, listing, lookups, pings); at most
 ``MAX_MODELS`` models are looked up (pass MODEL to see another), each in one request for at most ``MAX_BLOCKS``
-blocks (records that claim more are refused by every node). What the deadline cuts off is named in a warning.
+blocks (records that claim more are refused by every node), and at most ``MAX_RUNS`` runs are shown, with at
+most ``MAX_RUN_PEERS`` volunteers each. What the deadline cuts off is named in a warning; a swarm that does not
+list its runs in time still gets its models shown, with a warning that the runs are unknown.
 
 Exit status: 0 when every shown model has a reachable ONLINE peer on every block, 1 otherwise (a model cut off
-by the deadline or the cap included) or when no model is found.
+by the deadline or the cap included) or when neither a model nor a training run is found. Training runs never
+change the exit status: a swarm that only trains exits 0.
 """
 
 from __future__ import annotations
@@ -32,6 +47,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,11 +62,13 @@ from rich.text import Text
 from swarm_peer.cli.network import check_initial_peers, join_swarm
 from swarm_peer.client.runtime import SwarmRuntime
 from swarm_peer.dht import (
+    RunInfo,
     ServerInfo,
     ServerState,
     block_ranges,
     get_block_servers,
     list_model_infos,
+    list_runs,
     validate_model_id,
 )
 from swarm_peer.errors import ValidationError
@@ -60,10 +78,13 @@ from swarm_peer.settings import ClientSettings, NetworkSettings
 __all__ = [
     "BAR_WIDTH",
     "MAX_MODELS",
+    "MAX_RUNS",
+    "MAX_RUN_PEERS",
     "PING_TIMEOUT",
     "ModelStatus",
     "coverage_bar",
     "model_status",
+    "render_runs",
     "render_status",
     "resolve_model",
     "run_status",
@@ -74,6 +95,8 @@ logger = logging.getLogger(__name__)
 
 BAR_WIDTH = 60  # at most this many columns per bar; a column stands for ceil(num_blocks / BAR_WIDTH) blocks
 MAX_MODELS = 16  # models looked up when no MODEL is given (anyone can list models: the list is not trusted)
+MAX_RUNS = 16  # training runs shown, those with most volunteers (anyone can list runs: not trusted)
+MAX_RUN_PEERS = 32  # volunteer rows shown per run, the furthest first
 PING_TIMEOUT = 2.0  # seconds an ONLINE peer has to answer its info RPC before it is shown UNREACHABLE
 _NON_TERMINAL_WIDTH = 240  # piped output: wide enough that rich never folds a row
 _STATE_STYLES = {ServerState.ONLINE: "green", ServerState.JOINING: "yellow", ServerState.OFFLINE: "dim red"}
@@ -175,8 +198,8 @@ def coverage_bar(online: tuple[int, ...], width: int = BAR_WIDTH) -> Text:
     return bar
 
 
-def _short(peer_id: PeerID) -> str:
-    text = peer_id.to_base58()
+def _short(peer_id: PeerID | str) -> str:
+    text = peer_id if isinstance(peer_id, str) else peer_id.to_base58()
     return text if len(text) <= 14 else f"{text[:6]}…{text[-6:]}"
 
 
@@ -228,6 +251,59 @@ def render_status(statuses: list[ModelStatus], console: Console) -> None:
     console.print(table)
 
 
+def render_runs(runs: dict[str, dict[str, RunInfo]], console: Console) -> None:
+    """Print one table: per training run a summary row, then one row per volunteer, the furthest first.
+
+    ``runs`` is ``dht.list_runs``'s {run id: {peer id (base58): RunInfo}}. Where volunteers disagree on the
+    model name, the aggregator or the inner steps, the run row shows what most say (on a tie, the furthest).
+    """
+    table = Table(box=box.SIMPLE_HEAD, header_style="bold")
+    table.add_column("training run / volunteer", no_wrap=True)
+    table.add_column("model", no_wrap=True)
+    table.add_column("volunteers", justify="right", no_wrap=True)
+    table.add_column("step", justify="right", no_wrap=True)
+    table.add_column("loss", justify="right", no_wrap=True)
+    table.add_column("group", justify="right", no_wrap=True)
+    table.add_column("aggregator", no_wrap=True)
+    table.add_column("inner steps", justify="right", no_wrap=True)
+    table.add_column("version", no_wrap=True)
+    for run_id, volunteers in runs.items():
+        furthest = sorted(volunteers.items(), key=lambda item: (-item[1].step, item[0]))
+        infos = [info for _, info in furthest]
+        table.add_row(
+            Text(run_id, style="bold"),
+            Text(_most_said(info.model_name for info in infos)),  # Text: never read as rich markup
+            str(len(infos)),
+            str(infos[0].step),
+            "",
+            "",
+            Text(_most_said(info.aggregator for info in infos)),
+            str(_most_said(info.inner_steps for info in infos)),
+            "",
+        )
+        for peer_id, info in furthest[:MAX_RUN_PEERS]:
+            table.add_row(
+                "  " + _short(peer_id),
+                "",
+                "",
+                str(info.step),
+                "—" if info.loss is None else f"{info.loss:.4f}",
+                str(info.peers),
+                "",
+                "",
+                Text(info.version),
+            )
+        if len(furthest) > MAX_RUN_PEERS:
+            table.add_row(Text(f"  … {len(furthest) - MAX_RUN_PEERS} more", style="dim"))
+        table.add_section()
+    console.print(table)
+
+
+def _most_said(values):
+    """The value said most often, the first said on a tie."""
+    return Counter(values).most_common(1)[0][0]
+
+
 def _mib(mib: float) -> str:
     return f"{mib / 1024:,.1f} GiB" if mib >= 1024 else f"{mib:,.0f} MiB"
 
@@ -249,11 +325,12 @@ class _Deadline:
 def run_status(
     model: str | None, network: NetworkSettings, *, timeout: float, console: Console | None = None
 ) -> int:
-    """Print the swarm's status table for ``model`` (default: every model peers list); return the exit status.
+    """Print the swarm's status table for ``model`` (default: every model peers list, then the training runs);
+    return the exit status.
 
     ``timeout`` bounds the whole command (see the module docstring). Raises ``click.UsageError`` for bad
     arguments and ``click.ClickException`` when the swarm cannot be joined, does not answer, or serves no (such)
-    model.
+    model (without ``model``: no model and no training run).
     """
     deadline = _Deadline(timeout)
     check_initial_peers(network.initial_peers, required=True)
@@ -268,8 +345,17 @@ def run_status(
             except TimeoutError:
                 logger.debug("Looking up %s ran out of time", m, exc_info=True)
         skipped = [m for m in models if m not in found]
-        if not found:
+        if models and not found:
             raise TimeoutError(f"no model could be looked up within {timeout:.1f} s")
+        # the swarm-wide view also lists training runs: after the models' lookups, leaving the pings their time
+        runs = _runs_to_show(dht, deadline, reserve=PING_TIMEOUT if found else 0.0) if model is None else {}
+        if not models and not runs:
+            what = (
+                "a model or a training run"
+                if runs is not None
+                else "a model (training runs: no answer in time)"
+            )
+            raise click.ClickException(f"no peer in the swarm lists {what}")
         unreachable = _unreachable(dht, network, found, deadline)
     except TimeoutError as e:
         raise click.ClickException(f"the swarm did not answer: {e}") from None
@@ -283,7 +369,12 @@ def run_status(
         console = Console()
         if not console.is_terminal:
             console.width = _NON_TERMINAL_WIDTH
-    render_status(statuses, console)
+    if statuses:
+        render_status(statuses, console)
+    if runs:
+        render_runs(runs, console)
+    elif runs is None:
+        logger.warning("training runs unknown: the swarm did not list them within --timeout %.1f s", timeout)
     incomplete = [status for status in statuses if not status.covered]
     for status in incomplete:
         logger.warning("%s: no ONLINE peer serves blocks %s", status.model_id, _spans(status.uncovered))
@@ -296,7 +387,7 @@ def _models_to_show(
     dht: hivemind.DHT, model_id: str | None, num_blocks: int | None, deadline: _Deadline
 ) -> dict[str, tuple[int, str]]:
     """{model id: (num_blocks, readable name)} of the models to look up: MODEL's, or at most ``MAX_MODELS`` that
-    peers list."""
+    peers list (maybe none)."""
     infos = list_model_infos(dht, timeout=deadline.left())
     models = {m: (info.num_blocks, info.name) for m, info in infos.items()}
     if num_blocks is not None:
@@ -305,13 +396,30 @@ def _models_to_show(
         if model_id not in models:
             raise click.ClickException(f"no peer in the swarm lists the model {model_id}")
         return {model_id: models[model_id]}
-    if not models:
-        raise click.ClickException("no peer in the swarm lists a model")
     if len(models) > MAX_MODELS:
         logger.warning(
             "peers list %d models; showing the first %d (give MODEL to see another)", len(models), MAX_MODELS
         )
     return dict(list(models.items())[:MAX_MODELS])
+
+
+def _runs_to_show(
+    dht: hivemind.DHT, deadline: _Deadline, reserve: float
+) -> dict[str, dict[str, RunInfo]] | None:
+    """The training runs volunteers list, at most ``MAX_RUNS`` (those with most volunteers), sorted by run id;
+    None if the DHT does not list them before ``reserve`` seconds are left of the deadline."""
+    try:
+        runs = list_runs(dht, timeout=deadline.left(reserve=reserve))
+    except TimeoutError:
+        logger.debug("Listing the training runs ran out of time", exc_info=True)
+        return None
+    if len(runs) > MAX_RUNS:
+        logger.warning(
+            "volunteers list %d training runs; showing the %d with most volunteers", len(runs), MAX_RUNS
+        )
+        shown = sorted(runs, key=lambda run_id: (-len(runs[run_id]), run_id))[:MAX_RUNS]
+        runs = {run_id: runs[run_id] for run_id in sorted(shown)}
+    return runs
 
 
 def _unreachable(

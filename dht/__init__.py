@@ -5,15 +5,18 @@
     with Announcer(dht, "llama-7b", lambda: info, period=30, num_blocks=32):
         servers = online_servers(dht, "llama-7b", range(32))   # [{PeerID: ServerInfo}, ...] per block
         models = list_models(dht)                                # {"llama-7b": 32}: the models peers serve
+    with RunAnnouncer(dht, lambda: run_info, period=30):        # a volunteer of a training run
+        runs = list_runs(dht)                                    # {"my-run": {"QmPeer...": RunInfo}}
 
 Records live under ``"{model_id}.{block}"`` in a subkey owned by the announcing peer (its peer id and RSA
 key); hivemind's ``RSASignatureValidator`` keeps others from overwriting them and ``SwarmRecordValidator``
 rejects malformed, misplaced or impersonating records. Each peer also lists its model under ``MODELS_KEY``
-(``catalog``, ``model_record``), so that the models a swarm serves can be found without knowing them.
+(``catalog``, ``model_record``), so that the models a swarm serves can be found without knowing them, and each
+volunteer of a training run lists the run under ``RUNS_KEY`` (``run_record``).
 """
 
-from swarm_peer.dht.announce import Announcer, declare_span
-from swarm_peer.dht.catalog import list_model_infos, list_models
+from swarm_peer.dht.announce import Announcer, RunAnnouncer, declare_run, declare_span
+from swarm_peer.dht.catalog import list_model_infos, list_models, list_runs
 from swarm_peer.dht.identity import load_identity, peer_id_from_public_key
 from swarm_peer.dht.keys import (
     block_key,
@@ -23,8 +26,10 @@ from swarm_peer.dht.keys import (
     peer_subkey,
     validate_model_id,
 )
+from swarm_peer.dht.listing import Listing
 from swarm_peer.dht.lookup import get_block_servers, online_servers
 from swarm_peer.dht.model_record import (
+    MODELS,
     MODELS_KEY,
     ModelInfo,
     model_from_dht_value,
@@ -54,6 +59,15 @@ from swarm_peer.dht.records import (
     is_swarm_record,
     to_dht_value,
 )
+from swarm_peer.dht.run_record import (
+    RUN_ID_PATTERN,
+    RUNS,
+    RUNS_KEY,
+    RunInfo,
+    run_from_dht_value,
+    run_to_dht_value,
+    validate_run_id,
+)
 from swarm_peer.dht.validation import SwarmRecordValidator
 
 __all__ = [
@@ -61,11 +75,18 @@ __all__ = [
     "MAX_BLOCKS",
     "MAX_RECORD_TTL",
     "MAX_VALUE_BYTES",
+    "MODELS",
     "MODELS_KEY",
     "RECORD_TAG",
+    "RUNS",
+    "RUNS_KEY",
+    "RUN_ID_PATTERN",
     "SCHEMA_VERSION",
     "Announcer",
+    "Listing",
     "ModelInfo",
+    "RunAnnouncer",
+    "RunInfo",
     "ServerInfo",
     "ServerState",
     "SwarmRecordValidator",
@@ -73,12 +94,14 @@ __all__ = [
     "block_key_id",
     "block_ranges",
     "create_dht",
+    "declare_run",
     "declare_span",
     "from_dht_value",
     "get_block_servers",
     "is_swarm_record",
     "list_model_infos",
     "list_models",
+    "list_runs",
     "load_identity",
     "local_peer_id",
     "local_subkey",
@@ -91,9 +114,12 @@ __all__ = [
     "parse_peer_subkey",
     "peer_id_from_public_key",
     "peer_subkey",
+    "run_from_dht_value",
     "run_in_dht",
+    "run_to_dht_value",
     "to_dht_value",
     "validate_initial_peers",
     "validate_model_id",
+    "validate_run_id",
     "visible_maddrs",
 ]

@@ -1,4 +1,5 @@
-"""Announcing a peer's span in the DHT: one signed record per block, refreshed before it expires.
+"""Announcing a peer's span in the DHT: one signed record per block, refreshed before it expires; and a
+volunteer's training run.
 
     declare_span(dht, "llama-7b", info, expiration_time=get_dht_time() + 60)   # once
 
@@ -14,6 +15,12 @@ expiration time: a new record replaces the old one only if it expires later, so 
 non-decreasing expiration times (``Announcer`` guarantees it). Given the model's ``num_blocks``, both also
 list the model in the swarm's catalog (``model_record``, ``catalog.list_models``), so that status pages can
 find it.
+
+A volunteer of a training run is listed the same way, under ``RUNS_KEY`` (``run_record``)::
+
+    declare_run(dht, RunInfo(run_id="my-run", ...), get_dht_time() + 60)       # once
+    with RunAnnouncer(dht, lambda: trainer_info(), period=30):                   # keep it up while training
+        ...
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any, Generic, Self, TypeVar
 
 import hivemind
 from hivemind.utils import get_dht_time
@@ -32,11 +40,13 @@ from swarm_peer.dht.keys import block_key, block_ranges, validate_model_id
 from swarm_peer.dht.model_record import MODELS_KEY, ModelInfo, model_subkey, model_to_dht_value
 from swarm_peer.dht.node import DEFAULT_TIMEOUT, local_subkey, run_in_dht
 from swarm_peer.dht.records import MAX_ANNOUNCE_PERIOD, MAX_RECORD_TTL, ServerInfo, ServerState, to_dht_value
+from swarm_peer.dht.run_record import RUNS, RUNS_KEY, RunInfo, run_to_dht_value
 from swarm_peer.errors import ValidationError
 
-__all__ = ["Announcer", "declare_span"]
+__all__ = ["Announcer", "RunAnnouncer", "declare_run", "declare_span"]
 
 logger = logging.getLogger(__name__)
+Info = TypeVar("Info", ServerInfo, RunInfo)
 
 _EXPIRATION_STEP = 1e-3  # seconds; a replacing record must expire strictly later than the one it replaces
 
@@ -108,8 +118,7 @@ def declare_span(
     expiration more than ``MAX_RECORD_TTL`` from now: every node would refuse it).
     """
     validate_model_id(model_id)
-    if not expiration_time - get_dht_time() <= MAX_RECORD_TTL:
-        raise ValidationError(f"records may expire at most {MAX_RECORD_TTL:.0f} s from now")
+    _check_expiration(expiration_time)
     if num_blocks is not None:
         _model_info(model_id, num_blocks, model_name)  # raise here, not in the DHT process
     blocks = tuple(range(info.start_block, info.end_block) if blocks is None else blocks)
@@ -146,6 +155,11 @@ def declare_span(
     return not rejected and listed is not False
 
 
+def _check_expiration(expiration_time: float) -> None:
+    if not expiration_time - get_dht_time() <= MAX_RECORD_TTL:
+        raise ValidationError(f"records may expire at most {MAX_RECORD_TTL:.0f} s from now")
+
+
 def _model_info(model_id: str, num_blocks: int, model_name: str = "") -> ModelInfo:
     try:
         return ModelInfo(model_id=model_id, num_blocks=num_blocks, name=model_name)
@@ -160,7 +174,107 @@ def _spans(blocks: Sequence[int]) -> str:
     return ",".join(f"{start}:{end}" for start, end in block_ranges(blocks))
 
 
-class Announcer(threading.Thread):
+class _PeriodicAnnouncer(threading.Thread, Generic[Info]):
+    """A daemon thread that declares ``info_fn()`` every ``period`` seconds (and at once after ``update()``), with
+    an expiration of ``2 * period`` from now, and a final record when stopped.
+
+    Expiration times only grow (the DHT keeps, per subkey, the record that expires last). Every DHT call is
+    bounded by ``timeout``; a failed announcement is logged and retried at the next period, and an exception
+    from ``info_fn`` skips that round. Subclasses say how a record is declared (``_declare``) and what the final
+    one says (``_final_info``). Usable as a context manager, which starts and stops it.
+    """
+
+    def __init__(
+        self, dht: hivemind.DHT, info_fn: Callable[[], Info], period: float, *, timeout: float, what: str
+    ):
+        if not 0 < period <= MAX_ANNOUNCE_PERIOD:
+            raise ValidationError(
+                f"announce period must be in (0, {MAX_ANNOUNCE_PERIOD:.0f}] s, got {period}"
+            )
+        local_subkey(dht)  # fail now, not in the thread, if the DHT cannot sign
+        super().__init__(name=f"swarm-announcer-{what}", daemon=True)
+        self.dht, self.info_fn = dht, info_fn
+        self.period, self.timeout = period, timeout
+        self.what = what  # for logs
+        self._wakeup = threading.Event()
+        self._stopping = threading.Event()
+        self._final = True  # whether stopping declares a final record
+        self._last_info: Info | None = None  # the last declared record and its expiration time
+        self._last_expiration = -math.inf
+
+    def run(self) -> None:
+        while not self._stopping.is_set():
+            info = self._current_info()
+            if info is not None:
+                self._announce(info, ttl=2 * self.period)
+            self._wakeup.wait(self.period)
+            self._wakeup.clear()
+        if self._final:
+            self._announce_final()
+
+    def update(self) -> None:
+        """Re-announce now (returns at once; the thread does the work)."""
+        self._wakeup.set()
+
+    def _finish(self, timeout: float | None) -> bool:
+        """Stop the thread (it declares the final record, if ``self._final``) and join it; whether it ended in
+        ``timeout`` (default: enough for the announcement in flight plus the final one)."""
+        self._stopping.set()
+        self._wakeup.set()
+        if self.ident is None:  # never started: announce from this thread
+            if self._final:
+                self._announce_final()
+            return True
+        timeout = 3 * (self.timeout + 1.0) if timeout is None else timeout
+        self.join(timeout)
+        if self.is_alive():
+            logger.warning("Announcer for %s did not stop within %.1f s", self.what, timeout)
+        return not self.is_alive()
+
+    def stop(self) -> bool:
+        return self._finish(None)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _current_info(self) -> Info | None:
+        try:
+            return self.info_fn()
+        except Exception:
+            logger.warning(
+                "info_fn of the %s announcer failed; skipping this round", self.what, exc_info=True
+            )
+            return None
+
+    def _announce_final(self) -> None:
+        """Declare the final record. It must expire after the last one (the DHT would keep the older one), so it
+        lives until shortly after that one would have expired: at most ``2 * period``."""
+        info = self._current_info() or self._last_info
+        if info is not None:
+            self._announce(self._final_info(info), ttl=self.period)
+
+    def _final_info(self, info: Info) -> Info:
+        return info
+
+    def _announce(self, info: Info, *, ttl: float) -> None:
+        """Declare ``info`` with an expiration ``ttl`` from now, and later than the last one."""
+        expiration_time = max(get_dht_time() + ttl, self._last_expiration + _EXPIRATION_STEP)
+        try:
+            self._declare(info, expiration_time)
+        except Exception:
+            logger.warning("Announcing %s failed", self.what, exc_info=True)
+        # even a failed store may have reached some replicas: the next record must expire later
+        self._last_info, self._last_expiration = info, expiration_time
+
+    def _declare(self, info: Info, expiration_time: float) -> None:
+        raise NotImplementedError
+
+
+class Announcer(_PeriodicAnnouncer[ServerInfo]):
     """A daemon thread that keeps this peer's span announced in the DHT.
 
     Every ``period`` seconds (and at once after ``update()``) it declares ``info_fn()`` with an expiration of
@@ -187,34 +301,11 @@ class Announcer(threading.Thread):
         validate_model_id(model_id)
         if num_blocks is not None:
             _model_info(model_id, num_blocks, model_name)
-        if not 0 < period <= MAX_ANNOUNCE_PERIOD:
-            raise ValidationError(
-                f"announce period must be in (0, {MAX_ANNOUNCE_PERIOD:.0f}] s, got {period}"
-            )
-        local_subkey(dht)  # fail now, not in the thread, if the DHT cannot sign
-        super().__init__(name=f"swarm-announcer-{model_id}", daemon=True)
-        self.dht, self.model_id, self.info_fn = dht, model_id, info_fn
-        self.period, self.timeout = period, timeout
+        super().__init__(dht, info_fn, period, timeout=timeout, what=model_id)
+        self.model_id = model_id
         self.num_blocks = num_blocks  # lists the model with every announcement, if given
         self.model_name = model_name
-        self._wakeup = threading.Event()
-        self._stopping = threading.Event()
         self._final_state = ServerState.OFFLINE
-        self._last_info: ServerInfo | None = None  # the last declared record and its expiration time
-        self._last_expiration = -math.inf
-
-    def run(self) -> None:
-        while not self._stopping.is_set():
-            info = self._current_info()
-            if info is not None:
-                self._announce(info, ttl=2 * self.period)
-            self._wakeup.wait(self.period)
-            self._wakeup.clear()
-        self._announce_final()
-
-    def update(self) -> None:
-        """Re-announce now (returns at once; the thread does the work)."""
-        self._wakeup.set()
 
     def stop(self, final_state: ServerState = ServerState.OFFLINE, timeout: float | None = None) -> bool:
         """Declare ``final_state`` for the span and join the thread; True if it ended within ``timeout``.
@@ -224,67 +315,124 @@ class Announcer(threading.Thread):
         enough time for the announcement in flight plus the final one.
         """
         self._final_state = final_state
-        self._stopping.set()
-        self._wakeup.set()
-        if self.ident is None:  # never started: announce from this thread
-            self._announce_final()
-            return True
-        timeout = 3 * (self.timeout + 1.0) if timeout is None else timeout
-        self.join(timeout)
-        if self.is_alive():
-            logger.warning("Announcer for %s did not stop within %.1f s", self.model_id, timeout)
-        return not self.is_alive()
+        return self._finish(timeout)
 
-    def __enter__(self) -> Announcer:
-        self.start()
-        return self
+    def _final_info(self, info: ServerInfo) -> ServerInfo:
+        return info.model_copy(update={"state": self._final_state})
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def _current_info(self) -> ServerInfo | None:
-        try:
-            return self.info_fn()
-        except Exception:
-            logger.warning(
-                "info_fn of the %s announcer failed; skipping this round", self.model_id, exc_info=True
+    def _declare(self, info: ServerInfo, expiration_time: float) -> None:
+        """Declare ``info`` and OFFLINE on the blocks the span left since the last record."""
+        if self._last_info is not None:
+            left = sorted(
+                set(range(self._last_info.start_block, self._last_info.end_block))
+                - set(range(info.start_block, info.end_block))
             )
-            return None
-
-    def _announce_final(self) -> None:
-        info = self._current_info() or self._last_info
-        if info is not None:
-            self._announce(info.model_copy(update={"state": self._final_state}), ttl=self.period)
-
-    def _announce(self, info: ServerInfo, *, ttl: float) -> None:
-        """Declare ``info`` (and OFFLINE on blocks the span left) with an expiration later than the last one."""
-        expiration_time = max(get_dht_time() + ttl, self._last_expiration + _EXPIRATION_STEP)
-        try:
-            if self._last_info is not None:
-                left = sorted(
-                    set(range(self._last_info.start_block, self._last_info.end_block))
-                    - set(range(info.start_block, info.end_block))
+            if left:
+                offline = self._last_info.model_copy(update={"state": ServerState.OFFLINE})
+                declare_span(
+                    self.dht,
+                    self.model_id,
+                    offline,
+                    expiration_time=expiration_time,
+                    blocks=left,
+                    timeout=self.timeout,
                 )
-                if left:
-                    offline = self._last_info.model_copy(update={"state": ServerState.OFFLINE})
-                    declare_span(
-                        self.dht,
-                        self.model_id,
-                        offline,
-                        expiration_time=expiration_time,
-                        blocks=left,
-                        timeout=self.timeout,
-                    )
-            declare_span(
-                self.dht,
-                self.model_id,
-                info,
-                expiration_time=expiration_time,
-                timeout=self.timeout,
-                num_blocks=self.num_blocks,
-                model_name=self.model_name,
-            )
-        except Exception:
-            logger.warning("Announcing %s failed", self.model_id, exc_info=True)
-        # even a failed store may have reached some replicas: the next record must expire later
-        self._last_info, self._last_expiration = info, expiration_time
+        declare_span(
+            self.dht,
+            self.model_id,
+            info,
+            expiration_time=expiration_time,
+            timeout=self.timeout,
+            num_blocks=self.num_blocks,
+            model_name=self.model_name,
+        )
+
+
+async def _store_run(
+    _dht: hivemind.DHT,
+    node: hivemind.DHTNode,
+    *,
+    timeout: float,
+    value: dict[str, Any],
+    subkey: bytes,
+    expiration_time: float,
+) -> bool | None:
+    """In the DHT process: store a run record under ``RUNS_KEY``; whether it was stored, None on timeout."""
+    try:
+        return bool(
+            await asyncio.wait_for(node.store(RUNS_KEY, value, expiration_time, subkey=subkey), timeout)
+        )
+    except TimeoutError:
+        return None
+
+
+def declare_run(
+    dht: hivemind.DHT, info: RunInfo, expiration_time: float, *, timeout: float = DEFAULT_TIMEOUT
+) -> bool:
+    """List this volunteer in the training run ``info.run_id`` (``run_record``) until ``expiration_time``.
+
+    The record goes under ``RUNS_KEY``, in this peer's subkey for the run (``RUNS.subkey``). ``expiration_time``
+    is absolute, in ``hivemind.get_dht_time()`` seconds; it must be later than that of the record it replaces,
+    or the DHT keeps the old one. ``dht`` must come from ``create_dht``.
+
+    Returns True if the DHT accepted the record, False if it was rejected or the DHT did not answer within
+    ``timeout`` (logged as a warning). Raises ``ValidationError`` if ``info`` cannot be announced (malformed,
+    e.g. a ``model_copy(update=...)`` with a bad field; a foreign ``dht``; an expiration more than
+    ``MAX_RECORD_TTL`` from now: every node would refuse it).
+    """
+    _check_expiration(expiration_time)
+    value = run_to_dht_value(info)
+    subkey = RUNS.subkey(info.run_id, local_subkey(dht))
+    try:
+        stored = run_in_dht(
+            dht,
+            _store_run,
+            timeout=timeout,
+            value=value,
+            subkey=subkey,
+            expiration_time=float(expiration_time),
+        )
+    except TimeoutError:
+        stored = None
+    if stored is None:
+        logger.warning("Announcing run %s timed out after %.1f s", info.run_id, timeout)
+    elif not stored:
+        logger.warning("The DHT did not store the record of run %s", info.run_id)
+    return bool(stored)
+
+
+class RunAnnouncer(_PeriodicAnnouncer[RunInfo]):
+    """A daemon thread that keeps this volunteer listed in its training run (``declare_run``).
+
+    Every ``period`` seconds (and at once after ``update()``) it declares ``info()`` with an expiration of
+    ``2 * period`` from now, so a volunteer that dies leaves the listing within two periods. ``info`` is called
+    from the thread: return an immutable snapshot (a ``RunInfo``). Every DHT call is bounded by ``timeout``; a
+    failed announcement is logged and retried at the next period, and an exception from ``info`` skips that
+    round. Usable as a context manager, which starts and stops it::
+
+        with RunAnnouncer(dht, lambda: trainer.run_info(), period=30):
+            trainer.train()
+    """
+
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        info: Callable[[], RunInfo],
+        period: float = 30.0,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+    ):
+        super().__init__(dht, info, period, timeout=timeout, what="run")
+
+    def stop(self, final: bool = True, timeout: float | None = None) -> bool:
+        """Stop announcing and join the thread; True if it ended within ``timeout``.
+
+        With ``final``, declare ``info()`` a last time (the final step and loss). The DHT keeps, per subkey,
+        the record that expires last, so no record can end an earlier one: the final record expires with the
+        last one (after at most ``2 * period``), and without it, the last one stays until then.
+        """
+        self._final = final
+        return self._finish(timeout)
+
+    def _declare(self, info: RunInfo, expiration_time: float) -> None:
+        declare_run(self.dht, info, expiration_time, timeout=self.timeout)

@@ -1,12 +1,17 @@
-"""The swarm's catalog of served models: every hosting peer lists its model under ``MODELS_KEY``.
+"""The swarm's catalogs: every hosting peer lists its model under ``MODELS_KEY``, every volunteer of a training
+run lists the run under ``RUNS_KEY`` (see ``listing``).
 
     declare_span(dht, "llama-7b", info, expiration_time=get_dht_time() + 60, num_blocks=32)   # a peer
     list_models(dht)   # {"llama-7b": 32, ...}, from every peer's record
     list_model_infos(dht)   # {"llama-7b": ModelInfo(model_id="llama-7b", num_blocks=32, name="Llama 7B"), ...}
 
+    declare_run(dht, RunInfo(run_id="my-run", ...), expiration_time=get_dht_time() + 60)   # a volunteer
+    list_runs(dht)   # {"my-run": {"QmPeer...": RunInfo(run_id="my-run", step=120, ...), ...}, ...}
+
 ``declare_span(..., num_blocks=...)`` (and so ``Announcer(..., num_blocks=...)``) stores the model record in
 the same request and with the same expiration as the span's records, so a model leaves the catalog when its
-last peer's records expire. The record format is in ``model_record``.
+last peer's records expire; a run leaves it when its last volunteer's record expires (``RunAnnouncer``).
+The record formats are in ``model_record`` and ``run_record``.
 """
 
 from __future__ import annotations
@@ -14,35 +19,65 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import hivemind
+from hivemind.p2p import PeerID
 
 from swarm_peer.dht.identity import peer_id_from_public_key
-from swarm_peer.dht.model_record import (
-    MODELS_KEY,
-    ModelInfo,
-    model_from_dht_value,
-    parse_model_subkey,
-)
+from swarm_peer.dht.listing import Listing
+from swarm_peer.dht.model_record import MODELS, ModelInfo, model_from_dht_value
 from swarm_peer.dht.node import DEFAULT_TIMEOUT, run_in_dht
+from swarm_peer.dht.run_record import RUNS, RunInfo, run_from_dht_value
 from swarm_peer.errors import ValidationError
 
-__all__ = ["list_model_infos", "list_models"]
+__all__ = ["list_model_infos", "list_models", "list_runs"]
 
 logger = logging.getLogger(__name__)
+Info = TypeVar("Info")
 
 
-async def _get_models(_dht: hivemind.DHT, node: hivemind.DHTNode, *, timeout: float) -> dict[Any, Any] | None:
-    """In the DHT process: the latest {subkey: value} under ``MODELS_KEY`` ({} if none); None on timeout."""
+async def _get_listed(
+    _dht: hivemind.DHT, node: hivemind.DHTNode, *, timeout: float, key: str
+) -> dict[Any, Any] | None:
+    """In the DHT process: the latest {subkey: value} under ``key`` ({} if none); None on timeout."""
     try:
         # latest=True: ask all nearest nodes and merge their subkeys (every peer writes its own subkey)
-        found = await asyncio.wait_for(node.get(MODELS_KEY, latest=True), timeout)
+        found = await asyncio.wait_for(node.get(key, latest=True), timeout)
     except TimeoutError:
         return None
     if found is None or not isinstance(found.value, dict):
         return {}  # a non-dictionary value cannot be a peer's record (the validator refuses one anyway)
     return {subkey: entry.value for subkey, entry in found.value.items()}
+
+
+def _list(
+    dht: hivemind.DHT, listing: Listing, parse: Callable[[Any], Info], timeout: float | None
+) -> list[tuple[str, PeerID, Info]]:
+    """(name, peer id, record) of every entry under ``listing.key`` that is a well-formed record (``parse``) in a
+    subkey owned by the peer it names, made for the name of its subkey; anything else is skipped with a debug log.
+
+    Raises ``TimeoutError`` if the DHT does not answer within ``timeout`` (default ``DEFAULT_TIMEOUT``).
+    """
+    timeout = DEFAULT_TIMEOUT if timeout is None else timeout
+    entries = run_in_dht(dht, _get_listed, timeout=timeout, key=listing.key)
+    if entries is None:
+        raise TimeoutError(f"listing the swarm's {listing.kind}s took over {timeout:.1f} s")
+    listed = []
+    for subkey, value in entries.items():
+        try:
+            name, peer_id, public_key = listing.parse_subkey(subkey)
+            if peer_id_from_public_key(public_key) != peer_id:
+                raise ValidationError(f"subkey of {peer_id} is owned by another key")
+            info = parse(value)
+            if value[listing.name_field] != name:
+                raise ValidationError(f"record for {value[listing.name_field]} in the subkey of {name}")
+        except ValidationError as e:
+            logger.debug("Ignored an entry under %s: %s", listing.key, e)
+            continue
+        listed.append((name, peer_id, info))
+    return listed
 
 
 def list_model_infos(dht: hivemind.DHT, *, timeout: float | None = None) -> dict[str, ModelInfo]:
@@ -55,25 +90,11 @@ def list_model_infos(dht: hivemind.DHT, *, timeout: float | None = None) -> dict
     (the first in sorted order on a tie).
     Raises ``TimeoutError`` if the DHT does not answer within ``timeout`` (default ``DEFAULT_TIMEOUT``).
     """
-    timeout = DEFAULT_TIMEOUT if timeout is None else timeout
-    entries = run_in_dht(dht, _get_models, timeout=timeout)
-    if entries is None:
-        raise TimeoutError(f"listing the swarm's models took over {timeout:.1f} s")
     votes: dict[str, Counter[int]] = {}
     names: dict[str, Counter[str]] = {}
-    for subkey, value in entries.items():
-        try:
-            model_id, peer_id, public_key = parse_model_subkey(subkey)
-            if peer_id_from_public_key(public_key) != peer_id:
-                raise ValidationError(f"subkey of {peer_id} is owned by another key")
-            info = model_from_dht_value(value)
-            if info.model_id != model_id:
-                raise ValidationError(f"record for model {info.model_id} in the subkey of {model_id}")
-        except ValidationError as e:
-            logger.debug("Ignored an entry under %s: %s", MODELS_KEY, e)
-            continue
-        votes.setdefault(info.model_id, Counter())[info.num_blocks] += 1
-        names.setdefault(info.model_id, Counter())[info.name] += bool(info.name)
+    for model_id, _peer_id, info in _list(dht, MODELS, model_from_dht_value, timeout):
+        votes.setdefault(model_id, Counter())[info.num_blocks] += 1
+        names.setdefault(model_id, Counter())[info.name] += bool(info.name)
     return {
         model_id: ModelInfo(
             model_id=model_id,
@@ -90,3 +111,19 @@ def list_models(dht: hivemind.DHT, *, timeout: float | None = None) -> dict[str,
     Raises ``TimeoutError`` if the DHT does not answer within ``timeout`` (default ``DEFAULT_TIMEOUT``).
     """
     return {model_id: info.num_blocks for model_id, info in list_model_infos(dht, timeout=timeout).items()}
+
+
+def list_runs(dht: hivemind.DHT, *, timeout: float | None = None) -> dict[str, dict[str, RunInfo]]:
+    """The training runs volunteers declare (``declare_run``), as {run id: {peer id (base58): RunInfo}}, sorted
+    by run id, then peer id.
+
+    Entries are kept only if they are well-formed run records in a subkey owned by the peer it names and made
+    for the run it names; anything else is skipped with a debug log.
+    Raises ``TimeoutError`` if the DHT does not answer within ``timeout`` (default ``DEFAULT_TIMEOUT``).
+    """
+    runs: dict[str, dict[str, RunInfo]] = {}
+    for run_id, peer_id, info in sorted(
+        _list(dht, RUNS, run_from_dht_value, timeout), key=lambda entry: (entry[0], entry[1].to_base58())
+    ):
+        runs.setdefault(run_id, {})[peer_id.to_base58()] = info
+    return runs

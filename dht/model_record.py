@@ -2,9 +2,9 @@
 
 Block records live under keys that already name the model (``"{model_id}.{block}"``), so nobody can list
 the models without knowing them. Each hosting peer therefore also stores one small record per model it
-serves under the one well-known key ``MODELS_KEY``, in a subkey it owns: the model id, then the peer's own
-subkey of its block records (``keys.peer_subkey``), so nobody else can overwrite or erase it, and one peer
-may list several models::
+serves under the one well-known key ``MODELS_KEY``, in a subkey it owns (a ``listing``): the model id, then
+the peer's own subkey of its block records (``keys.peer_subkey``), so nobody else can overwrite or erase it,
+and one peer may list several models::
 
     key    = "swarm.models"
     subkey = b"llama-7b@QmPeerIdBase58...[owner:ssh-rsa AAAA...]"          model_subkey("llama-7b", ...)
@@ -27,16 +27,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from hivemind.dht.routing import DHTID
-from hivemind.p2p import PeerID
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic import ValidationError as PydanticValidationError
 
-from swarm_peer.dht.keys import parse_peer_subkey, validate_model_id
+from swarm_peer.dht.keys import validate_model_id
+from swarm_peer.dht.listing import Listing
 from swarm_peer.dht.records import MAX_BLOCKS
 from swarm_peer.errors import ValidationError
 
 __all__ = [
+    "MODELS",
     "MODELS_KEY",
     "MODEL_RECORD_TAG",
     "MODEL_SCHEMA_VERSION",
@@ -85,28 +85,13 @@ class ModelInfo(BaseModel):
             raise ValueError(str(e)) from e  # pydantic reports ValueError, not our error type
 
 
-def models_key_id() -> bytes:
-    """The hashed form of ``MODELS_KEY`` that DHT nodes (and record validators) see as ``DHTRecord.key``."""
-    return DHTID.generate(source=MODELS_KEY).to_bytes()
-
-
-def model_subkey(model_id: str, peer_subkey: bytes) -> bytes:
-    """The subkey a peer lists ``model_id`` under: ``b"{model_id}@"`` + its ``keys.peer_subkey``."""
-    subkey = validate_model_id(model_id).encode() + b"@" + peer_subkey
-    parse_model_subkey(subkey)  # a malformed peer subkey would make an unprotected (overwritable) record
-    return subkey
-
-
-def parse_model_subkey(subkey: object) -> tuple[str, PeerID, bytes]:
-    """Split a subkey made by ``model_subkey`` into (model id, peer id, serialized RSA public key of the owner).
-
-    Raises ``ValidationError`` if ``subkey`` is not bytes of exactly that form.
-    """
-    if not isinstance(subkey, bytes) or b"@" not in subkey:
-        raise ValidationError(f"subkey is not '<model id>@<peer id>[owner:<rsa key>]': {subkey!r:.80}")
-    model_id, peer_subkey = subkey.split(b"@", 1)
-    peer_id, public_key = parse_peer_subkey(peer_subkey)
-    return validate_model_id(model_id.decode("ascii", errors="replace")), peer_id, public_key
+# the models key, its subkeys and the envelope of its records: kind, key, tag, version, name field, name check
+MODELS = Listing("model", MODELS_KEY, MODEL_RECORD_TAG, MODEL_SCHEMA_VERSION, "m", validate_model_id)
+models_key_id = MODELS.key_id
+model_subkey = MODELS.subkey  # model_subkey(model_id, peer_subkey) -> b"{model_id}@{peer_subkey}"
+parse_model_subkey = MODELS.parse_subkey  # -> (model id, peer id, RSA public key of the owner)
+is_model_record = MODELS.is_record
+model_record_version = MODELS.record_version  # the version of a record of any version; checks the envelope
 
 
 def model_to_dht_value(info: ModelInfo) -> dict[str, Any]:
@@ -117,36 +102,13 @@ def model_to_dht_value(info: ModelInfo) -> dict[str, Any]:
     return value
 
 
-def is_model_record(value: Any) -> bool:
-    """Whether a DHT value claims to be a model record (has its tag)."""
-    return isinstance(value, dict) and value.get("t") == MODEL_RECORD_TAG
-
-
-def model_record_version(value: Any) -> int:
-    """The schema version of a tagged model record of any version, after checking its envelope.
-
-    Raises ``ValidationError`` if ``value`` is not a model record, or its version or model id is malformed.
-    """
-    if not is_model_record(value):
-        raise ValidationError(f"not a model record (no {MODEL_RECORD_TAG!r} tag)")
-    version = value.get("v")
-    if type(version) is not int or version < 1:
-        raise ValidationError(f"schema version must be a positive int, got {version!r}")
-    validate_model_id(value.get("m"))
-    return version
-
-
 def model_from_dht_value(value: Any) -> ModelInfo:
     """Parse a wire record made by ``model_to_dht_value``; unknown fields are ignored.
 
     Raises ``ValidationError`` if the value is not a model record, has another schema version, or has
     malformed fields.
     """
-    version = model_record_version(value)
-    if version != MODEL_SCHEMA_VERSION:
-        raise ValidationError(
-            f"unsupported model record version {version} (this peer reads {MODEL_SCHEMA_VERSION})"
-        )
+    MODELS.check_version(value)
     try:
         return ModelInfo(model_id=value["m"], num_blocks=value.get("nb"), name=value.get("n", ""))
     except PydanticValidationError as e:

@@ -45,6 +45,7 @@ __all__ = [
     "MAX_RATE",
     "MAX_RECORD_TTL",
     "MAX_VALUE_BYTES",
+    "PRINTABLE",
     "RECORD_TAG",
     "SCHEMA_VERSION",
     "ServerInfo",
@@ -52,6 +53,7 @@ __all__ = [
     "from_dht_value",
     "is_swarm_record",
     "record_key",
+    "record_version",
     "to_dht_value",
 ]
 
@@ -99,8 +101,8 @@ assert not set(_ENVELOPE) & set(_WIRE_NAMES.values()), "wire names must not coll
 _Rate = Annotated[float, Field(ge=0.0, le=MAX_RATE, allow_inf_nan=False, strict=True)]
 _MiB = Annotated[float, Field(ge=0.0, le=MAX_CACHE_MB, allow_inf_nan=False, strict=True)]
 _Seconds = Annotated[float, Field(ge=0.0, le=MAX_PING_SECONDS, allow_inf_nan=False, strict=True)]
-_PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f]*$"  # shown on status pages: no control characters (terminal escapes)
-_ShortStr = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=64, pattern=_PRINTABLE)]
+PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f]*$"  # shown on status pages: no control characters (terminal escapes)
+_ShortStr = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=64, pattern=PRINTABLE)]
 
 
 class ServerState(enum.IntEnum):
@@ -145,7 +147,7 @@ class ServerInfo(BaseModel):
         strict=True,
         min_length=1,
         max_length=32,
-        pattern=_PRINTABLE,
+        pattern=PRINTABLE,
         description="swarm-peer package version of the peer",
     )
     dtype: str = Field(
@@ -153,11 +155,11 @@ class ServerInfo(BaseModel):
         strict=True,
         min_length=1,
         max_length=16,
-        pattern=_PRINTABLE,
+        pattern=PRINTABLE,
         description="torch dtype of the hosted weights",
     )
     public_name: str | None = Field(
-        None, strict=True, max_length=64, pattern=_PRINTABLE, description="name shown on status pages"
+        None, strict=True, max_length=64, pattern=PRINTABLE, description="name shown on status pages"
     )
     next_pings: dict[_ShortStr, _Seconds] = Field(
         default_factory=dict, max_length=64, description="peer id (base58) -> round-trip time in seconds"
@@ -209,16 +211,27 @@ def is_swarm_record(value: Any) -> bool:
     return isinstance(value, dict) and value.get("t") == RECORD_TAG
 
 
+def record_version(value: Any, tag: str, kind: str) -> int:
+    """The schema version of a DHT value that carries the record tag ``tag``, of any version.
+
+    Every kind of swarm record (``kind``: "swarm", "model", "run", for messages) starts with this envelope.
+    Raises ``ValidationError`` if ``value`` lacks the tag or its version is not a positive int.
+    """
+    if not (isinstance(value, dict) and value.get("t") == tag):
+        raise ValidationError(f"not a {kind} record (no {tag!r} tag)")
+    version = value.get("v")
+    if type(version) is not int or version < 1:
+        raise ValidationError(f"schema version must be a positive int, got {version!r}")
+    return version
+
+
 def record_key(value: Any) -> tuple[str, int]:
     """The (model id, block index) a tagged record of any schema version says it belongs to.
 
     Raises ``ValidationError`` if ``value`` is not a swarm record or its envelope is malformed.
     """
-    if not is_swarm_record(value):
-        raise ValidationError("not a swarm record (no 'swarm.server' tag)")
-    version, model_id, block = value.get("v"), value.get("m"), value.get("b")
-    if type(version) is not int or version < 1:
-        raise ValidationError(f"schema version must be a positive int, got {version!r}")
+    record_version(value, RECORD_TAG, "swarm")
+    model_id, block = value.get("m"), value.get("b")
     validate_model_id(model_id)
     if type(block) is not int or not 0 <= block < MAX_BLOCKS:
         raise ValidationError(f"block index must be an int in [0, {MAX_BLOCKS}), got {block!r}")

@@ -6,8 +6,9 @@ the hash of a fixed key name, while our keys are dynamic (``"{model_id}.{block}"
 
 What it accepts and rejects (``validate`` returns False to reject):
 
-- a value that is not a swarm record (no ``"swarm.server"`` or ``"swarm.model"`` tag) outside
-  ``MODELS_KEY``: accepted, other hivemind components (averagers, progress trackers) share the DHT;
+- a value that is not a swarm record (no ``"swarm.server"``, ``"swarm.model"`` or ``"swarm.run"`` tag) outside
+  ``MODELS_KEY`` and ``RUNS_KEY``: accepted, other hivemind components (averagers, progress trackers) share
+  the DHT;
 - a value that does not deserialize: rejected (hivemind would fail on it when returning it from a get);
 - a tagged record that expires more than ``MAX_RECORD_TTL`` seconds from now (by this node's clock): rejected,
   so a record cannot outlive its peer by more than that (honest peers give theirs two announce periods);
@@ -19,7 +20,9 @@ What it accepts and rejects (``validate`` returns False to reject):
   records of a newer schema version are accepted once their envelope checks out (mixed-version swarms);
 - under ``MODELS_KEY``, only model records (``model_record``) in an owned subkey
   ``<model id>@<peer id>[owner:<rsa key>]`` of the same model id, checked the same way; a model record under
-  any other key is rejected.
+  any other key is rejected;
+- under ``RUNS_KEY``, likewise, only training-run records (``run_record``) in an owned subkey
+  ``<run id>@<peer id>[owner:<rsa key>]`` of the same run id; a run record under any other key is rejected.
 
 Ordering with ``RSASignatureValidator``: hivemind's ``CompositeValidator`` sorts validators by ``priority``,
 signs in increasing and validates in decreasing priority, stripping each validator's signature before the
@@ -33,6 +36,8 @@ the subkey, the value and the expiration time.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p import PeerID
@@ -40,14 +45,8 @@ from hivemind.utils import MSGPackSerializer, get_dht_time
 
 from swarm_peer.dht.identity import peer_id_from_public_key
 from swarm_peer.dht.keys import block_key_id, parse_peer_subkey
-from swarm_peer.dht.model_record import (
-    MODEL_SCHEMA_VERSION,
-    is_model_record,
-    model_from_dht_value,
-    model_record_version,
-    models_key_id,
-    parse_model_subkey,
-)
+from swarm_peer.dht.listing import Listing
+from swarm_peer.dht.model_record import MODELS, model_from_dht_value
 from swarm_peer.dht.records import (
     MAX_RECORD_TTL,
     MAX_VALUE_BYTES,
@@ -56,13 +55,19 @@ from swarm_peer.dht.records import (
     is_swarm_record,
     record_key,
 )
+from swarm_peer.dht.run_record import RUNS, run_from_dht_value
 from swarm_peer.errors import ValidationError
 
 __all__ = ["SwarmRecordValidator"]
 
 logger = logging.getLogger(__name__)
 
-_MODELS_KEY_ID = models_key_id()
+
+# per listing: its key and records, its hashed key, the parser of the fields of the version this peer reads
+_LISTINGS = tuple(
+    (listing, listing.key_id(), parse)
+    for listing, parse in ((MODELS, model_from_dht_value), (RUNS, run_from_dht_value))
+)
 
 
 class SwarmRecordValidator(RecordValidatorBase):
@@ -79,13 +84,16 @@ class SwarmRecordValidator(RecordValidatorBase):
         except Exception as e:  # msgpack raises several unrelated types on garbage
             logger.debug("Rejected a value that does not deserialize (%s: %s)", type(e).__name__, e)
             return False
-        is_model_entry = record.key == _MODELS_KEY_ID or is_model_record(value)
-        if not (is_model_entry or is_swarm_record(value)):
+        # a listing's key holds nothing but its records, and its records go nowhere else
+        listing = next(
+            (entry for entry in _LISTINGS if record.key == entry[1] or entry[0].is_record(value)), None
+        )
+        if listing is None and not is_swarm_record(value):
             return True
         try:
             _check_expiration(record)
-            if is_model_entry:
-                self._check_model(record, value)
+            if listing is not None:
+                self._check_listed(record, value, *listing)
             else:
                 self._check(record, value)
         except ValidationError as e:
@@ -106,19 +114,24 @@ class SwarmRecordValidator(RecordValidatorBase):
             from_dht_value(value)
 
     @staticmethod
-    def _check_model(record: DHTRecord, value: object) -> None:
-        """Raise ``ValidationError`` unless ``value`` is a model record under ``MODELS_KEY``, owned as above."""
+    def _check_listed(
+        record: DHTRecord, value: Any, listing: Listing, key_id: bytes, parse: Callable[[Any], object]
+    ) -> None:
+        """Raise ``ValidationError`` unless ``value`` is a record of ``listing`` under its key, owned as above;
+        ``parse`` checks the fields of a record of the version this peer reads."""
         if len(record.value) > MAX_VALUE_BYTES:
             raise ValidationError(f"record is {len(record.value)} bytes, over the cap of {MAX_VALUE_BYTES}")
-        if record.key != _MODELS_KEY_ID:
-            raise ValidationError("model record stored under another key")
-        version = model_record_version(value)  # also: the models key holds nothing but model records
-        model_id, peer_id, public_key = parse_model_subkey(_subkey(record))
+        if record.key != key_id:
+            raise ValidationError(f"{listing.kind} record stored under another key")
+        version = listing.record_version(value)  # also: the listing's key holds nothing but its records
+        name, peer_id, public_key = listing.parse_subkey(_subkey(record))
         _check_owner(peer_id, public_key)
-        if model_id != value["m"]:
-            raise ValidationError(f"record for model {value['m']} is stored in the subkey of {model_id}")
-        if version == MODEL_SCHEMA_VERSION:
-            model_from_dht_value(value)
+        if name != value[listing.name_field]:
+            raise ValidationError(
+                f"record for {listing.kind} {value[listing.name_field]} is stored in the subkey of {name}"
+            )
+        if version == listing.version:
+            parse(value)
 
     def merge_with(self, other: RecordValidatorBase) -> bool:
         # stateless: a second instance adds nothing
