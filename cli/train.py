@@ -13,6 +13,7 @@ has one.
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import click
@@ -21,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from swarm_peer.client.diloco import DiLoCoTrainer, latest_checkpoint
 from swarm_peer.client.text_data import TokenStream
+from swarm_peer.dht import RunInfo
 from swarm_peer.models import DEMO_MODEL, resolve_checkpoint
 from swarm_peer.settings import TrainSettings
 
@@ -43,7 +45,7 @@ def load_model(path: Path, run_id: str):
 def run_train(settings: TrainSettings) -> None:
     from tqdm.auto import tqdm
 
-    from swarm_peer.dht import create_dht
+    from swarm_peer.dht import RunAnnouncer, create_dht
 
     path = resolve_checkpoint(DEMO_MODEL).path if settings.model == DEMO_MODEL else Path(settings.model)
     if not (path / "config.json").is_file():
@@ -58,6 +60,10 @@ def run_train(settings: TrainSettings) -> None:
 
     dht = create_dht(**settings.network.model_dump())
     trainer = DiLoCoTrainer(model, stream, settings, dht)
+    announcer = RunAnnouncer(
+        dht, lambda: _run_info(trainer, settings.model if settings.model == DEMO_MODEL else path.name)
+    )
+    announcer.start()
     try:
         if resume is not None:
             trainer.restore(resume)
@@ -71,6 +77,7 @@ def run_train(settings: TrainSettings) -> None:
                 bar.update()
                 if record.peers is not None:
                     rounds += 1
+                    announcer.update()
                     bar.set_postfix(loss=f"{record.loss:.4f}", peers=record.peers)
                     if settings.checkpoint_dir:
                         trainer.save(settings.checkpoint_dir, tokenizer)
@@ -80,5 +87,21 @@ def run_train(settings: TrainSettings) -> None:
         where = f"; global weights in {settings.checkpoint_dir}" if settings.checkpoint_dir else ""
         click.echo(f"Trained to step {trainer.step} ({rounds} rounds), last loss {last:.4f}{where}")
     finally:
+        announcer.stop()
         trainer.shutdown()
         dht.shutdown()
+
+
+def _run_info(trainer: DiLoCoTrainer, model_name: str) -> RunInfo:
+    """What ``swarm-peer status`` shows of this volunteer."""
+    history, settings = trainer.history, trainer.settings
+    last_round = next((record.peers for record in reversed(history) if record.peers is not None), 1)
+    return RunInfo(
+        run_id=settings.run_id,
+        model_name=model_name[:64] or "model",
+        step=trainer.step,
+        loss=history[-1].loss if history and math.isfinite(history[-1].loss) else None,
+        peers=last_round,
+        inner_steps=settings.inner_steps,
+        aggregator=settings.aggregator,
+    )

@@ -192,7 +192,9 @@ class TrainSettings(_Settings):
         ge=1,
         description="stop at the run's step N, a multiple of --inner-steps (a round's end); default: never",
     )
-    min_peers: int = Field(1, ge=1, description="peers a round waits for (up to --averaging-timeout)")
+    min_peers: int = Field(
+        2, ge=1, description="group size a round waits for (up to --averaging-timeout); 1 = train alone"
+    )
     max_peers: int = Field(64, ge=2, description="largest averaging group")
     averaging_timeout: float = Field(
         60.0,
