@@ -155,7 +155,9 @@ class DiLoCoTrainer:
             raise ValidationError(f"{len(tensors)} tensors, where {n} or {len(expected)} were due")
         for tensor, shape in zip(tensors, expected, strict=False):
             if tensor.shape != shape or not tensor.is_floating_point() or not torch.isfinite(tensor).all():
-                raise ValidationError(f"a state tensor of shape {tuple(tensor.shape)} where {tuple(shape)} was due")
+                raise ValidationError(
+                    f"a state tensor of shape {tuple(tensor.shape)} where {tuple(shape)} was due"
+                )
         if step <= self.step:
             return  # not ahead of us
         with self._lock, torch.no_grad():
@@ -183,7 +185,9 @@ class DiLoCoTrainer:
         at step s takes ``until - s`` of them), or forever."""
         settings = self.settings
         while until is None or self.step < until:
-            batch_BT = self.stream.batch(settings.batch_size, settings.seq_len, self.generator).to(settings.device)
+            batch_BT = self.stream.batch(settings.batch_size, settings.seq_len, self.generator).to(
+                settings.device
+            )
             loss = self.model(input_ids=batch_BT, labels=batch_BT).loss
             if not torch.isfinite(loss):
                 raise ValidationError(f"the loss became {loss.item()} at step {self.step + 1}")
@@ -216,7 +220,9 @@ class DiLoCoTrainer:
 
     def _outer_step(self) -> int:
         with torch.no_grad():
-            deltas = [g - p.detach().cpu().float() for g, p in zip(self.global_params, self.params, strict=True)]
+            deltas = [
+                g - p.detach().cpu().float() for g, p in zip(self.global_params, self.params, strict=True)
+            ]
         averaged, peers = self._average(deltas)
         with self._lock, torch.no_grad():
             for g, delta in zip(self.global_params, averaged, strict=True):

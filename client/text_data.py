@@ -24,7 +24,9 @@ __all__ = ["TokenStream"]
 class TokenStream:
     def __init__(self, tokens: torch.Tensor):
         if tokens.ndim != 1 or tokens.dtype != torch.long:
-            raise ValidationError(f"a token stream is a 1-D long tensor, got {tokens.dtype} {tuple(tokens.shape)}")
+            raise ValidationError(
+                f"a token stream is a 1-D long tensor, got {tokens.dtype} {tuple(tokens.shape)}"
+            )
         self.tokens = tokens
 
     @classmethod

@@ -33,7 +33,7 @@ def _inputs(N: int, f: int, seed: int, attack: str = "signflip", D: int = 500) -
 
 CASES = [
     (N, f, seed, attack)
-    for N, f in ((5, 1), (8, 2), (16, 3))
+    for N, f in ((5, 1), (8, 2), (16, 3), (40, 9))  # 40: past the sorting network, torch.sort
     for seed in (0, 1)
     for attack in ("signflip", "dir")
 ]
