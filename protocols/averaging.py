@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -103,7 +104,7 @@ class RobustAverager(DecentralizedAverager):
     ):
         aggregators.make(
             aggregator, byzantine=byzantine, tau=tau
-        )  # refuse an unknown rule here, not in the child
+        )  # an unknown rule fails here, not in the child
         self.aggregator, self.byzantine, self.tau = aggregator, byzantine, tau
         self._banned: set[PeerID] = set()  # in the averager's process: peers left out of every later round
         super().__init__(
@@ -117,11 +118,16 @@ class RobustAverager(DecentralizedAverager):
             **kwargs,
         )
         if start:
-            self.run_in_background(await_ready=True)
+            # hivemind ignores SIGINT in the calling process too (for the child it forks): keep Ctrl-C working here
+            handler = signal.getsignal(signal.SIGINT)
+            try:
+                self.run_in_background(await_ready=True)
+            finally:
+                signal.signal(signal.SIGINT, handler)
 
     def run(self) -> None:  # in the averager's process
-        # reductions run in threads, a few at once, next to the trainer's own compute: one torch thread each
-        # (more only oversubscribe the cores: a 10M-value round of 8 peers went from 1.45x to 1.2x hivemind's time)
+        # reductions run in threads, a few at once, next to the caller's own compute: one torch thread each (more
+        # only oversubscribe the cores: a 10M-value round of 8 peers went from 1.45x to 1.2x hivemind's time)
         torch.set_num_threads(1)
         parent = self._parent_pid
         threading.Thread(
@@ -134,7 +140,7 @@ class RobustAverager(DecentralizedAverager):
     def average(self, timeout: float, gather: object = None) -> AveragingRound | None:
         """Runs one round: finds a group (within ``timeout`` seconds) and averages the tensors in place with it.
         ``gather``: a small msgpack-able value every member receives. None when no group formed or the round
-        failed (the tensors are then unchanged)."""
+        failed: the tensors may then hold part of a result, so use your own values instead."""
         try:
             gathered = self.step(gather=gather, timeout=timeout, allow_retries=False)
         except Exception as e:  # hivemind raises what failed: matchmaking, all-reduce, timeouts

@@ -6,7 +6,6 @@ Every process is a real ``swarm-peer`` command; every wait is bounded.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -17,6 +16,7 @@ import pytest
 from swarm_peer.cli.local_swarm import LocalSwarm, SwarmProcess
 
 from .conftest import run_cli
+from .processes import alive, cmdline, descendants
 
 NOBODY = (
     "/ip4/127.0.0.1/tcp/1/p2p/QmXoypizjW3WknFiJnKLwHCnL72vedxjQkDDP1mXWo6uco"  # nothing listens on port 1
@@ -85,59 +85,16 @@ def test_second_node_on_a_port_or_with_an_identity_fails(tmp_path, tiny_checkpoi
         assert swarm.processes[0].process.poll() is None, "the first node died"
 
 
-def _children(pid: int) -> set[int]:
-    """Live children of ``pid``, from /proc."""
-    children = set()
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid and fields[0] != b"Z":
-            children.add(int(entry))
-    return children
-
-
-def _descendants(pid: int) -> set[int]:
-    found, todo = set(), [pid]
-    while todo:
-        for child in _children(todo.pop()):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def _alive(pids: set[int]) -> set[int]:
-    alive = set()
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                if f.read().rsplit(b")", 1)[1].split()[0] != b"Z":  # a zombie has exited
-                    alive.add(pid)
-        except OSError:
-            pass
-    return alive
-
-
 def _kill_9_leaves_nothing(proc: SwarmProcess) -> None:
-    descendants = _descendants(proc.process.pid)
-    assert any(_cmdline(pid).endswith("p2pd") for pid in descendants), [_cmdline(p) for p in descendants]
+    family = descendants(proc.process.pid)
+    assert any(cmdline(pid).endswith("p2pd") for pid in family), [cmdline(p) for p in family]
     proc.process.send_signal(signal.SIGKILL)  # the process alone, as the OOM killer or `kill -9 PID` does
     proc.process.wait(10)
     deadline = time.monotonic() + GONE_WITHIN
-    while _alive(descendants) and time.monotonic() < deadline:
+    while alive(family) and time.monotonic() < deadline:
         time.sleep(0.2)
-    left = {pid: _cmdline(pid) for pid in _alive(descendants)}
+    left = {pid: cmdline(pid) for pid in alive(family)}
     assert not left, f"still running after kill -9 of their parent: {left}"
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().split(b"\0")[0].decode()
-    except OSError:
-        return ""
 
 
 @pytest.mark.timeout(240)

@@ -23,6 +23,7 @@ from swarm_peer.dht import create_dht
 from swarm_peer.dht.node import visible_maddrs
 
 from .conftest import SMALL_CONFIG
+from .processes import alive, cmdline, descendants
 
 SEQ_LEN, BATCH = 32, 8
 
@@ -206,8 +207,13 @@ def test_a_killed_volunteer_restarts_takes_the_state_and_the_run_goes_on(workdir
         while not (victim / "trainer_state.pt").exists():  # its first round is done and saved
             assert time.monotonic() < deadline, "no round finished"
             time.sleep(0.2)
+        family = descendants(processes[3].pid)  # its DHT, p2p daemon and averager: gone with it
         os.kill(processes[3].pid, signal.SIGKILL)
         processes[3].wait()
+        deadline = time.monotonic() + 10
+        while alive(family) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive(family), [cmdline(pid) for pid in alive(family)]
         restarted = _trainer(workdir, bootstrap, 3, "killed", *args)
         for p in [*processes[:3], restarted]:
             _, err = p.communicate(timeout=300)
@@ -220,3 +226,24 @@ def test_a_killed_volunteer_restarts_takes_the_state_and_the_run_goes_on(workdir
     assert "Took the run's state" in err, err[-2000:]
     checkpoints = [workdir / "killed" / f"peer{i}" for i in range(4)]
     assert _identical(checkpoints), "the restarted volunteer does not hold the run's weights"
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_stops_a_volunteer_and_everything_it_started(workdir, bootstrap):
+    trainer = _trainer(workdir, bootstrap, 0, "interrupted", "--inner-steps", "5", "--min-peers", "1")
+    try:
+        deadline = time.monotonic() + 60
+        while not (workdir / "interrupted" / "peer0" / "trainer_state.pt").exists():
+            assert time.monotonic() < deadline and trainer.poll() is None, trainer.communicate()[1][-3000:]
+            time.sleep(0.2)
+        family = descendants(trainer.pid)
+        trainer.send_signal(signal.SIGINT)
+        trainer.communicate(timeout=30)
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+            trainer.wait()
+    deadline = time.monotonic() + 10
+    while alive(family) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive(family), [cmdline(pid) for pid in alive(family)]

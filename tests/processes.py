@@ -1,0 +1,49 @@
+"""Processes started by tests, seen from /proc: their descendants, and which are still alive."""
+
+from __future__ import annotations
+
+import os
+
+
+def _children(pid: int) -> set[int]:
+    """Live children of ``pid``, from /proc."""
+    children = set()
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and fields[0] != b"Z":
+            children.add(int(entry))
+    return children
+
+
+def descendants(pid: int) -> set[int]:
+    """Live children of ``pid``, theirs, and so on."""
+    found, todo = set(), [pid]
+    while todo:
+        for child in _children(todo.pop()):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    living = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] != b"Z":  # a zombie has exited
+                    living.add(pid)
+        except OSError:
+            pass
+    return living
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")[0].decode()
+    except OSError:
+        return ""
