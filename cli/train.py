@@ -64,6 +64,7 @@ def run_train(settings: TrainSettings) -> None:
         dht, lambda: _run_info(trainer, settings.model if settings.model == DEMO_MODEL else path.name)
     )
     announcer.start()
+    finished = False
     try:
         if resume is not None:
             trainer.restore(resume)
@@ -86,8 +87,11 @@ def run_train(settings: TrainSettings) -> None:
         last = trainer.history[-1].loss if trainer.history else float("nan")
         where = f"; global weights in {settings.checkpoint_dir}" if settings.checkpoint_dir else ""
         click.echo(f"Trained to step {trainer.step} ({rounds} rounds), last loss {last:.4f}{where}")
+        finished = True
     finally:
-        announcer.stop()
+        # interrupted (Ctrl-C, an error): leave at once; the DHT may be slow to store a last record (it tries
+        # every peer it knows, dead ones included), and the record lapses by itself
+        announcer.stop(final=finished, timeout=None if finished else 1.0)
         trainer.shutdown()
         dht.shutdown()
 

@@ -34,6 +34,11 @@ round and says who took part::
     with averager.get_tensors() as (averaged,):
         use(averaged)
 
+Groups smaller than the swarm mix it Moshpit-style (Ryabinin et al., "Moshpit SGD", NeurIPS 2021) through
+hivemind's group keys: with ``target_group_size=G`` and ``initial_group_bits`` naming a row of a grid (log2 G bits),
+members of one row average together, then each moves to a new coordinate drawn from the group's id, so that the
+next round mixes across rows: d rounds of groups of G give the exact mean of a full G^d grid.
+
 A result owner can still lie about its part (the same lie to everyone); catching it is verification's job.
 """
 
