@@ -247,3 +247,32 @@ def test_ctrl_c_stops_a_volunteer_and_everything_it_started(workdir, bootstrap):
     while alive(family) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not alive(family), [cmdline(pid) for pid in alive(family)]
+
+
+@pytest.mark.timeout(300)
+def test_inner_steps_1_is_synchronous_data_parallel_with_the_global_batch(workdir, bootstrap):
+    steps = 10
+    checkpoints = _run(
+        workdir, bootstrap, "sync", {}, 2, "--inner-steps", "1", "--min-peers", "2", "--aggregator", "mean",
+        "--steps", str(steps),
+    )  # fmt: skip
+    assert _identical(checkpoints)
+    assert [r["peers"] for r in _log(checkpoints[0])] == [2] * steps
+
+    # the oracle: one process, AdamW on the mean loss of both volunteers' batches (the same token counts)
+    from swarm_peer.cli.train import load_model
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(workdir / "tiny")
+    model = load_model(workdir / "tiny", "sync").train()
+    streams = [TokenStream.from_file(workdir / f"shard{i}.txt", tokenizer) for i in range(2)]
+    generators = [torch.Generator().manual_seed(i) for i in range(2)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    for _ in range(steps):
+        batch = torch.cat([s.batch(BATCH, SEQ_LEN, g) for s, g in zip(streams, generators, strict=True)])
+        optimizer.zero_grad()
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+    swarm = _weights(checkpoints[0])
+    for name, tensor in model.state_dict().items():
+        if name in swarm:
+            torch.testing.assert_close(swarm[name], tensor, atol=1e-4, rtol=0)
