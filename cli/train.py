@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import signal
 from pathlib import Path
 
 import click
@@ -42,8 +43,17 @@ def load_model(path: Path, run_id: str):
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run_train(settings: TrainSettings) -> None:
     from tqdm.auto import tqdm
+
+    # Ctrl-C and SIGTERM stop the volunteer, as they stop `join` and `dht`, even when it was started with SIGINT
+    # ignored (as shells start background jobs: Python would then keep ignoring it)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
 
     from swarm_peer.dht import RunAnnouncer, create_dht
 

@@ -67,13 +67,19 @@ def bootstrap():
     node.shutdown()
 
 
-def _trainer(workdir: Path, bootstrap: str, i: int, run_id: str, *args: str) -> subprocess.Popen:
+def _trainer(
+    workdir: Path, bootstrap: str, i: int, run_id: str, *args: str, background: bool = False
+) -> subprocess.Popen:
+    """Volunteer ``i`` of ``run_id``; ``background``: started with SIGINT ignored, as a shell starts a job with
+    ``&``."""
     command = [
         sys.executable, "-m", "swarm_peer.cli.main", "train", str(workdir / "tiny"),
         "--data", str(workdir / f"shard{i % 4}.txt"), "--run-id", run_id, "--initial-peers", bootstrap,
         "--batch-size", str(BATCH), "--seq-len", str(SEQ_LEN), "--lr", "3e-3", "--seed", str(i),
         "--checkpoint-dir", str(workdir / run_id / f"peer{i}"), *args,
     ]  # fmt: skip
+    if background:
+        command = ["bash", "-c", "trap '' INT; exec \"$@\"", "bash", *command]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
@@ -228,17 +234,32 @@ def test_a_killed_volunteer_restarts_takes_the_state_and_the_run_goes_on(workdir
     assert _identical(checkpoints), "the restarted volunteer does not hold the run's weights"
 
 
+def _signal_masks(pid: int) -> dict[str, str]:
+    """The blocked, ignored and caught signal masks of a process (SIGINT is bit 2: 0x2)."""
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {
+        k: v.strip() for k, v in (line.split(":", 1) for line in lines) if k in ("SigBlk", "SigIgn", "SigCgt")
+    }
+
+
 @pytest.mark.timeout(120)
 def test_ctrl_c_stops_a_volunteer_and_everything_it_started(workdir, bootstrap):
-    trainer = _trainer(workdir, bootstrap, 0, "interrupted", "--inner-steps", "5", "--min-peers", "1")
+    # started as a background job (SIGINT ignored): Ctrl-C must still stop it, as it stops `join` and `dht`
+    trainer = _trainer(
+        workdir, bootstrap, 0, "interrupted", "--inner-steps", "5", "--min-peers", "1", background=True
+    )
     try:
         deadline = time.monotonic() + 60
         while not (workdir / "interrupted" / "peer0" / "trainer_state.pt").exists():
             assert time.monotonic() < deadline and trainer.poll() is None, trainer.communicate()[1][-3000:]
             time.sleep(0.2)
         family = descendants(trainer.pid)
+        masks = _signal_masks(trainer.pid)
         trainer.send_signal(signal.SIGINT)
-        trainer.communicate(timeout=30)
+        try:
+            trainer.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"SIGINT did not stop the volunteer; its signal masks: {masks}") from None
     finally:
         if trainer.poll() is None:
             trainer.kill()
