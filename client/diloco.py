@@ -206,6 +206,8 @@ class DiLoCoTrainer:
                 self.step += 1
                 if self.step % settings.inner_steps == 0:
                     peers = self._outer_step()
+                    if peers == 1 and settings.min_peers > 1:
+                        self.join(timeout=10)  # missed the others' round: take their state if they are ahead
             record = StepRecord(self.step, loss.item(), peers)
             self.history.append(record)
             yield record
@@ -241,6 +243,8 @@ class DiLoCoTrainer:
         with self.averager.get_tensors() as buffers:
             for buffer, tensor in zip(buffers, sent, strict=True):
                 buffer.copy_(tensor)
+        # a round's group key carries its number: volunteers in different rounds never average together
+        self.averager.set_group_bits(format(self.step // self.settings.inner_steps % 256, "08b"))
         result = self.averager.average(timeout=self.settings.averaging_timeout, gather=self.step)
         if result is None:
             return update, 1

@@ -199,7 +199,10 @@ def test_a_sender_of_nan_is_left_out_and_the_honest_volunteers_agree(workdir, bo
     assert _identical(honest)
     assert all(torch.isfinite(w).all() for w in _weights(honest[0]).values())
     groups = [r["peers"] for r in _log(honest[0]) if r["peers"] is not None]
-    assert groups[0] == 5 and all(size == 4 for size in groups[1:]), groups  # banned after the first round
+    # the sender of NaN takes part in at most one round (if it made it in time): then it is banned
+    after = groups[groups.index(5) + 1 :] if 5 in groups else groups
+    assert groups.count(5) <= 1 and all(size == 4 for size in after), groups
+    assert all(size in (4, 5) for size in groups), groups
 
 
 @pytest.mark.timeout(400)
