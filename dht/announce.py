@@ -25,6 +25,7 @@ A volunteer of a training run is listed the same way, under ``RUNS_KEY`` (``run_
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 import math
@@ -174,7 +175,7 @@ def _spans(blocks: Sequence[int]) -> str:
     return ",".join(f"{start}:{end}" for start, end in block_ranges(blocks))
 
 
-class _PeriodicAnnouncer(threading.Thread, Generic[Info]):
+class _PeriodicAnnouncer(threading.Thread, Generic[Info], metaclass=abc.ABCMeta):
     """A daemon thread that declares ``info_fn()`` every ``period`` seconds (and at once after ``update()``), with
     an expiration of ``2 * period`` from now, and a final record when stopped.
 
@@ -270,8 +271,9 @@ class _PeriodicAnnouncer(threading.Thread, Generic[Info]):
         # even a failed store may have reached some replicas: the next record must expire later
         self._last_info, self._last_expiration = info, expiration_time
 
+    @abc.abstractmethod
     def _declare(self, info: Info, expiration_time: float) -> None:
-        raise NotImplementedError
+        """Store ``info`` in the DHT, expiring at ``expiration_time`` (raises on failure)."""
 
 
 class Announcer(_PeriodicAnnouncer[ServerInfo]):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 
@@ -32,12 +33,9 @@ def descendants(pid: int) -> set[int]:
 def alive(pids: set[int]) -> set[int]:
     living = set()
     for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                if f.read().rsplit(b")", 1)[1].split()[0] != b"Z":  # a zombie has exited
-                    living.add(pid)
-        except OSError:
-            pass
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/stat", "rb") as f:  # no such file: it exited
+            if f.read().rsplit(b")", 1)[1].split()[0] != b"Z":  # a zombie has exited too
+                living.add(pid)
     return living
 
 

@@ -125,6 +125,24 @@ def _log(checkpoint: Path) -> list[dict]:
     return [json.loads(line) for line in (checkpoint / "train_log.jsonl").read_text().splitlines()]
 
 
+def _one_process(workdir: Path, run_id: str, volunteers: int, steps: int):
+    """The oracle: one process training the run's initial model with AdamW for ``steps`` steps, each on the
+    batches every volunteer of the run draws (its shard, its seed), concatenated. The model and its tokenizer."""
+    from swarm_peer.cli.train import load_model
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(workdir / "tiny")
+    model = load_model(workdir / "tiny", run_id).train()
+    streams = [TokenStream.from_file(workdir / f"shard{i}.txt", tokenizer) for i in range(volunteers)]
+    generators = [torch.Generator().manual_seed(i) for i in range(volunteers)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    for _ in range(steps):
+        batch = torch.cat([s.batch(BATCH, SEQ_LEN, g) for s, g in zip(streams, generators, strict=True)])
+        optimizer.zero_grad()
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+    return model, tokenizer
+
+
 STEPS = 120
 
 
@@ -140,18 +158,7 @@ def test_four_volunteers_with_diloco_match_one_process_on_the_same_tokens(workdi
     swarm_loss = _heldout_loss(workdir, checkpoints[0])
 
     # the oracle: one process, AdamW, the same number of steps on 4x the batch drawn from all four shards
-    from swarm_peer.cli.train import load_model
-
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(workdir / "tiny")
-    model = load_model(workdir / "tiny", "diloco").train()
-    streams = [TokenStream.from_file(workdir / f"shard{i}.txt", tokenizer) for i in range(4)]
-    generators = [torch.Generator().manual_seed(i) for i in range(4)]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
-    for _ in range(STEPS):
-        batch = torch.cat([s.batch(BATCH, SEQ_LEN, g) for s, g in zip(streams, generators, strict=True)])
-        optimizer.zero_grad()
-        model(input_ids=batch, labels=batch).loss.backward()
-        optimizer.step()
+    model, tokenizer = _one_process(workdir, "diloco", volunteers=4, steps=STEPS)
     local = workdir / "local"
     model.save_pretrained(local)
     tokenizer.save_pretrained(local)
@@ -284,18 +291,7 @@ def test_inner_steps_1_is_synchronous_data_parallel_with_the_global_batch(workdi
     assert [r["peers"] for r in _log(checkpoints[0])] == [2] * steps
 
     # the oracle: one process, AdamW on the mean loss of both volunteers' batches (the same token counts)
-    from swarm_peer.cli.train import load_model
-
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(workdir / "tiny")
-    model = load_model(workdir / "tiny", "sync").train()
-    streams = [TokenStream.from_file(workdir / f"shard{i}.txt", tokenizer) for i in range(2)]
-    generators = [torch.Generator().manual_seed(i) for i in range(2)]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
-    for _ in range(steps):
-        batch = torch.cat([s.batch(BATCH, SEQ_LEN, g) for s, g in zip(streams, generators, strict=True)])
-        optimizer.zero_grad()
-        model(input_ids=batch, labels=batch).loss.backward()
-        optimizer.step()
+    model, _ = _one_process(workdir, "sync", volunteers=2, steps=steps)
     swarm = _weights(checkpoints[0])
     for name, tensor in model.state_dict().items():
         if name in swarm:
