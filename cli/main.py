@@ -386,7 +386,7 @@ _POSITIVE = click.FloatRange(min=0, min_open=True)
 _TRAIN_FIELDS = (
     "run_id", "inner_steps", "aggregator", "byzantine", "tau", "batch_size", "seq_len", "lr", "weight_decay",
     "outer_lr", "outer_momentum", "steps", "min_peers", "max_peers", "averaging_timeout", "compression",
-    "checkpoint_dir", "device", "seed", "attack",
+    "checkpoint_dir", "device", "seed", "verify", "verify_rate", "attack",
 )  # fmt: skip
 
 
@@ -419,7 +419,9 @@ _TRAIN_FIELDS = (
 @_train_option("checkpoint_dir", type=click.Path(file_okay=False))
 @_train_option("device", type=str)
 @_train_option("seed", type=int)
-@_train_option("attack", type=click.Choice(["none", "scale", "nan"]), hidden=True)
+@_train_option("verify", type=bool, is_flag=True)
+@_train_option("verify_rate", type=click.FloatRange(min=0, max=1, min_open=True))
+@_train_option("attack", type=click.Choice(["none", "scale", "nan", "owner"]), hidden=True)
 @_network_options
 def train(model, data, **kwargs):
     """Train MODEL together with the other volunteers of a run: DiLoCo over robust averaging."""

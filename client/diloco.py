@@ -26,7 +26,9 @@ first downloads the run's state (θ, the outer optimizer's momentum, the step) f
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import hashlib
 import json
 import logging
 import shutil
@@ -40,8 +42,12 @@ from hivemind.compression import Float16Compression, NoCompression, Uniform8BitQ
 from torch import nn
 
 from swarm_peer.client.text_data import TokenStream
+from swarm_peer.dht.identity import public_key_bytes
+from swarm_peer.dht.node import local_identity
 from swarm_peer.errors import ValidationError
 from swarm_peer.protocols.averaging import RobustAverager
+from swarm_peer.protocols.board import peers_of, run_round
+from swarm_peer.protocols.verification import MemberRound, without_banned_owners
 from swarm_peer.settings import TrainSettings
 
 __all__ = ["TRAINER_STATE", "TRAIN_LOG", "DiLoCoTrainer", "StepRecord", "latest_checkpoint"]
@@ -94,14 +100,23 @@ class DiLoCoTrainer:
         self.history: list[StepRecord] = []  # every local step's record, saved with the checkpoints
         self.generator = torch.Generator().manual_seed(settings.seed)
         self._lock = threading.Lock()  # the state, against the state download (another thread)
+        self.dht, self.prefix = dht, f"swarm-train-{settings.run_id}"
+        if settings.verify:  # members replay each other's batches: only volunteers on the same text average
+            self.prefix += "-" + hashlib.sha256(stream.tokens.numpy().tobytes()).hexdigest()[:12]
+        self.key = local_identity(dht) if settings.verify else None
+        self.banned: dict[str, str] = {}  # peer id -> why (verified rounds)
+        self._replica: nn.Module | None = None  # recomputes other members' updates (verified rounds)
+        self._round = 0  # the number of the round under way (verified rounds)
         self.averager = _RunAverager(
-            [torch.zeros_like(p) for p in self.global_params],
+            [torch.zeros(sum(p.numel() for p in self.params))],  # the update, flat
             dht,
             trainer=self,
-            prefix=f"swarm-train-{settings.run_id}",
+            prefix=self.prefix,
             aggregator=settings.aggregator,
             byzantine=settings.byzantine,
             tau=settings.tau,
+            verify_key=self.key,
+            lie=1.0 if settings.attack == "owner" else 0.0,
             min_group_size=settings.min_peers,
             target_group_size=settings.max_peers,
             min_matchmaking_time=2.0,
@@ -185,6 +200,8 @@ class DiLoCoTrainer:
         at step s takes ``until - s`` of them), or forever."""
         settings = self.settings
         while until is None or self.step < until:
+            if self.key is not None and self.step % settings.inner_steps == 0:
+                self._start_verified_round()
             batch_BT = self.stream.batch(settings.batch_size, settings.seq_len, self.generator).to(
                 settings.device
             )
@@ -239,26 +256,101 @@ class DiLoCoTrainer:
     def _average(self, update: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
         """The group's robust average of ``update`` (this volunteer's own update when no group formed in time),
         and the group's size."""
-        sent = self._attacked(update)
-        with self.averager.get_tensors() as buffers:
-            for buffer, tensor in zip(buffers, sent, strict=True):
-                buffer.copy_(tensor)
+        update_D = torch.cat([t.flatten() for t in update])
+        sent_D = self._attacked(update_D)
+        with self.averager.get_tensors() as (buffer_D,):
+            buffer_D.copy_(sent_D)
         # a round's group key carries its number: volunteers in different rounds never average together
         self.averager.set_group_bits(format(self.step // self.settings.inner_steps % 256, "08b"))
-        result = self.averager.average(timeout=self.settings.averaging_timeout, gather=self.step)
+        # with --verify, this member proposes its update's RMS as the clipping radius (the round takes the median)
+        tau = float(update_D.norm()) / max(update_D.numel(), 1) ** 0.5
+        result = self.averager.average(self.settings.averaging_timeout, gather=self.step, tau=tau or 1.0)
         if result is None:
             return update, 1
-        with self.averager.get_tensors() as buffers:
-            return [buffer.clone() for buffer in buffers], len(result.peers)
+        with self.averager.get_tensors() as (buffer_D,):
+            averaged_D = buffer_D.clone()
+        if result.transcript is not None:
+            averaged_D = self._verify(result.transcript, sent_D, averaged_D)
+        averaged, offset = [], 0
+        for t in update:
+            averaged.append(averaged_D[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+        return averaged, len(result.peers)
 
-    def _attacked(self, update: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _attacked(self, update_D: torch.Tensor) -> torch.Tensor:
         """(testing) what a dishonest volunteer sends instead of its update."""
         attack = self.settings.attack
         if attack == "scale":
-            return [1000 * t for t in update]
+            return 1000 * update_D
         if attack == "nan":
-            return [torch.full_like(t, float("nan")) for t in update]
-        return update
+            return torch.full_like(update_D, float("nan"))
+        return update_D
+
+    # ---------------------------------------------------------------- verified rounds (BTARD)
+
+    def _round_seed(self, key: bytes) -> int:
+        """The seed of a member's batches in the current round: its key and the round's number, so that any
+        member can replay them (``_recompute``)."""
+        h = hashlib.sha256(f"{self.settings.run_id}/{self._round}/".encode() + key).digest()
+        return int.from_bytes(h[:8], "big") >> 1
+
+    def _start_verified_round(self) -> None:
+        """A verified round's update must be replayable from the global weights alone: its batches come from the
+        round's seed, and the inner optimizer starts afresh."""
+        self._round = self.step // self.settings.inner_steps
+        self.generator.manual_seed(self._round_seed(public_key_bytes(self.key)))
+        if not self.synchronous:
+            self.inner.state.clear()
+
+    def _recompute(self, key: bytes) -> torch.Tensor:
+        """The update a member with this key should have sent this round: its batches, from the global weights
+        (H inner AdamW steps from a fresh state; with H = 1, the gradient)."""
+        settings = self.settings
+        if self._replica is None:
+            self._replica = copy.deepcopy(self.model)
+        replica = self._replica.train()
+        params = [p for p in replica.parameters() if p.requires_grad]
+        with torch.no_grad():
+            for p, g in zip(params, self.global_params, strict=True):
+                p.copy_(g)
+        generator = torch.Generator().manual_seed(self._round_seed(key))
+        optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        for _ in range(settings.inner_steps):
+            batch_BT = self.stream.batch(settings.batch_size, settings.seq_len, generator).to(settings.device)
+            optimizer.zero_grad(set_to_none=False)
+            replica(input_ids=batch_BT, labels=batch_BT).loss.backward()
+            if self.synchronous:
+                return torch.cat([p.grad.detach().cpu().float().flatten() for p in params])
+            optimizer.step()
+        with torch.no_grad():
+            return torch.cat(
+                [
+                    (g - p.detach().cpu().float()).flatten()
+                    for g, p in zip(self.global_params, params, strict=True)
+                ]
+            )
+
+    def _verify(self, transcript, sent_D: torch.Tensor, averaged_D: torch.Tensor) -> torch.Tensor:
+        """Runs the round's checks with the group (``protocols.board``); bans the peers proven to lie; returns the
+        average without the shares of owners banned in this round (as every honest member keeps it)."""
+        ctx = transcript.ctx
+        member = MemberRound.from_transcript(transcript, self.key, sent_D, averaged_D)
+        verdict = run_round(
+            self.dht,
+            self.prefix,
+            member,
+            rate=self.settings.verify_rate,
+            recompute=lambda m: self._recompute(ctx.keys[m]),
+            timeout=self.settings.averaging_timeout,
+        )
+        verdict.pop(member.me, None)  # a member cannot ban itself; others judge it
+        banned = {peer: why for peer, why in peers_of(ctx.keys, verdict).items() if peer not in self.banned}
+        if banned:
+            for peer, why in banned.items():
+                logger.warning("Banned %s from run %s: %s", peer, self.settings.run_id, why)
+            self.banned.update(banned)
+            self.averager.ban(list(banned))
+        return without_banned_owners(ctx, averaged_D, verdict)
 
     # ---------------------------------------------------------------- checkpoints
 

@@ -45,6 +45,7 @@ from swarm_peer.errors import SwarmError, ValidationError
 __all__ = [
     "DEFAULT_TIMEOUT",
     "create_dht",
+    "local_identity",
     "local_peer_id",
     "local_subkey",
     "run_in_dht",
@@ -65,6 +66,7 @@ class _Signer:
 
     peer_id: PeerID
     owner_marker: bytes  # RSASignatureValidator.local_public_key
+    private_key: RSAPrivateKey  # the identity: signs records and statements (e.g. ``protocols.verification``)
 
 
 _SIGNERS: weakref.WeakKeyDictionary[hivemind.DHT, _Signer] = weakref.WeakKeyDictionary()
@@ -129,6 +131,7 @@ def create_dht(
     signer = _Signer(
         peer_id=peer_id_from_public_key(public_key_bytes(private_key)),
         owner_marker=signature_validator.local_public_key,
+        private_key=private_key,
     )
     await_ready = kwargs.pop("await_ready", True)
     dht = SwarmDHT(
@@ -206,6 +209,11 @@ def _signer(dht: hivemind.DHT) -> _Signer:
 def local_peer_id(dht: hivemind.DHT) -> PeerID:
     """The peer id of a DHT made by ``create_dht``, without a round trip to its process."""
     return _signer(dht).peer_id
+
+
+def local_identity(dht: hivemind.DHT) -> RSAPrivateKey:
+    """The identity key of a DHT made by ``create_dht`` (its public key is the peer id)."""
+    return _signer(dht).private_key
 
 
 def local_subkey(dht: hivemind.DHT) -> bytes:

@@ -46,10 +46,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
+import statistics
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import AsyncIterator  # noqa: UP035 (hivemind reads RPC stream types from typing's alias only)
 
 import torch
@@ -57,14 +60,36 @@ from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner, AveragingMode
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.partition import BannedException, TensorPartReducer
-from hivemind.compression import CompressionInfo, deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.compression import (
+    CompressionInfo,
+    NoCompression,
+    deserialize_torch_tensor,
+    serialize_torch_tensor,
+)
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
-from hivemind.utils import MPFuture
-from hivemind.utils.asyncio import amap_in_executor, as_aiter, azip
+from hivemind.utils import MPFuture, MSGPackSerializer
+from hivemind.utils.asyncio import (
+    aiter_with_timeout,
+    amap_in_executor,
+    as_aiter,
+    attach_event_on_finished,
+    azip,
+)
+from hivemind.utils.crypto import RSAPrivateKey
 
+from swarm_peer.dht.identity import peer_id_from_public_key, public_key_bytes
 from swarm_peer.dht.process import exit_when_orphaned
+from swarm_peer.errors import ValidationError
 from swarm_peer.protocols import aggregators
+from swarm_peer.protocols.verification import (
+    RoundContext,
+    Signed,
+    Transcript,
+    digest,
+    flat_index,
+    receipt_digests,
+)
 
 __all__ = ["AveragingRound", "RobustAverager"]
 
@@ -77,17 +102,30 @@ _MIN_PART_BYTES = 4096
 
 @dataclass(frozen=True)
 class AveragingRound:
-    """One finished round: the group's members (peer ids, base58) and what each gathered along."""
+    """One finished round: the group's members (peer ids, base58), what each gathered along, and, when the
+    averager verifies, this member's transcript of it."""
 
     peers: tuple[str, ...]
     gathered: dict[str, object]
+    transcript: Transcript | None = None
+
+
+@dataclass(frozen=True)
+class _Finished:
+    """What a round returns from the averager's process."""
+
+    gathered: dict
+    transcript: Transcript | None
 
 
 class RobustAverager(DecentralizedAverager):
     """hivemind's ``DecentralizedAverager`` with robust reduction (module docstring). Runs in its own process,
     which ends when the creating process does (even on SIGKILL).
 
-    ``aggregator``, ``byzantine``, ``tau``: the rule (``aggregators.make``). Every other keyword goes to
+    ``aggregator``, ``byzantine``, ``tau``: the rule (``aggregators.make``). ``verify_key``: this peer's identity key;
+    with it, every round is verifiable (``protocols.verification``): each sender's parts come with its signed
+    receipt and each owner's result with the owner's, CenteredClip runs with a radius the group agrees on (the
+    median of what members propose), and ``average`` returns the member's ``Transcript``. Every other keyword goes to
     ``DecentralizedAverager`` (``prefix``, ``min_group_size``, ``target_group_size``, ``min_matchmaking_time``,
     ``compression``, ``part_size_bytes``, ...); the timeouts default to bounded values here (hivemind's are none).
     """
@@ -100,6 +138,8 @@ class RobustAverager(DecentralizedAverager):
         aggregator: str = "centered_clip",
         byzantine: int | None = None,
         tau: float | None = None,
+        verify_key: RSAPrivateKey | None = None,
+        lie: float = 0.0,
         sender_timeout: float = 15.0,
         reducer_timeout: float = 30.0,
         allreduce_timeout: float = 120.0,
@@ -110,7 +150,15 @@ class RobustAverager(DecentralizedAverager):
         aggregators.make(
             aggregator, byzantine=byzantine, tau=tau
         )  # an unknown rule fails here, not in the child
+        if verify_key is not None and aggregator != "centered_clip":
+            raise ValidationError(f"verified averaging runs CenteredClip, not {aggregator!r}")
+        if verify_key is not None and type(kwargs.get("compression", NoCompression())) is not NoCompression:
+            raise ValidationError(
+                "verified averaging sends uncompressed parts (receipts cover the exact bytes)"
+            )
         self.aggregator, self.byzantine, self.tau = aggregator, byzantine, tau
+        self.verify_key = verify_key
+        self._lie = lie  # (testing) what this peer adds, as a dishonest owner, to every result it sends
         self._banned: set[PeerID] = set()  # in the averager's process: peers left out of every later round
         super().__init__(
             averaged_tensors,
@@ -142,18 +190,39 @@ class RobustAverager(DecentralizedAverager):
 
     # ---------------------------------------------------------------- the caller's side
 
-    def average(self, timeout: float, gather: object = None) -> AveragingRound | None:
+    def average(
+        self, timeout: float, gather: object = None, tau: float | None = None
+    ) -> AveragingRound | None:
         """Runs one round: finds a group (within ``timeout`` seconds) and averages the tensors in place with it.
-        ``gather``: a small msgpack-able value every member receives. None when no group formed or the round
-        failed: the tensors may then hold part of a result, so use your own values instead."""
+        ``gather``: a small msgpack-able value every member receives; ``tau``: the clipping radius this member
+        proposes, per coordinate (verified averaging only: the round clips each part at the median of the
+        proposals times the square root of the part's length). None when no group formed
+        or the round failed: the tensors may then hold part of a result, so use your own values instead."""
+        if self.verify_key is not None:
+            gather = [public_key_bytes(self.verify_key), tau, gather]
         try:
-            gathered = self.step(gather=gather, timeout=timeout, allow_retries=False)
+            finished = self.step(gather=gather, timeout=timeout, allow_retries=False)
         except Exception as e:  # hivemind raises what failed: matchmaking, all-reduce, timeouts
             logger.info("No averaging this round: %s", e or type(e).__name__)
             return None
-        if gathered is None:
+        if finished is None:
             return None
-        return AveragingRound(tuple(str(peer) for peer in gathered), {str(p): v for p, v in gathered.items()})
+        gathered = finished.gathered
+        return AveragingRound(
+            tuple(str(peer) for peer in gathered),
+            {str(p): v for p, v in gathered.items()},
+            finished.transcript,
+        )
+
+    def ban(self, peers: Sequence[str]) -> None:
+        """Leaves these peers (base58 ids) out of every later round of this averager."""
+        future = MPFuture()
+        self._outer_pipe.send(("_add_banned", [list(peers)], dict(future=future)))
+        future.result(timeout=10)
+
+    async def _add_banned(self, peers: list[str], future: MPFuture) -> None:
+        self._banned.update(PeerID.from_base58(peer) for peer in peers)
+        future.set_result(None)
 
     def banned_peers(self) -> frozenset[str]:
         """Peers this averager left out for sending malformed or non-finite parts (base58 peer ids)."""
@@ -198,11 +267,16 @@ class RobustAverager(DecentralizedAverager):
         try:
             members = [self._member(data) for data in group_info.gathered]  # the same list on every member
             fractions = tuple(0.0 if mode == AveragingMode.CLIENT else 1.0 for mode, _ in members)
+            verified = None
+            if self.verify_key is not None:
+                verified = _verified_members(group_info, [user for _, user in members])
+                members = [(mode, user[2] if isinstance(user, list) else None) for mode, user in members]
             with self.get_tensors() as local_tensors:  # averaged by this process only: no other writer
-                await self._run_allreduce_inplace_(
-                    local_tensors, group_info, peer_fractions=fractions, **kwargs
+                transcript = await self._run_allreduce_inplace_(
+                    local_tensors, group_info, peer_fractions=fractions, verified=verified, **kwargs
                 )
-            return {peer: user for peer, (_, user) in zip(group_info.peer_ids, members, strict=True)}
+            gathered = {peer: user for peer, (_, user) in zip(group_info.peer_ids, members, strict=True)}
+            return _Finished(gathered, transcript)
         except BaseException as e:
             if isinstance(e, Exception):
                 logger.debug("All-reduce failed", exc_info=True)
@@ -216,7 +290,9 @@ class RobustAverager(DecentralizedAverager):
         except Exception:
             return AveragingMode.CLIENT, None
 
-    async def _run_allreduce_inplace_(self, tensors, group_info: GroupInfo, group_id=None, **kwargs):
+    async def _run_allreduce_inplace_(
+        self, tensors, group_info: GroupInfo, group_id=None, verified=None, **kwargs
+    ) -> Transcript | None:
         group_id = group_info.group_id if group_id is None else group_id
         # hivemind hands each member whole parts: parts small enough for several per member keep shares equal
         total_bytes = sum(t.numel() * t.element_size() for t in tensors)
@@ -226,9 +302,17 @@ class RobustAverager(DecentralizedAverager):
                 max(_MIN_PART_BYTES, total_bytes / (_PARTS_PER_MEMBER * group_info.group_size)),
             )
         )
+        rule = aggregators.make(self.aggregator, byzantine=self.byzantine, tau=self.tau)
+        if verified is not None:  # CenteredClip to its fixed point, with the group's radius (per part)
+            part_values = min(kwargs["part_size_bytes"] // 4, max(t.numel() for t in tensors))
+            verified = (verified[0], verified[1] * math.sqrt(part_values))
+            rule = partial(aggregators.centered_clip, tau=verified[1], iterations=1000)
+        if self._lie:
+            rule = _shifted(rule, self._lie)
         runner = _RobustRunner(
-            rule=aggregators.make(self.aggregator, byzantine=self.byzantine, tau=self.tau),
+            rule=rule,
             banned=self._banned,
+            verified=verified and (self.verify_key, *verified),
             p2p=self._p2p,
             servicer_type=type(self),
             prefix=self.prefix,
@@ -240,6 +324,29 @@ class RobustAverager(DecentralizedAverager):
         self._running_groups[group_id].set_result(runner)
         async for tensor, result in azip(as_aiter(*tensors), runner):
             tensor.copy_(result)  # the owners' results themselves: every member ends with the same values
+        return runner.recorder.transcript() if runner.recorder is not None else None
+
+
+def _shifted(rule, lie: float):
+    return lambda x_ND: rule(x_ND) + lie
+
+
+def _verified_members(group_info: GroupInfo, gathered: list) -> tuple[tuple[bytes, ...], float]:
+    """The members' keys (b"" for a member whose key is not its peer id's: nothing it signs verifies) and the
+    round's clipping radius per coordinate: the median of the radii members propose (finite, positive ones)."""
+    keys, proposals = [], []
+    for peer, user in zip(group_info.peer_ids, gathered, strict=True):
+        key = user[0] if isinstance(user, list) and len(user) == 3 and isinstance(user[0], bytes) else b""
+        try:
+            keys.append(key if peer_id_from_public_key(key) == peer else b"")
+        except ValidationError:
+            keys.append(b"")
+        tau = user[1] if isinstance(user, list) and len(user) == 3 else None
+        if keys[-1] and isinstance(tau, float) and math.isfinite(tau) and tau > 0:
+            proposals.append(tau)
+    if not proposals:
+        raise AllreduceException("no member proposed a clipping radius")
+    return tuple(keys), statistics.median(proposals)
 
 
 class _Inputs:
@@ -306,7 +413,7 @@ class _RobustRunner(AllReduceRunner):
     """hivemind's ``AllReduceRunner`` with ``_RobustReducer``, checked inputs, results sent instead of
     differences, and the averager's banned peers left out."""
 
-    def __init__(self, *, rule, banned: set[PeerID], **kwargs):
+    def __init__(self, *, rule, banned: set[PeerID], verified=None, **kwargs):
         super().__init__(**kwargs)
         hivemind_reducer = self.tensor_part_reducer
         hivemind_reducer.finished.set()  # unused: not a failed round to warn about
@@ -320,6 +427,13 @@ class _RobustRunner(AllReduceRunner):
         ]
         self._register = container.register_processed_part
         container.register_processed_part = self._register_checked  # every result, an owner's or our own
+        self.recorder = None
+        if verified:
+            key, keys, tau = verified
+            parts_by_owner = [[part for part, _ in parts] for parts in container._input_parts_by_peer]
+            self.recorder = _Recorder(
+                key, RoundContext(self.group_id, keys, _shares(parts_by_owner), tau), parts_by_owner
+            )
         for peer in banned.intersection(self.sender_peer_ids):  # a banned member's inputs are not waited for
             self.active_senders.add(peer)
             self.banned_senders.add(peer)
@@ -346,19 +460,75 @@ class _RobustRunner(AllReduceRunner):
 
     async def _communicate_with_peer(self, peer_id: PeerID):
         if peer_id != self.peer_id:
+            if self.recorder is not None:
+                return await self._communicate_verified(peer_id)
             return await super()._communicate_with_peer(
                 peer_id
             )  # it sends its results: registered as they come
         peer_index = self.ordered_peer_ids.index(peer_id)
         sender_index = self.sender_peer_ids.index(peer_id)
         compression = self.tensor_part_container.compression
-        for part_index, part in enumerate(self.parts_for_local_averaging):
-            result = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, part)
-            # what the others get is the result after its trip through the codec: keep exactly that
-            result = deserialize_torch_tensor(
-                compression.compress(result, CompressionInfo.from_tensor(result))
-            )
-            self.tensor_part_container.register_processed_part(peer_index, part_index, result)
+        try:
+            for part_index, part in enumerate(self.parts_for_local_averaging):
+                if self.recorder is not None:
+                    self.recorder.take_input(peer_index, part_index, self.recorder.receipt_bytes, part)
+                result = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, part)
+                # what the others get is the result after its trip through the codec: keep exactly that
+                result = deserialize_torch_tensor(
+                    compression.compress(result, CompressionInfo.from_tensor(result))
+                )
+                if self.recorder is not None:
+                    self.recorder.result_parts.append(result)
+                self.tensor_part_container.register_processed_part(peer_index, part_index, result)
+        finally:
+            if self.recorder is not None:
+                self.recorder.sign_result()
+
+    async def _communicate_verified(self, peer_id: PeerID):
+        """As hivemind's exchange with one owner, but the owner's result is taken only whole, with the receipt
+        that comes with its last part: a result that does not match its receipt counts as none (zeros)."""
+        peer_index = self.ordered_peer_ids.index(peer_id)
+        container = self.tensor_part_container
+        try:
+            done_sending = asyncio.Event()
+            inputs = attach_event_on_finished(self._generate_input_for_peer(peer_index), done_sending)
+            stream = await self._get_peer_stub(peer_id).rpc_aggregate_part(inputs)
+            if self.should_delay_results(self.peer_id):
+                await done_sending.wait()
+            parts, receipt = [], b""
+
+            def decode(message):
+                if message.code != averaging_pb2.AVERAGED_PART:
+                    raise AllreduceException(f"{peer_id} sent {averaging_pb2.MessageCode.Name(message.code)}")
+                return deserialize_torch_tensor(message.tensor_part), message.peer_id
+
+            async for part, extra in amap_in_executor(
+                decode, aiter_with_timeout(stream, self.reducer_timeout), max_prefetch=container.prefetch
+            ):
+                parts.append(part)
+                receipt = extra or receipt
+            if len(parts) != container.num_parts_by_peer[peer_index]:
+                raise AllreduceException(f"{peer_id} sent {len(parts)} result parts")
+            if not self.recorder.take_result(peer_index, receipt, parts):
+                logger.warning("Dropped the result of %s: it does not match its receipt", peer_id)
+                parts = [torch.zeros_like(part) for part in parts]
+            for part_index, part in enumerate(parts):
+                container.register_processed_part(peer_index, part_index, part)
+        except BaseException as e:
+            if isinstance(e, Exception):
+                logger.debug("Exchange with %s failed", peer_id, exc_info=True)
+            container.register_failed_reducer(peer_index)
+            raise
+
+    async def _generate_input_for_peer(self, peer_index: int) -> AsyncIterator[averaging_pb2.AveragingData]:
+        first = True
+        async for message in super()._generate_input_for_peer(peer_index):
+            if first and self.recorder is not None:
+                message.peer_id = (
+                    self.recorder.receipt_bytes
+                )  # the receipt rides in a field owners do not read
+            first = False
+            yield message
 
     async def _accumulate_parts_streaming(
         self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int
@@ -373,16 +543,21 @@ class _RobustRunner(AllReduceRunner):
         async def take_in() -> None:
             part_index = 0
             try:
-                async for part, compression in amap_in_executor(
+                async for part, compression, receipt in amap_in_executor(
                     lambda message: (
                         deserialize_torch_tensor(message.tensor_part),
                         message.tensor_part.compression,
+                        message.peer_id,
                     ),
                     stream,
                     max_prefetch=self.tensor_part_container.prefetch,
                 ):
                     shape = reducer.part_shapes[part_index] if part_index < reducer.num_parts else None
-                    problem = _problem(part, shape)
+                    problem = None
+                    if self.recorder is not None:
+                        member = self.ordered_peer_ids.index(sender)
+                        problem = self.recorder.take_input(member, part_index, receipt, part)
+                    problem = problem or _problem(part, shape)
                     if problem:
                         self.banned.add(sender)
                         logger.warning("Left %s out of this run's averaging: it sent %s", sender, problem)
@@ -409,13 +584,108 @@ class _RobustRunner(AllReduceRunner):
                 except BannedException:
                     break  # left out meanwhile (it stalled): nothing more of it is aggregated
                 serialized = await loop.run_in_executor(None, serialize_torch_tensor, averaged, compression)
-                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized)
+                message = averaging_pb2.AveragingData(
+                    code=averaging_pb2.AVERAGED_PART, tensor_part=serialized
+                )
+                if self.recorder is not None and delivered == reducer.num_parts - 1:
+                    message.peer_id = await self.recorder.result_receipt  # with the last part: all are known
+                yield message
                 delivered += 1
         finally:
             # parts already handed to the reducer stay there (it counts on them); only the intake stops
             taker.cancel()
             if delivered != reducer.num_parts:
                 await self._ban_sender(sender)
+
+
+def _shares(parts_by_owner: list[list[torch.Tensor]]) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """Each owner's parts as (start, end) of the flat vector: hivemind assigns parts to owners in flat order."""
+    shares, start = [], 0
+    for parts in parts_by_owner:
+        share = []
+        for part in parts:
+            share.append((start, start + part.numel()))
+            start += part.numel()
+        shares.append(tuple(share))
+    return tuple(shares)
+
+
+class _Recorder:
+    """A verified round's bookkeeping in the averager's process: signs this member's receipts, checks each
+    sender's parts and each owner's result against theirs, and keeps what the member's ``Transcript`` holds."""
+
+    def __init__(self, key: RSAPrivateKey, ctx: RoundContext, parts_by_owner: list[list[torch.Tensor]]):
+        self.key, self.ctx = key, ctx
+        self.me = ctx.index(public_key_bytes(key))
+        digests = [digest(part) for parts in parts_by_owner for part in parts]
+        self.receipt = Signed.make(key, "input", ctx.round_id, digests)
+        self.receipt_bytes = MSGPackSerializer.dumps(self.receipt.to_wire())
+        self.inputs: dict[int, tuple[Signed, list[torch.Tensor]]] = {}
+        self.rejected: dict[int, tuple[Signed, list[torch.Tensor]]] = {}
+        self.results: dict[int, Signed] = {}
+        self.result_parts: list[torch.Tensor] = []
+        self.result_receipt: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._receipts: dict[int, tuple[Signed, list[bytes]]] = {}
+
+    def take_input(self, sender: int, index: int, receipt: bytes, part: torch.Tensor) -> str | None:
+        """Why a sender's part cannot be aggregated, or None. A part its receipt covers that is malformed or not
+        finite is kept, with the parts before it, as proof against the sender."""
+        if index == 0:
+            signed = _signed(receipt)
+            digests = receipt_digests(self.ctx, signed, "input", sender)
+            if digests is None or len(digests) != sum(len(share) for share in self.ctx.shares):
+                return "no valid receipt"
+            self._receipts[sender] = (signed, digests)
+            self.inputs[sender] = (signed, [])
+        if sender not in self.inputs:
+            return "no valid receipt"
+        signed, digests = self._receipts[sender]
+        if (
+            index >= len(self.ctx.shares[self.me])
+            or digest(part) != digests[flat_index(self.ctx, self.me) + index]
+        ):
+            del self.inputs[sender]
+            return "bytes that do not match its receipt"
+        self.inputs[sender][1].append(part)
+        a, b = self.ctx.shares[self.me][index]
+        problem = _problem(part, torch.Size([b - a]))
+        if problem is not None:
+            self.rejected[sender] = self.inputs.pop(sender)
+        return problem
+
+    def sign_result(self) -> None:
+        if not self.result_receipt.done():
+            receipt = Signed.make(
+                self.key, "result", self.ctx.round_id, self.me, [digest(p) for p in self.result_parts]
+            )
+            self.results[self.me] = receipt
+            self.result_receipt.set_result(MSGPackSerializer.dumps(receipt.to_wire()))
+
+    def take_result(self, owner: int, receipt: bytes, parts: list[torch.Tensor]) -> bool:
+        signed = _signed(receipt)
+        digests = receipt_digests(self.ctx, signed, "result", owner)
+        if digests is None or digests != [digest(part) for part in parts]:
+            return False
+        self.results[owner] = signed
+        return True
+
+    def transcript(self) -> Transcript:
+        complete = {
+            sender: (signed, parts)
+            for sender, (signed, parts) in self.inputs.items()
+            if len(parts) == len(self.ctx.shares[self.me])
+        }
+        result_parts = self.result_parts if self.me in self.results else None
+        return Transcript(
+            self.ctx, self.receipt, complete, dict(self.rejected), dict(self.results), result_parts
+        )
+
+
+def _signed(data: bytes) -> Signed | None:
+    try:
+        return Signed.from_wire(MSGPackSerializer.loads(data)) if data else None
+    except Exception:  # not msgpack: no receipt
+        return None
 
 
 def _retrieve(future: asyncio.Future) -> None:

@@ -20,9 +20,10 @@ round's id, the members' keys in group order, the shares, the clipping radius ta
    digests (what it claims it sent everyone);
 3. ``reveal``: the seed. The round's shared seed hashes all of them: nobody can bias it (commit, then reveal), and
    it is known only once every input and result was sent. It draws a random direction z_j for every share;
-4. ``check``: for every owner j, with x the member's input and v the result, s_j = <z_j, clip(x_j - v_j, tau)>,
-   p_j = <z_j, x_j> and d_j = ||x_j - v_j||. At CenteredClip's fixed point the clipped differences sum to zero
-   (sum over members of s_j = 0): an owner whose result does not fit its inputs breaks the sum;
+4. ``check``: for every owner j, with x the member's input and v the result, s_j = <z_j, clip(x_j - v_j, tau)>
+   (clipped part by part, as owners reduce parts), p_j = <z_j, x_j>, and two scales for the tolerances (the
+   clipped spread and v's rounding). At CenteredClip's fixed point the clipped differences sum to zero (sum over
+   members of s_j = 0): an owner whose result does not fit its inputs breaks the sum;
 5. ``accuse``: what the member found, with its proof.
 
 **What is checked, and what proves it** (``judge``: every honest member runs it on the same statements and bans
@@ -34,8 +35,7 @@ the same peers):
   recomputes them): the sender's own receipt and the bytes prove it;
 - an owner whose inputs' s do not sum to zero, and who accused none of them: the signed checks prove it;
 - a member whose update is not what its data gives: validators, drawn from the shared seed, recompute it (the data
-  of a round is drawn from the previous round's seed, so it can be replayed) and compare it with its signed p, s
-  and d; every member verifies an accusation by recomputing too;
+  of a round is drawn from the previous round's seed, so it can be replayed) and compare it with its signed checks; every member verifies an accusation by recomputing too;
 - a member that committed but withheld its seed or its checks;
 - two different statements of one kind from one member in one round;
 - and an accuser whose proof does not hold: a false accusation bans the accuser, not the accused.
@@ -73,9 +73,13 @@ __all__ = [
     "MemberRound",
     "RoundContext",
     "Signed",
+    "Transcript",
     "digest",
     "equal_shares",
+    "flat_index",
     "judge",
+    "receipt_digests",
+    "round_seed",
     "shared_seed",
     "validators",
     "without_banned_owners",
@@ -179,6 +183,21 @@ def shared_seed(ctx: RoundContext, reveals: Mapping[int, bytes]) -> bytes:
     return h.digest()
 
 
+def _revealed(statements: Mapping[str, Mapping[int, list]]) -> dict[int, bytes]:
+    """The seeds revealed that match their commitment, by member."""
+    commits = statements["commit"]
+    return {
+        member: body[2]
+        for member, body in statements["reveal"].items()
+        if member in commits and hashlib.sha256(body[2]).digest() == commits[member][2]
+    }
+
+
+def round_seed(ctx: RoundContext, board: Sequence[Signed]) -> bytes:
+    """The round's shared seed from the statements on its board (the seeds revealed that match a commitment)."""
+    return shared_seed(ctx, _revealed(_latest(ctx, board)))
+
+
 def _direction(seed: bytes, owner: int, part: int, size: int) -> torch.Tensor:
     """z for one part of one share: standard normal, drawn from the round's seed."""
     h = hashlib.sha256(seed + owner.to_bytes(4, "big") + part.to_bytes(4, "big")).digest()
@@ -191,20 +210,25 @@ def _projections(
     owner: int,
     x_parts: Sequence[torch.Tensor],
     v_parts: Sequence[torch.Tensor],
-) -> tuple[float, float, float, float]:
-    """(s, p, d, ||x||) of one member's input to one owner: <z, clip(x - v, tau)>, <z, x>, ||x - v||, in float64.
-    The first three are what a member signs; ||x|| is the scale of p (z is standard normal)."""
-    zd = zx = dd = xx = 0.0
+) -> tuple[float, float, float, float, float]:
+    """What one member signs about its input x to one owner whose result is v, in float64, each a sum over the
+    share's parts (each part is clipped on its own, as owners reduce them):
+    s = <z, clip(x - v, tau)>, p = <z, x>, c = sum of min(tau, ||x - v||) (the clipped spread: the scale of s),
+    r = sum of ||v|| min(1, tau / ||x - v||) (the scale of v's float32 rounding in s); and ||x||, the scale of p
+    (z is standard normal)."""
+    s = p = c = r = xx = 0.0
     for index, (x, v) in enumerate(zip(x_parts, v_parts, strict=True)):
         z = _direction(seed, owner, index, x.numel()).double()
-        diff = x.double().flatten() - v.double().flatten()
-        zd += float(z @ diff)
-        zx += float(z @ x.double().flatten())
-        dd += float(diff @ diff)
-        xx += float(x.double().flatten() @ x.double().flatten())
-    d = dd**0.5
-    scale = min(1.0, ctx.tau / d) if d > 0 else 1.0
-    return scale * zd, zx, d, xx**0.5
+        x, v = x.double().flatten(), v.double().flatten()
+        diff = x - v
+        d = float(diff.norm())
+        scale = min(1.0, ctx.tau / d) if d > 0 else 1.0
+        s += scale * float(z @ diff)
+        p += float(z @ x)
+        c += min(ctx.tau, d)
+        r += scale * float(v.norm())
+        xx += float(x @ x)
+    return s, p, c, r, xx**0.5
 
 
 def _close(claimed: float, actual: float, scale: float) -> bool:
@@ -230,7 +254,7 @@ class Accusation:
     parts: tuple[torch.Tensor, ...] = ()
 
 
-def _receipt_digests(ctx: RoundContext, receipt: Signed | None, kind: str, author: int) -> list[bytes] | None:
+def receipt_digests(ctx: RoundContext, receipt: Signed | None, kind: str, author: int) -> list[bytes] | None:
     """The digests of a valid ``kind`` receipt signed by member ``author``, or None."""
     if receipt is None:
         return None
@@ -244,7 +268,7 @@ def _receipt_digests(ctx: RoundContext, receipt: Signed | None, kind: str, autho
     return digests
 
 
-def _flat_index(ctx: RoundContext, owner: int) -> int:
+def flat_index(ctx: RoundContext, owner: int) -> int:
     """Where owner's parts start in a list of every part of the vector (owner-major order)."""
     return sum(len(parts) for parts in ctx.shares[:owner])
 
@@ -252,17 +276,18 @@ def _flat_index(ctx: RoundContext, owner: int) -> int:
 def _input_problem(
     ctx: RoundContext, sender: int, owner: int, receipt: Signed, parts
 ) -> tuple[bool, str | None]:
-    """(proven, problem) for parts a sender gave an owner: proven is whether the sender's receipt covers these
-    bytes (so that a problem is its own signed doing); problem is None for a good input."""
-    digests = _receipt_digests(ctx, receipt, "input", sender)
+    """(proven, problem) for parts a sender gave an owner (its whole share, or the first parts up to a bad one):
+    proven is whether the sender's receipt covers these bytes (so that a problem is its own signed doing);
+    problem is None for good parts."""
+    digests = receipt_digests(ctx, receipt, "input", sender)
     total = sum(len(p) for p in ctx.shares)
     if digests is None or len(digests) != total:
         return False, "no valid receipt"
     expected = ctx.shares[owner]
-    if len(parts) != len(expected):
+    if not 0 < len(parts) <= len(expected):
         return False, "a wrong number of parts"
-    start = _flat_index(ctx, owner)
-    for index, (part, (a, b)) in enumerate(zip(parts, expected, strict=True)):
+    start = flat_index(ctx, owner)
+    for index, (part, (a, b)) in enumerate(zip(parts, expected, strict=False)):  # a bad part ends the proof
         if not isinstance(part, torch.Tensor) or digest(part) != digests[start + index]:
             return False, "bytes that do not match its receipt"
         if part.shape != (b - a,) or not part.is_floating_point():
@@ -270,6 +295,21 @@ def _input_problem(
         if not torch.isfinite(part).all():
             return True, "a part with NaN or infinite values"
     return True, None
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """What one member of a verified round signed, took in and got (``protocols.verification``): the round's
+    context, its own input receipt, each sender's receipt and parts it took in as an owner (member index ->
+    (receipt, parts)), the inputs it refused with proof (member index -> (receipt, parts up to the bad one)), each
+    owner's result receipt (member index -> receipt), and its own result's parts as an owner."""
+
+    ctx: RoundContext
+    receipt: Signed
+    inputs: dict[int, tuple[Signed, list[torch.Tensor]]]
+    rejected: dict[int, tuple[Signed, list[torch.Tensor]]]
+    results: dict[int, Signed]
+    result_parts: list[torch.Tensor] | None
 
 
 @dataclass
@@ -289,6 +329,25 @@ class MemberRound:
         self.rejected: list[Accusation] = []  # senders whose bad input is proven
         self.result_parts: list[torch.Tensor] | None = None  # my result, as owner
         self.results: dict[int, tuple[Signed, list[torch.Tensor]]] = {}  # each owner's result, as received
+        self.received_D: torch.Tensor | None = None  # the whole result, when an averager assembled it
+
+    @classmethod
+    def from_transcript(
+        cls, transcript: Transcript, key: RSAPrivateKey, update_D: torch.Tensor, result_D: torch.Tensor
+    ) -> MemberRound:
+        """The member's side of a round that an averager ran (``averaging.RobustAverager`` with a key):
+        ``update_D`` is what it sent, ``result_D`` what it got."""
+        ctx = transcript.ctx
+        member = cls(ctx, key, update_D)
+        member.inputs = dict(transcript.inputs)
+        for sender, (receipt, parts) in transcript.rejected.items():
+            signed = member._sign("accuse", sender, "input", receipt.to_wire())
+            member.rejected.append(Accusation(signed, tuple(parts)))
+        result_D = result_D.detach().to("cpu", torch.float32).flatten()
+        member.results = {owner: (r, ctx.parts(result_D, owner)) for owner, r in transcript.results.items()}
+        member.result_parts = transcript.result_parts
+        member.received_D = result_D
+        return member
 
     def _sign(self, kind: str, *fields) -> Signed:
         return Signed.make(self.key, kind, self.ctx.round_id, *fields)
@@ -323,7 +382,7 @@ class MemberRound:
 
     def take_result(self, owner: int, receipt: Signed, parts: Sequence[torch.Tensor]) -> bool:
         """Whether an owner's result matches the receipt it came with (if not, it counts as no result)."""
-        digests = _receipt_digests(self.ctx, receipt, "result", owner)
+        digests = receipt_digests(self.ctx, receipt, "result", owner)
         if digests is None or len(digests) != len(parts) or len(parts) != len(self.ctx.shares[owner]):
             return False
         if any(digest(p) != d for p, d in zip(parts, digests, strict=True)):
@@ -333,7 +392,9 @@ class MemberRound:
 
     @property
     def result_D(self) -> torch.Tensor | None:
-        """The averaged vector, once every owner's result came."""
+        """The averaged vector, once every owner's result came (or as the averager left it)."""
+        if self.received_D is not None:
+            return self.received_D
         if len(self.results) != self.ctx.size:
             return None
         return torch.cat([p for owner in range(self.ctx.size) for p in self.results[owner][1]])
@@ -348,14 +409,14 @@ class MemberRound:
         return self._sign("reveal", self.seed)
 
     def check(self, seed: bytes) -> Signed:
-        """s, p and d for every owner's share (zeros where no result came)."""
+        """The checks (s, p, c, r) of every owner's share (zeros where no result came)."""
         values = []
         for owner in range(self.ctx.size):
             if owner in self.results:
                 x = self.ctx.parts(self.update_D, owner)
-                values.append(list(_projections(self.ctx, seed, owner, x, self.results[owner][1])[:3]))
+                values.append(list(_projections(self.ctx, seed, owner, x, self.results[owner][1])[:4]))
             else:
-                values.append([0.0, 0.0, 0.0])
+                values.append([0.0, 0.0, 0.0, 0.0])
         return self._sign("check", values)
 
     def accusations(
@@ -373,7 +434,7 @@ class MemberRound:
         statements = _latest(self.ctx, board)
         for owner, (receipt, _) in self.results.items():
             commit = statements["commit"].get(owner)
-            if commit is not None and commit[4] != _receipt_digests(self.ctx, receipt, "result", owner):
+            if commit is not None and commit[4] != receipt_digests(self.ctx, receipt, "result", owner):
                 found.append(Accusation(self._sign("accuse", owner, "result", receipt.to_wire())))
         if self.result_parts is not None:
             for sender, (receipt, parts) in self.inputs.items():
@@ -396,13 +457,16 @@ class MemberRound:
         return found
 
 
-def _fits(ctx: RoundContext, claimed: object, actual: tuple[float, float, float, float]) -> bool:
-    """Whether signed (s, p, d) values match recomputed ones."""
-    if not isinstance(claimed, list) or len(claimed) != 3 or not all(isinstance(c, float) for c in claimed):
+def _fits(ctx: RoundContext, claimed: object, actual: tuple[float, float, float, float, float]) -> bool:
+    """Whether signed (s, p, c, r) values match recomputed ones."""
+    if not isinstance(claimed, list) or len(claimed) != 4 or not all(isinstance(v, float) for v in claimed):
         return False
-    s, p, d, x_norm = actual
+    s, p, c, r, x_norm = actual
     return (
-        _close(claimed[0], s, min(ctx.tau, d)) and _close(claimed[1], p, x_norm) and _close(claimed[2], d, d)
+        _close(claimed[0], s, c)
+        and _close(claimed[1], p, x_norm)
+        and _close(claimed[2], c, c)
+        and _close(claimed[3], r, r)
     )
 
 
@@ -479,10 +543,7 @@ def judge(
     commits, checks = statements["commit"], statements["check"]
 
     # commit, then reveal: a seed must match its hash; a member that committed shows its seed and its checks
-    reveals = {}
-    for member, body in statements["reveal"].items():
-        if member in commits and hashlib.sha256(body[2]).digest() == commits[member][2]:
-            reveals[member] = body[2]
+    reveals = _revealed(statements)
     for member in commits:
         if member not in reveals:
             ban(member, "withheld its seed")
@@ -516,7 +577,7 @@ def judge(
     upheld: set[tuple[int, int]] = set()  # (owner, sender) pairs where an owner proved a sender's input bad
     for signed, accuser, accused, reason, proof in accusations:
         if reason == "result":
-            digests = _receipt_digests(ctx, Signed.from_wire(proof), "result", accused)
+            digests = receipt_digests(ctx, Signed.from_wire(proof), "result", accused)
             commit = commits.get(accused)
             proven = digests is not None and commit is not None and commit[4] != digests
             if proven:
@@ -555,14 +616,12 @@ def judge(
         if any((owner, sender) in upheld for sender in used):
             continue  # a sender lied about its checks: the sum proves nothing about the owner
         values = [checks[m][2][owner] for m in used]
-        if not all(isinstance(v, list) and len(v) == 3 for v in values):
+        if not all(isinstance(v, list) and len(v) == 4 for v in values):
             continue
         total = sum(float(v[0]) for v in values)
-        v_norm = float(torch.cat(ctx.parts(result_D, owner)).double().norm())
-        # 1e-3 of the clipped spread, and float32 rounding of v (1e-6 of it, weighed by each input's clip scale)
-        distances = [abs(float(v[2])) for v in values]
-        tolerance = _RTOL * sum(min(ctx.tau, d) for d in distances) + 1e-6 * v_norm * sum(
-            min(1.0, ctx.tau / d) if d > 0 else 1.0 for d in distances
+        # 1e-3 of the clipped spread, and the float32 rounding of v (1e-6 of it, weighed by each clip scale)
+        tolerance = _RTOL * sum(abs(float(v[2])) for v in values) + 1e-6 * sum(
+            abs(float(v[3])) for v in values
         )
         if abs(total) > tolerance + _ATOL:
             ban(owner, f"its result does not fit its inputs (clipped differences sum to {total:.3g})")
@@ -600,6 +659,8 @@ def _input_accusation_holds(
         return False
     if problem is not None:
         return True
+    if len(parts) != len(ctx.shares[owner]):
+        return False
     check = checks.get(sender)
     if check is None or not isinstance(check[2], list) or len(check[2]) != ctx.size:
         return False

@@ -209,10 +209,30 @@ class TrainSettings(_Settings):
     )
     device: str = Field("cpu", description="torch device of the local model")
     seed: int = Field(0, description="random seed of this volunteer's batches")
-    attack: Literal["none", "scale", "nan"] = Field(
-        "none", description="(testing) send updates scaled x1000, or NaN: a dishonest volunteer"
+    verify: bool = Field(
+        False,
+        description="check every round (BTARD): signed receipts, random recomputation of updates, checks of every "
+        "owner's result; peers proven to lie are banned by all",
+    )
+    verify_rate: float = Field(
+        0.25, gt=0, le=1, description="with --verify, the chance that a member's update is recomputed in a round"
+    )
+    attack: Literal["none", "scale", "nan", "owner"] = Field(
+        "none",
+        description="(testing) send updates scaled x1000, or NaN, or as an owner, results shifted by 1: "
+        "a dishonest volunteer",
     )
     network: NetworkSettings = Field(default_factory=NetworkSettings)
+
+    @model_validator(mode="after")
+    def _verified_averaging(self) -> TrainSettings:
+        if self.verify and self.aggregator != "centered_clip":
+            raise ValueError("--verify checks CenteredClip's results: use --aggregator centered_clip")
+        if self.verify and self.compression != "none":
+            raise ValueError("--verify signs the exact bytes sent: use --compression none")
+        if self.verify and self.tau is not None:
+            raise ValueError("with --verify the clipping radius is agreed in every round: leave --tau out")
+        return self
 
     @model_validator(mode="after")
     def _steps_end_a_round(self) -> TrainSettings:

@@ -116,7 +116,7 @@ def verified_round(
     for r in rounds:
         check = r.check(seed)
         if check_lies and r.me in check_lies:
-            values = [[s + check_lies[r.me], p, d] for s, p, d in check.body[2]]
+            values = [[s + check_lies[r.me], *rest] for s, *rest in check.body[2]]
             check = Signed.make(r.key, "check", ctx.round_id, values)
         board.append(check)
     evidence: dict[bytes, tuple[torch.Tensor, ...]] = {}
