@@ -27,7 +27,9 @@ import torch
 from hivemind.utils import MSGPackSerializer, get_dht_time
 
 from swarm_peer.dht.identity import peer_id_from_public_key
+from swarm_peer.dht.keys import parse_peer_subkey
 from swarm_peer.dht.node import local_subkey, run_in_dht
+from swarm_peer.errors import ValidationError
 from swarm_peer.protocols.verification import Accusation, MemberRound, Signed, judge, round_seed
 
 __all__ = ["PHASES", "collect", "peers_of", "post", "run_round"]
@@ -60,7 +62,7 @@ async def _get(_dht, node: hivemind.DHTNode, *, timeout: float, key: str) -> lis
         return None
     if found is None or not isinstance(found.value, dict):
         return []
-    return [entry.value for entry in found.value.values()]
+    return [(subkey, entry.value) for subkey, entry in found.value.items()]
 
 
 def post(dht: hivemind.DHT, prefix: str, round_id: bytes, phase: str, statements: Sequence[Signed]) -> bool:
@@ -88,8 +90,8 @@ def post(dht: hivemind.DHT, prefix: str, round_id: bytes, phase: str, statements
 def collect(
     dht: hivemind.DHT, prefix: str, round_id: bytes, phase: str, keys: Sequence[bytes], timeout: float
 ) -> list[Signed]:
-    """Every statement of a phase on the board, once each member (by key) posted one, or when ``timeout`` ran
-    out. Values that are not lists of statements are skipped."""
+    """Every statement of a phase on the board, once each member (by key) posted (maybe nothing: no accusation),
+    or when ``timeout`` ran out. Values that are not lists of statements are skipped."""
     deadline = time.monotonic() + timeout
     while True:
         found = run_in_dht(
@@ -98,15 +100,15 @@ def collect(
             timeout=max(1.0, min(5.0, deadline - time.monotonic())),
             key=_key(prefix, round_id, phase),
         )
-        statements = [
-            signed
-            for value in found or ()
-            if isinstance(value, list)
-            for wire in value
-            if (signed := Signed.from_wire(wire)) is not None
-        ]
-        authors = {signed.key for signed in statements}
-        if all(key in authors for key in keys if key) or time.monotonic() >= deadline:
+        statements, posted = [], set()
+        for subkey, value in found or ():
+            try:
+                posted.add(parse_peer_subkey(subkey)[1])  # the DHT lets only the key's owner write its subkey
+            except ValidationError:
+                continue
+            if isinstance(value, list):
+                statements += [signed for wire in value if (signed := Signed.from_wire(wire)) is not None]
+        if all(key in posted for key in keys if key) or time.monotonic() >= deadline:
             return statements
         time.sleep(_POLL)
 
@@ -124,7 +126,7 @@ def run_round(
     """Runs the phases after the all-reduce (commit, reveal, check, accuse) and judges the round: {member index:
     reason} for those proven dishonest. ``recompute(member)``: the update that member's data gives (validation,
     and to judge ``update`` accusations); ``evidence(accuser, accusation)``: the parts an ``input`` accusation
-    rests on, fetched from its accuser (without it, such accusations are not made, and not judged)."""
+    rests on, fetched from its accuser (without them, the accusation is judged a dispute: both sides banned)."""
     ctx = member.ctx
     keys = [key for key in ctx.keys if key]
     board: list[Signed] = []
@@ -139,16 +141,16 @@ def run_round(
     phase("check", [member.check(seed)])
     found = member.accusations(board, seed, rate=rate, recompute=recompute)
     own = {a.signed.signature: a.parts for a in found}
-    if evidence is None:
-        found = [a for a in found if a.signed.body[3] != "input"]
     phase("accuse", [a.signed for a in found])
     proofs: dict[bytes, Sequence[torch.Tensor]] = {}
     for signed in board:
         body = signed.body
         if body is None or body[0] != "accuse" or len(body) < 4 or body[3] != "input":
             continue
+        if evidence is None:  # nobody can see the bytes: every member judges it a dispute alike
+            continue
         parts = own.get(signed.signature)
-        if parts is None and evidence is not None:
+        if parts is None:
             accuser = ctx.index(signed.key)
             parts = evidence(accuser, signed) if accuser is not None else None
         if parts is not None:

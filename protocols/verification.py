@@ -38,7 +38,9 @@ the same peers):
   of a round is drawn from the previous round's seed, so it can be replayed) and compare it with its signed checks; every member verifies an accusation by recomputing too;
 - a member that committed but withheld its seed or its checks;
 - two different statements of one kind from one member in one round;
-- and an accuser whose proof does not hold: a false accusation bans the accuser, not the accused.
+- and an accuser whose proof does not hold: a false accusation bans the accuser, not the accused. Where the bytes an
+  owner's accusation rests on cannot be shown (``judge`` gets no evidence for it), it is the owner's word against
+  the sender's and one of them lies: both are banned (each such dispute costs a dishonest peer its place).
 
 A dishonest owner can still move its share by what the tolerances allow (1e-3 of the clipped spread) and a
 dishonest member can still send an update no validator drew this round: each risks a ban every round it lies.
@@ -523,7 +525,7 @@ def judge(
     """Who of the round's members is proven dishonest, and why: {member index: reason}. Deterministic in its
     inputs, so every honest member bans the same peers. ``board``: every statement of the round (commits,
     reveals, checks, accusations); ``evidence``: the parts an ``input`` accusation rests on, by the accusation's
-    signature; ``result_D``: the averaged vector as this member got it; ``recompute``: a member's update as its
+    signature (an accusation without an entry is a dispute: both sides are banned); ``result_D``: the averaged vector as this member got it; ``recompute``: a member's update as its
     data gives it (to verify ``update`` accusations; without it they are not judged)."""
     banned: dict[int, str] = {}
 
@@ -584,6 +586,12 @@ def judge(
                 equivocated.add(accused)
         elif reason == "input":
             if accuser in equivocated:
+                continue
+            if signed.signature not in evidence:
+                # its bytes are not at hand: an owner's word against a sender's, and one of them lies
+                ban(accused, f"disputed by member {accuser} (input, unshown)")
+                ban(accuser, f"disputed member {accused} (input, unshown)")
+                upheld.add((accuser, accused))
                 continue
             proven = _input_accusation_holds(
                 ctx,

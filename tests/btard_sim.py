@@ -83,11 +83,13 @@ def verified_round(
     lie: OwnerLie | None = None,
     extra: Callable[[RoundContext, list[MemberRound], list[Signed], dict], None] | None = None,
     check_lies: dict[int, float] | None = None,
+    show_evidence: bool = True,
     judges: int = 1,
 ) -> Outcome:
     """One round of the protocol among ``members`` (indices into the round's group). ``honest`` members judge
     (the first ``judges`` of them); ``extra`` may add statements to the board before judging (a false accuser);
-    ``check_lies``: members that add this much to every s they sign."""
+    ``check_lies``: members that add this much to every s they sign; ``show_evidence``: whether judges see the
+    bytes that accusations rest on."""
     n, size = len(members), updates[0].numel()
     ctx = RoundContext(round_id, tuple(public_key_bytes(k) for k in members), equal_shares(size, n), tau)
     rounds = [MemberRound(ctx, key, update) for key, update in zip(members, updates, strict=True)]
@@ -128,6 +130,8 @@ def verified_round(
             evidence[accusation.signed.signature] = accusation.parts
     if extra is not None:
         extra(ctx, rounds, board, evidence)
+    if not show_evidence:
+        evidence = {}
     verdicts = {
         m: judge(ctx, board, evidence, result_D=rounds[m].result_D, recompute=recompute)
         for m in sorted(honest)[:judges]

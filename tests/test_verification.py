@@ -153,3 +153,12 @@ def test_a_member_that_lies_about_its_checks_is_shown_up_by_its_owners():
     outcome = _round(7, check_lies={2: 0.5}, honest=honest, judges=len(honest))
     for verdict in outcome.verdicts.values():
         assert set(verdict) == {2}, verdict
+
+
+@pytest.mark.timeout(60)
+def test_an_accusation_whose_bytes_cannot_be_shown_bans_both_sides():
+    # as above, but judges cannot see the bytes: the owners' word against member 2's; one side lies, both go
+    honest = set(range(N)) - {2}
+    outcome = _round(7, check_lies={2: 0.5}, honest=honest, judges=len(honest), show_evidence=False)
+    for verdict in outcome.verdicts.values():
+        assert 2 in verdict and all("disputed" in why for why in verdict.values()), verdict
