@@ -296,3 +296,47 @@ def test_inner_steps_1_is_synchronous_data_parallel_with_the_global_batch(workdi
     for name, tensor in model.state_dict().items():
         if name in swarm:
             torch.testing.assert_close(swarm[name], tensor, atol=1e-4, rtol=0)
+
+
+def _identity(path: Path) -> str:
+    """A fresh identity file at ``path``; its peer id (base58)."""
+    from swarm_peer.dht.identity import load_identity, peer_id_from_public_key, public_key_bytes
+
+    return peer_id_from_public_key(public_key_bytes(load_identity(str(path)))).to_base58()
+
+
+VERIFIED = ("--inner-steps", "5", "--steps", "20", "--min-peers", "4", "--averaging-timeout", "30", "--verify",
+            "--verify-rate", "0.5")  # fmt: skip
+
+
+@pytest.mark.timeout(600)
+def test_with_verify_a_lying_owner_and_a_scaler_are_banned_by_every_honest_volunteer(workdir, bootstrap):
+    # every volunteer of a verified run trains on the same text: validators replay each other's batches
+    same = ["--data", str(workdir / "shard0.txt")]
+    liars = {4: "scale", 5: "owner"}
+    ids = {i: _identity(workdir / f"liar{i}.id") for i in liars}
+    extra = {i: [*same, *(["--attack", liars[i], "--identity", str(workdir / f"liar{i}.id")] if i in liars else [])]
+             for i in range(6)}  # fmt: skip
+    processes = [_trainer(workdir, bootstrap, i, "verified", *VERIFIED, *extra[i]) for i in range(6)]
+    errors = []
+    try:
+        for p in processes[:4]:
+            _, err = p.communicate(timeout=400)
+            assert p.returncode == 0, err[-3000:]
+            errors.append(err)
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for err in errors:  # every honest volunteer bans both liars, and nobody else
+        banned = [line for line in err.splitlines() if "Banned " in line]
+        assert len(banned) == 2 and all(any(ids[i] in line for line in banned) for i in liars), banned
+    honest = [workdir / "verified" / f"peer{i}" for i in range(4)]
+    assert _identical(honest), "the honest volunteers' weights differ"
+    log = _log(honest[0])
+    groups = [r["peers"] for r in log if r["peers"] is not None]
+    # each liar is banned in the first round it takes part in (both usually make the first one)
+    before = [size for size in groups if size > 4]
+    assert len(before) <= 2 and groups[len(before) :] == [4] * (len(groups) - len(before)), groups
+    assert log[-1]["loss"] < 0.8 * log[0]["loss"], (log[0], log[-1])
