@@ -98,6 +98,7 @@ logger = logging.getLogger(__name__)
 _PARTS_PER_MEMBER = 4  # at least this many parts per member, when the vector is small
 _IN_FLIGHT = 2  # parts reduced at once by one member, and parts of one sender taken in ahead of its results
 _MIN_PART_BYTES = 4096
+_KEPT_EVIDENCE = 16  # accusations whose bytes an averager serves
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,7 @@ class RobustAverager(DecentralizedAverager):
         self.verify_key = verify_key
         self._lie = lie  # (testing) what this peer adds, as a dishonest owner, to every result it sends
         self._banned: set[PeerID] = set()  # in the averager's process: peers left out of every later round
+        self._evidence: dict[bytes, list[torch.Tensor]] = {}  # in the averager's process: ``keep_evidence``
         super().__init__(
             averaged_tensors,
             dht,
@@ -223,6 +225,56 @@ class RobustAverager(DecentralizedAverager):
     async def _add_banned(self, peers: list[str], future: MPFuture) -> None:
         self._banned.update(PeerID.from_base58(peer) for peer in peers)
         future.set_result(None)
+
+    # ---------------------------------------------------------------- evidence of verified rounds
+
+    _rpc_handlers = (
+        None  # hivemind collects a class's rpc_* methods once, maybe from the base class: ours too
+    )
+
+    def keep_evidence(self, signature: bytes, parts: Sequence[torch.Tensor]) -> None:
+        """Serves ``parts`` (the bytes an accusation rests on) to the members that judge it, under the accusation's
+        signature; the last ``_KEPT_EVIDENCE`` are kept."""
+        future = MPFuture()
+        self._outer_pipe.send(("_keep_evidence", [signature, list(parts)], dict(future=future)))
+        future.result(timeout=30)
+
+    async def _keep_evidence(self, signature: bytes, parts: list[torch.Tensor], future: MPFuture) -> None:
+        self._evidence[signature] = parts
+        while len(self._evidence) > _KEPT_EVIDENCE:
+            self._evidence.pop(next(iter(self._evidence)))
+        future.set_result(None)
+
+    def fetch_evidence(self, peer: str, signature: bytes, timeout: float = 30.0) -> list[torch.Tensor] | None:
+        """The parts another member keeps for its accusation with this signature, or None (no answer in time,
+        nothing kept, or more values than this averager averages)."""
+        future = MPFuture()
+        self._outer_pipe.send(("_fetch_evidence", [peer, signature, timeout], dict(future=future)))
+        return future.result(timeout=timeout + 10)
+
+    async def _fetch_evidence(self, peer: str, signature: bytes, timeout: float, future: MPFuture) -> None:
+        parts: list[torch.Tensor] = []
+
+        async def fetch() -> None:
+            stub = self.get_stub(self._p2p, PeerID.from_base58(peer), namespace=self.prefix)
+            stream = await stub.rpc_evidence(averaging_pb2.AveragingData(group_id=signature))
+            async for message in stream:
+                parts.append(deserialize_torch_tensor(message.tensor_part))
+                if sum(part.numel() for part in parts) > self.total_size:
+                    raise ValidationError(f"{peer} sent more evidence than a whole update")
+
+        try:
+            await asyncio.wait_for(fetch(), timeout)
+            future.set_result(parts or None)
+        except Exception as e:  # no answer, a broken stream, too much: no evidence
+            logger.info("No evidence from %s: %r", peer, e)
+            future.set_result(None)
+
+    async def rpc_evidence(
+        self, request: averaging_pb2.AveragingData, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        for part in self._evidence.get(request.group_id, ()):
+            yield averaging_pb2.AveragingData(tensor_part=serialize_torch_tensor(part))
 
     def banned_peers(self) -> frozenset[str]:
         """Peers this averager left out for sending malformed or non-finite parts (base58 peer ids)."""

@@ -30,7 +30,7 @@ from swarm_peer.dht.identity import peer_id_from_public_key
 from swarm_peer.dht.keys import parse_peer_subkey
 from swarm_peer.dht.node import local_subkey, run_in_dht
 from swarm_peer.errors import ValidationError
-from swarm_peer.protocols.verification import Accusation, MemberRound, Signed, judge, round_seed
+from swarm_peer.protocols.verification import MemberRound, Signed, judge, round_seed
 
 __all__ = ["PHASES", "collect", "peers_of", "post", "run_round"]
 
@@ -120,13 +120,17 @@ def run_round(
     *,
     rate: float,
     recompute: Callable[[int], torch.Tensor | None],
-    evidence: Callable[[int, Accusation | Signed], Sequence[torch.Tensor] | None] | None = None,
+    evidence: tuple[
+        Callable[[bytes, Sequence[torch.Tensor]], None], Callable[[int, bytes], Sequence[torch.Tensor] | None]
+    ]
+    | None = None,
     timeout: float,
 ) -> dict[int, str]:
     """Runs the phases after the all-reduce (commit, reveal, check, accuse) and judges the round: {member index:
     reason} for those proven dishonest. ``recompute(member)``: the update that member's data gives (validation,
-    and to judge ``update`` accusations); ``evidence(accuser, accusation)``: the parts an ``input`` accusation
-    rests on, fetched from its accuser (without them, the accusation is judged a dispute: both sides banned)."""
+    and to judge ``update`` accusations); ``evidence``: (keep, fetch), how the bytes that an ``input`` accusation
+    rests on reach the judges: ``keep(signature, parts)`` serves this member's, ``fetch(accuser, signature)`` gets
+    another's (without them, every member judges such an accusation a dispute: both sides banned)."""
     ctx = member.ctx
     keys = [key for key in ctx.keys if key]
     board: list[Signed] = []
@@ -141,6 +145,10 @@ def run_round(
     phase("check", [member.check(seed)])
     found = member.accusations(board, seed, rate=rate, recompute=recompute)
     own = {a.signed.signature: a.parts for a in found}
+    if evidence is not None:
+        for accusation in found:
+            if accusation.parts:
+                evidence[0](accusation.signed.signature, accusation.parts)
     phase("accuse", [a.signed for a in found])
     proofs: dict[bytes, Sequence[torch.Tensor]] = {}
     for signed in board:
@@ -152,7 +160,7 @@ def run_round(
         parts = own.get(signed.signature)
         if parts is None:
             accuser = ctx.index(signed.key)
-            parts = evidence(accuser, signed) if accuser is not None else None
+            parts = evidence[1](accuser, signed.signature) if accuser is not None else None
         if parts is not None:
             proofs[signed.signature] = parts
     result_D = member.result_D

@@ -42,7 +42,9 @@ the same peers):
   owner's accusation rests on cannot be shown (``judge`` gets no evidence for it), it is the owner's word against
   the sender's and one of them lies: both are banned (each such dispute costs a dishonest peer its place).
 
-A dishonest owner can still move its share by what the tolerances allow (1e-3 of the clipped spread) and a
+A member that got no result from an owner (or none matching its receipt) signs no check of that share, and the sum
+check of the share is skipped that round: a member colluding with a lying owner can thus hide one round's lie
+(validators still recompute its update). A dishonest owner can still move its share by what the tolerances allow (1e-3 of the clipped spread) and a
 dishonest member can still send an update no validator drew this round: each risks a ban every round it lies.
 
     ctx = RoundContext(round_id, keys, shares, tau)
@@ -343,6 +345,8 @@ class MemberRound:
         member = cls(ctx, key, update_D)
         member.inputs = dict(transcript.inputs)
         for sender, (receipt, parts) in transcript.rejected.items():
+            if sender == member.me:
+                continue  # its own bad input: nothing to accuse
             signed = member._sign("accuse", sender, "input", receipt.to_wire())
             member.rejected.append(Accusation(signed, tuple(parts)))
         result_D = result_D.detach().to("cpu", torch.float32).flatten()
@@ -411,14 +415,16 @@ class MemberRound:
         return self._sign("reveal", self.seed)
 
     def check(self, seed: bytes) -> Signed:
-        """The checks (s, p, c, r) of every owner's share (zeros where no result came)."""
+        """The checks (s, p, c, r) of every owner's share ([] where no result came, or none that matched its
+        receipt: the sum check of that share is then skipped this round)."""
         values = []
         for owner in range(self.ctx.size):
             if owner in self.results:
                 x = self.ctx.parts(self.update_D, owner)
                 values.append(list(_projections(self.ctx, seed, owner, x, self.results[owner][1])[:4]))
             else:
-                values.append([0.0, 0.0, 0.0, 0.0])
+                logger.warning("No result from owner %d in round %s", owner, self.ctx.round_id.hex()[:8])
+                values.append([])
         return self._sign("check", values)
 
     def accusations(
@@ -441,7 +447,12 @@ class MemberRound:
         if self.result_parts is not None:
             for sender, (receipt, parts) in self.inputs.items():
                 check = statements["check"].get(sender)
-                if check is None or sender == self.me:
+                if (
+                    check is None
+                    or sender == self.me
+                    or len(check[2]) != self.ctx.size
+                    or check[2][self.me] == []
+                ):
                     continue
                 actual = _projections(self.ctx, seed, self.me, parts, self.result_parts)
                 if not _fits(self.ctx, check[2][self.me], actual):
@@ -482,6 +493,8 @@ def _update_fits(
         return False
     update_D = update_D.detach().to("cpu", torch.float32).flatten()
     for owner in range(ctx.size):
+        if claimed[owner] == []:
+            continue  # it got no result from this owner: nothing it signed to compare
         x = ctx.parts(update_D, owner)
         actual = _projections(ctx, seed, owner, x, ctx.parts(result_D, owner))
         if not _fits(ctx, claimed[owner], actual):
@@ -632,7 +645,11 @@ def judge(
             abs(float(v[3])) for v in values
         )
         if abs(total) > tolerance + _ATOL:
-            ban(owner, f"its result does not fit its inputs (clipped differences sum to {total:.3g})")
+            ban(
+                owner,
+                f"its result does not fit its inputs (clipped differences of {len(used)} sum to {total:.3g}, "
+                f"tolerance {tolerance:.3g})",
+            )
     return banned
 
 
