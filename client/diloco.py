@@ -341,12 +341,7 @@ class DiLoCoTrainer:
             member,
             rate=self.settings.verify_rate,
             recompute=lambda m: self._recompute(ctx.keys[m]),
-            evidence=(
-                self.averager.keep_evidence,
-                lambda m, signature: self.averager.fetch_evidence(
-                    peers_of(ctx.keys, {m: ""}).popitem()[0], signature
-                ),
-            ),
+            evidence=(self.averager.keep_evidence, self.averager.fetch_evidence),
             timeout=self.settings.averaging_timeout,
         )
         verdict.pop(member.me, None)  # a member cannot ban itself; others judge it

@@ -40,6 +40,7 @@ PHASES = ("commit", "reveal", "check", "accuse")
 _TTL = 600.0  # seconds a round's statements stay on the board
 _MAX_VALUE_BYTES = 12 * 1024
 _POLL = 0.1
+_FETCHES = 2  # tries to get an accusation's bytes from its accuser
 
 
 def _key(prefix: str, round_id: bytes, phase: str) -> str:
@@ -121,7 +122,7 @@ def run_round(
     rate: float,
     recompute: Callable[[int], torch.Tensor | None],
     evidence: tuple[
-        Callable[[bytes, Sequence[torch.Tensor]], None], Callable[[int, bytes], Sequence[torch.Tensor] | None]
+        Callable[[bytes, Sequence[torch.Tensor]], None], Callable[[str, bytes], Sequence[torch.Tensor] | None]
     ]
     | None = None,
     timeout: float,
@@ -129,8 +130,9 @@ def run_round(
     """Runs the phases after the all-reduce (commit, reveal, check, accuse) and judges the round: {member index:
     reason} for those proven dishonest. ``recompute(member)``: the update that member's data gives (validation,
     and to judge ``update`` accusations); ``evidence``: (keep, fetch), how the bytes that an ``input`` accusation
-    rests on reach the judges: ``keep(signature, parts)`` serves this member's, ``fetch(accuser, signature)`` gets
-    another's (without them, every member judges such an accusation a dispute: both sides banned)."""
+    rests on reach the judges: ``keep(signature, parts)`` serves this member's, ``fetch(accuser's peer id,
+    signature)`` gets another's, tried twice (without them, the member judges such an accusation a dispute: both
+    sides banned)."""
     ctx = member.ctx
     keys = [key for key in ctx.keys if key]
     board: list[Signed] = []
@@ -158,9 +160,12 @@ def run_round(
         if evidence is None:  # nobody can see the bytes: every member judges it a dispute alike
             continue
         parts = own.get(signed.signature)
-        if parts is None:
-            accuser = ctx.index(signed.key)
-            parts = evidence[1](accuser, signed.signature) if accuser is not None else None
+        if parts is None and ctx.index(signed.key) is not None:
+            accuser = peer_id_from_public_key(signed.key).to_base58()
+            # a lost answer would make this member's verdict differ from the others'
+            for _ in range(_FETCHES):
+                if (parts := evidence[1](accuser, signed.signature)) is not None:
+                    break
         if parts is not None:
             proofs[signed.signature] = parts
     result_D = member.result_D

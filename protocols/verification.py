@@ -212,27 +212,32 @@ def _projections(
     ctx: RoundContext,
     seed: bytes,
     owner: int,
-    x_parts: Sequence[torch.Tensor],
+    inputs: Sequence[Sequence[torch.Tensor]],
     v_parts: Sequence[torch.Tensor],
-) -> tuple[float, float, float, float, float]:
-    """What one member signs about its input x to one owner whose result is v, in float64, each a sum over the
-    share's parts (each part is clipped on its own, as owners reduce them):
+) -> list[tuple[float, float, float, float, float]]:
+    """What members sign about their inputs x (each a list of parts) to one owner whose result is v, in float64,
+    each a sum over the share's parts (each part is clipped on its own, as owners reduce them):
     s = <z, clip(x - v, tau)>, p = <z, x>, c = sum of min(tau, ||x - v||) (the clipped spread: the scale of s),
     r = sum of ||v|| min(1, tau / ||x - v||) (the scale of v's float32 rounding in s); and ||x||, the scale of p
-    (z is standard normal)."""
-    s = p = c = r = xx = 0.0
-    for index, (x, v) in enumerate(zip(x_parts, v_parts, strict=True)):
-        z = _direction(seed, owner, index, x.numel()).double()
-        x, v = x.double().flatten(), v.double().flatten()
-        diff = x - v
-        d = float(diff.norm())
-        scale = min(1.0, ctx.tau / d) if d > 0 else 1.0
-        s += scale * float(z @ diff)
-        p += float(z @ x)
-        c += min(ctx.tau, d)
-        r += scale * float(v.norm())
-        xx += float(x @ x)
-    return s, p, c, r, xx**0.5
+    (z is standard normal). An owner checks every sender's input at once: z and v are made once per part."""
+    if any(len(x_parts) != len(v_parts) for x_parts in inputs):
+        raise ValueError("an input's parts are not the share's")
+    sums = [[0.0] * 5 for _ in inputs]
+    for index, v in enumerate(v_parts):
+        z = _direction(seed, owner, index, v.numel()).double()
+        v = v.double().flatten()
+        v_norm = float(v.norm())
+        for x_parts, acc in zip(inputs, sums, strict=True):
+            x = x_parts[index].double().flatten()
+            diff = x - v
+            d = float(diff.norm())
+            scale = min(1.0, ctx.tau / d) if d > 0 else 1.0
+            acc[0] += scale * float(z @ diff)
+            acc[1] += float(z @ x)
+            acc[2] += min(ctx.tau, d)
+            acc[3] += scale * v_norm
+            acc[4] += float(x @ x)
+    return [(s, p, c, r, xx**0.5) for s, p, c, r, xx in sums]
 
 
 def _close(claimed: float, actual: float, scale: float) -> bool:
@@ -421,7 +426,7 @@ class MemberRound:
         for owner in range(self.ctx.size):
             if owner in self.results:
                 x = self.ctx.parts(self.update_D, owner)
-                values.append(list(_projections(self.ctx, seed, owner, x, self.results[owner][1])[:4]))
+                values.append(list(_projections(self.ctx, seed, owner, [x], self.results[owner][1])[0][:4]))
             else:
                 logger.warning("No result from owner %d in round %s", owner, self.ctx.round_id.hex()[:8])
                 values.append([])
@@ -445,17 +450,17 @@ class MemberRound:
             if commit is not None and commit[4] != receipt_digests(self.ctx, receipt, "result", owner):
                 found.append(Accusation(self._sign("accuse", owner, "result", receipt.to_wire())))
         if self.result_parts is not None:
-            for sender, (receipt, parts) in self.inputs.items():
-                check = statements["check"].get(sender)
-                if (
-                    check is None
-                    or sender == self.me
-                    or len(check[2]) != self.ctx.size
-                    or check[2][self.me] == []
-                ):
-                    continue
-                actual = _projections(self.ctx, seed, self.me, parts, self.result_parts)
-                if not _fits(self.ctx, check[2][self.me], actual):
+            checked = [
+                (sender, receipt, parts, check[2][self.me])
+                for sender, (receipt, parts) in self.inputs.items()
+                if sender != self.me
+                and (check := statements["check"].get(sender)) is not None
+                and len(check[2]) == self.ctx.size
+                and check[2][self.me] != []
+            ]
+            actuals = _projections(self.ctx, seed, self.me, [c[2] for c in checked], self.result_parts)
+            for (sender, receipt, parts, claimed), actual in zip(checked, actuals, strict=True):
+                if not _fits(self.ctx, claimed, actual):
                     found.append(
                         Accusation(self._sign("accuse", sender, "input", receipt.to_wire()), tuple(parts))
                     )
@@ -496,7 +501,7 @@ def _update_fits(
         if claimed[owner] == []:
             continue  # it got no result from this owner: nothing it signed to compare
         x = ctx.parts(update_D, owner)
-        actual = _projections(ctx, seed, owner, x, ctx.parts(result_D, owner))
+        actual = _projections(ctx, seed, owner, [x], ctx.parts(result_D, owner))[0]
         if not _fits(ctx, claimed[owner], actual):
             return False
     return True
@@ -689,5 +694,5 @@ def _input_accusation_holds(
     check = checks.get(sender)
     if check is None or not isinstance(check[2], list) or len(check[2]) != ctx.size:
         return False
-    actual = _projections(ctx, seed, owner, [p.float() for p in parts], ctx.parts(result_D, owner))
+    actual = _projections(ctx, seed, owner, [[p.float() for p in parts]], ctx.parts(result_D, owner))[0]
     return not _fits(ctx, check[2][owner], actual)
