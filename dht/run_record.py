@@ -27,15 +27,13 @@ run record of a newer ``v`` is relayed by every node but left out of ``list_runs
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated
 
-from hivemind.utils import MSGPackSerializer
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
-from pydantic import ValidationError as PydanticValidationError
 
 import swarm_peer
 from swarm_peer.dht.listing import Listing
-from swarm_peer.dht.records import MAX_VALUE_BYTES, PRINTABLE
+from swarm_peer.dht.records import PRINTABLE
 from swarm_peer.errors import ValidationError
 
 __all__ = [
@@ -71,8 +69,6 @@ _WIRE_NAMES = {
     "aggregator": "ag",
     "version": "ver",
 }
-_ENVELOPE = ("t", "v", "r")  # tag, schema version, run id
-assert not set(_ENVELOPE) & set(_WIRE_NAMES.values()), "wire names must not collide with the envelope"
 
 _RUN_ID_RE = re.compile(RUN_ID_PATTERN.strip("^$"))
 _Text = Annotated[str, StringConstraints(strict=True, min_length=1, pattern=PRINTABLE)]
@@ -130,36 +126,17 @@ class RunInfo(BaseModel):
     )
 
 
-# the runs key, its subkeys and the envelope of its records: kind, key, tag, version, name field, name check
-RUNS = Listing("run", RUNS_KEY, RUN_RECORD_TAG, RUN_SCHEMA_VERSION, "r", validate_run_id)
-
-
-def run_to_dht_value(info: RunInfo) -> dict[str, Any]:
-    """The compact wire form of ``info`` (see the module docstring).
-
-    Raises ``ValidationError`` if ``info`` is invalid (a ``model_copy(update=...)`` is not validated by
-    pydantic, so this checks it again) or serializes to more than ``MAX_VALUE_BYTES``.
-    """
-    value = {"t": RUN_RECORD_TAG, "v": RUN_SCHEMA_VERSION, "r": info.run_id}
-    value.update((wire, getattr(info, name)) for name, wire in _WIRE_NAMES.items())
-    size = len(MSGPackSerializer.dumps(value))
-    if size > MAX_VALUE_BYTES:
-        raise ValidationError(
-            f"run record is {size} bytes serialized, over the cap of {MAX_VALUE_BYTES} bytes"
-        )
-    run_from_dht_value(value)  # refuse what readers would refuse
-    return value
-
-
-def run_from_dht_value(value: Any) -> RunInfo:
-    """Parse a wire record made by ``run_to_dht_value``; unknown fields are ignored.
-
-    Raises ``ValidationError`` if the value is not a run record, has another schema version, or has malformed
-    fields.
-    """
-    RUNS.check_version(value)
-    fields = {name: value[wire] for name, wire in _WIRE_NAMES.items() if wire in value}
-    try:
-        return RunInfo.model_validate({"run_id": value["r"], **fields})
-    except PydanticValidationError as e:
-        raise ValidationError(f"malformed run record for {value['r']}: {e}") from e
+# the runs key, its subkeys, the envelope of its records and their codec
+RUNS = Listing(
+    "run",
+    RUNS_KEY,
+    RUN_RECORD_TAG,
+    RUN_SCHEMA_VERSION,
+    "r",
+    validate_run_id,
+    RunInfo,
+    ("run_id",),
+    _WIRE_NAMES,
+)
+run_to_dht_value = RUNS.to_dht_value  # RunInfo -> the compact wire form (see the module docstring)
+run_from_dht_value = RUNS.from_dht_value  # and back; ValidationError if not a well-formed run record
