@@ -7,16 +7,27 @@
         models = list_models(dht)                                # {"llama-7b": 32}: the models peers serve
     with RunAnnouncer(dht, lambda: run_info, period=30):        # a volunteer of a training run
         runs = list_runs(dht)                                    # {"my-run": {"QmPeer...": RunInfo}}
+        bans = list_bans(dht)                      # {"my-run": {"QmLiar...": {"QmDeclarer...": "reason"}}}
+        agreed_bans(bans["my-run"], runs["my-run"])              # {"QmLiar...": "reason"}: most agree
 
 Records live under ``"{model_id}.{block}"`` in a subkey owned by the announcing peer (its peer id and RSA
 key); hivemind's ``RSASignatureValidator`` keeps others from overwriting them and ``SwarmRecordValidator``
 rejects malformed, misplaced or impersonating records. Each peer also lists its model under ``MODELS_KEY``
 (``catalog``, ``model_record``), so that the models a swarm serves can be found without knowing them, and each
-volunteer of a training run lists the run under ``RUNS_KEY`` (``run_record``).
+volunteer of a training run lists the run under ``RUNS_KEY`` (``run_record``), and, in a verified run, the peers it
+bans under ``BANS_KEY`` (``ban_record``).
 """
 
-from swarm_peer.dht.announce import Announcer, RunAnnouncer, declare_run, declare_span
-from swarm_peer.dht.catalog import list_model_infos, list_models, list_runs
+from swarm_peer.dht.announce import Announcer, RunAnnouncer, declare_bans, declare_run, declare_span
+from swarm_peer.dht.ban_record import (
+    BANS,
+    BANS_KEY,
+    BanInfo,
+    agreed_bans,
+    ban_from_dht_value,
+    ban_to_dht_value,
+)
+from swarm_peer.dht.catalog import list_bans, list_model_infos, list_models, list_runs, list_runs_and_bans
 from swarm_peer.dht.identity import load_identity, peer_id_from_public_key
 from swarm_peer.dht.keys import (
     block_key,
@@ -71,6 +82,8 @@ from swarm_peer.dht.run_record import (
 from swarm_peer.dht.validation import SwarmRecordValidator
 
 __all__ = [
+    "BANS",
+    "BANS_KEY",
     "DEFAULT_TIMEOUT",
     "MAX_BLOCKS",
     "MAX_RECORD_TTL",
@@ -83,6 +96,7 @@ __all__ = [
     "RUN_ID_PATTERN",
     "SCHEMA_VERSION",
     "Announcer",
+    "BanInfo",
     "Listing",
     "ModelInfo",
     "RunAnnouncer",
@@ -90,18 +104,24 @@ __all__ = [
     "ServerInfo",
     "ServerState",
     "SwarmRecordValidator",
+    "agreed_bans",
+    "ban_from_dht_value",
+    "ban_to_dht_value",
     "block_key",
     "block_key_id",
     "block_ranges",
     "create_dht",
+    "declare_bans",
     "declare_run",
     "declare_span",
     "from_dht_value",
     "get_block_servers",
     "is_swarm_record",
+    "list_bans",
     "list_model_infos",
     "list_models",
     "list_runs",
+    "list_runs_and_bans",
     "load_identity",
     "local_peer_id",
     "local_subkey",

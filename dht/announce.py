@@ -21,6 +21,11 @@ A volunteer of a training run is listed the same way, under ``RUNS_KEY`` (``run_
     declare_run(dht, RunInfo(run_id="my-run", ...), get_dht_time() + 60)       # once
     with RunAnnouncer(dht, lambda: trainer_info(), period=30):                   # keep it up while training
         ...
+
+and so are the peers a volunteer of a verified run bans, under ``BANS_KEY`` (``ban_record``)::
+
+    declare_bans(dht, "my-run", {"QmLiar...": "owner: wrong result"}, get_dht_time() + 60)
+    RunAnnouncer(dht, lambda: trainer_info(), bans=lambda: dict(trainer.banned))  # with every run record
 """
 
 from __future__ import annotations
@@ -30,13 +35,14 @@ import asyncio
 import logging
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Generic, Self, TypeVar
 
 import hivemind
 from hivemind.utils import get_dht_time
 from pydantic import ValidationError as PydanticValidationError
 
+from swarm_peer.dht.ban_record import BANS, BANS_KEY, BanInfo, ban_to_dht_value, short_reason
 from swarm_peer.dht.keys import block_key, block_ranges, validate_model_id
 from swarm_peer.dht.model_record import MODELS_KEY, ModelInfo, model_subkey, model_to_dht_value
 from swarm_peer.dht.node import DEFAULT_TIMEOUT, local_subkey, run_in_dht
@@ -44,12 +50,13 @@ from swarm_peer.dht.records import MAX_ANNOUNCE_PERIOD, MAX_RECORD_TTL, ServerIn
 from swarm_peer.dht.run_record import RUNS, RUNS_KEY, RunInfo, run_to_dht_value
 from swarm_peer.errors import ValidationError
 
-__all__ = ["Announcer", "RunAnnouncer", "declare_run", "declare_span"]
+__all__ = ["Announcer", "RunAnnouncer", "declare_bans", "declare_run", "declare_span"]
 
 logger = logging.getLogger(__name__)
 Info = TypeVar("Info", ServerInfo, RunInfo)
 
 _EXPIRATION_STEP = 1e-3  # seconds; a replacing record must expire strictly later than the one it replaces
+_BANS_PER_REQUEST = 12  # ~200 bytes each with the longest reason: a request stays well under 4 KiB
 
 
 async def _store_span(
@@ -403,6 +410,84 @@ def declare_run(
     return bool(stored)
 
 
+async def _store_bans(
+    _dht: hivemind.DHT,
+    node: hivemind.DHTNode,
+    *,
+    timeout: float,
+    run_id: str,
+    bans: tuple[tuple[str, str], ...],
+    subkey: bytes,
+    expiration_time: float,
+) -> dict[str, bool] | None:
+    """In the DHT process: store a ban record per (peer, reason) of ``bans`` under ``BANS_KEY`` in one
+    ``store_many``; {peer: stored}, None on timeout. Records and subkeys are built here, so that the request over
+    the pipe stays small."""
+    infos = [BanInfo(run_id=run_id, peer=peer, reason=reason) for peer, reason in bans]
+    subkeys = [BANS.subkey(f"{run_id}/{info.peer}", subkey) for info in infos]
+    values = [ban_to_dht_value(info) for info in infos]
+    try:
+        stored = await asyncio.wait_for(
+            node.store_many([BANS_KEY] * len(infos), values, expiration_time, subkeys=subkeys), timeout
+        )
+    except TimeoutError:
+        return None
+    return {info.peer: bool(stored[BANS_KEY, s]) for info, s in zip(infos, subkeys, strict=True)}
+
+
+def declare_bans(
+    dht: hivemind.DHT,
+    run_id: str,
+    banned: Mapping[str, str],
+    expiration_time: float,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> bool:
+    """Declare that this volunteer bans the peers of ``banned`` ({peer id (base58): reason}) from ``run_id``
+    (``ban_record``), until ``expiration_time``.
+
+    Each ban is a record under ``BANS_KEY``, in this peer's subkey for it (``BANS.subkey``); reasons are cut to
+    what a record may say (``short_reason``). Requests carry at most ``_BANS_PER_REQUEST`` bans each (a request
+    to the DHT process stays under 4 KiB), each bounded by ``timeout``. ``expiration_time`` is absolute, in
+    ``hivemind.get_dht_time()`` seconds; it must be later than that of the records it replaces.
+
+    Returns True if the DHT accepted every record (or there were none), False otherwise (logged as a warning).
+    Raises ``ValidationError`` for a malformed run id or peer id, a foreign ``dht``, or an expiration more than
+    ``MAX_RECORD_TTL`` from now: every node would refuse them.
+    """
+    _check_expiration(expiration_time)
+    bans = []
+    for peer, why in sorted(banned.items()):
+        info = BanInfo.model_construct(run_id=run_id, peer=peer, reason=short_reason(why))
+        ban_to_dht_value(info)  # raise here, not in the DHT process
+        bans.append((peer, info.reason))
+    subkey, ok = local_subkey(dht), True
+    for start in range(0, len(bans), _BANS_PER_REQUEST):
+        chunk = tuple(bans[start : start + _BANS_PER_REQUEST])
+        try:
+            stored = run_in_dht(
+                dht,
+                _store_bans,
+                timeout=timeout,
+                run_id=run_id,
+                bans=chunk,
+                subkey=subkey,
+                expiration_time=float(expiration_time),
+            )
+        except TimeoutError:
+            stored = None
+        if stored is None:
+            logger.warning(
+                "Declaring %d bans from run %s timed out after %.1f s", len(chunk), run_id, timeout
+            )
+            ok = False
+        elif not all(stored.values()):
+            refused = [peer for peer, was_stored in stored.items() if not was_stored]
+            logger.warning("The DHT did not store the bans of %s from run %s", ", ".join(refused), run_id)
+            ok = False
+    return ok
+
+
 class RunAnnouncer(_PeriodicAnnouncer[RunInfo]):
     """A daemon thread that keeps this volunteer listed in its training run (``declare_run``).
 
@@ -412,8 +497,11 @@ class RunAnnouncer(_PeriodicAnnouncer[RunInfo]):
     failed announcement is logged and retried at the next period, and an exception from ``info`` skips that
     round. Usable as a context manager, which starts and stops it::
 
-        with RunAnnouncer(dht, lambda: trainer.run_info(), period=30):
+        with RunAnnouncer(dht, lambda: trainer.run_info(), period=30, bans=lambda: dict(trainer.banned)):
             trainer.train()
+
+    ``bans`` (optional, called from the thread) returns the peers this volunteer bans from the run, {peer id
+    (base58): reason}: they are declared with every run record, with the same expiration (``declare_bans``).
     """
 
     def __init__(
@@ -423,8 +511,10 @@ class RunAnnouncer(_PeriodicAnnouncer[RunInfo]):
         period: float = 30.0,
         *,
         timeout: float = DEFAULT_TIMEOUT,
+        bans: Callable[[], Mapping[str, str]] | None = None,
     ):
         super().__init__(dht, info, period, timeout=timeout, what="run")
+        self.bans = bans
 
     def stop(self, final: bool = True, timeout: float | None = None) -> bool:
         """Stop announcing and join the thread; True if it ended within ``timeout``.
@@ -438,3 +528,6 @@ class RunAnnouncer(_PeriodicAnnouncer[RunInfo]):
 
     def _declare(self, info: RunInfo, expiration_time: float) -> None:
         declare_run(self.dht, info, expiration_time, timeout=self.timeout)
+        banned = self.bans() if self.bans is not None else {}
+        if banned:
+            declare_bans(self.dht, info.run_id, banned, expiration_time, timeout=self.timeout)

@@ -6,8 +6,8 @@ the hash of a fixed key name, while our keys are dynamic (``"{model_id}.{block}"
 
 What it accepts and rejects (``validate`` returns False to reject):
 
-- a value that is not a swarm record (no ``"swarm.server"``, ``"swarm.model"`` or ``"swarm.run"`` tag) outside
-  ``MODELS_KEY`` and ``RUNS_KEY``: accepted, other hivemind components (averagers, progress trackers) share
+- a value that is not a swarm record (no ``"swarm.server"``, ``"swarm.model"``, ``"swarm.run"`` or
+  ``"swarm.ban"`` tag) outside ``MODELS_KEY``, ``RUNS_KEY`` and ``BANS_KEY``: accepted, other hivemind components (averagers, progress trackers) share
   the DHT;
 - a value that does not deserialize: rejected (hivemind would fail on it when returning it from a get);
 - a tagged record that expires more than ``MAX_RECORD_TTL`` seconds from now (by this node's clock): rejected,
@@ -22,7 +22,10 @@ What it accepts and rejects (``validate`` returns False to reject):
   ``<model id>@<peer id>[owner:<rsa key>]`` of the same model id, checked the same way; a model record under
   any other key is rejected;
 - under ``RUNS_KEY``, likewise, only training-run records (``run_record``) in an owned subkey
-  ``<run id>@<peer id>[owner:<rsa key>]`` of the same run id; a run record under any other key is rejected.
+  ``<run id>@<peer id>[owner:<rsa key>]`` of the same run id; a run record under any other key is rejected;
+- under ``BANS_KEY``, likewise, only ban records (``ban_record``) in an owned subkey
+  ``<run id>/<banned peer id>@<peer id>[owner:<rsa key>]`` of the same run and banned peer, with a bounded,
+  printable reason; a ban record under any other key is rejected.
 
 Ordering with ``RSASignatureValidator``: hivemind's ``CompositeValidator`` sorts validators by ``priority``,
 signs in increasing and validates in decreasing priority, stripping each validator's signature before the
@@ -43,6 +46,7 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p import PeerID
 from hivemind.utils import MSGPackSerializer, get_dht_time
 
+from swarm_peer.dht.ban_record import BANS, ban_from_dht_value
 from swarm_peer.dht.identity import peer_id_from_public_key
 from swarm_peer.dht.keys import block_key_id, parse_peer_subkey
 from swarm_peer.dht.listing import Listing
@@ -66,7 +70,11 @@ logger = logging.getLogger(__name__)
 # per listing: its key and records, its hashed key, the parser of the fields of the version this peer reads
 _LISTINGS = tuple(
     (listing, listing.key_id(), parse)
-    for listing, parse in ((MODELS, model_from_dht_value), (RUNS, run_from_dht_value))
+    for listing, parse in (
+        (MODELS, model_from_dht_value),
+        (RUNS, run_from_dht_value),
+        (BANS, ban_from_dht_value),
+    )
 )
 
 
