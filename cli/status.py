@@ -31,10 +31,21 @@ of the group it averaged with last)::
        QmXuFb…paGnYH                                    120   3.2104       2                                 0.1.0
        Qma65r…9xNcCd                                    119   3.3012       2                                 0.1.0
 
+Then, for verified runs (``swarm-peer train --verify``), a third table lists the peers volunteers declare banned
+(``dht.list_bans``, in the same DHT request as the runs): per run, how many volunteers it lists, then a row per
+banned peer: how many of them declare the ban, whether the run agrees on it (``dht.agreed_bans``: a strict
+majority of its volunteers, whom every volunteer then bans), and a reason::
+
+     training run / banned peer   declared by   agreed   reason
+     ─────────────────────────────────────────────────────────────────────────────
+     my-run                              of 5
+       Qma65r…9xNcCd                        3   yes      owner: wrong result
+       QmXuFb…paGnYH                        1   no       input: scaled
+
 The command is bounded: ``--timeout`` is one deadline for all of it (joining, listing, lookups, pings); at most
 ``MAX_MODELS`` models are looked up (pass MODEL to see another), each in one request for at most ``MAX_BLOCKS``
 blocks (records that claim more are refused by every node), and at most ``MAX_RUNS`` runs are shown, with at
-most ``MAX_RUN_PEERS`` volunteers each. What the deadline cuts off is named in a warning; a swarm that does not
+most ``MAX_RUN_PEERS`` volunteers and ``MAX_BANS`` bans each. What the deadline cuts off is named in a warning; a swarm that does not
 list its runs in time still gets its models shown, with a warning that the runs are unknown.
 
 Exit status: 0 when every shown model has a reachable ONLINE peer on every block, 1 otherwise (a model cut off
@@ -65,10 +76,11 @@ from swarm_peer.dht import (
     RunInfo,
     ServerInfo,
     ServerState,
+    agreed_bans,
     block_ranges,
     get_block_servers,
     list_model_infos,
-    list_runs,
+    list_runs_and_bans,
     validate_model_id,
 )
 from swarm_peer.errors import ValidationError
@@ -78,12 +90,14 @@ from swarm_peer.settings import ClientSettings, NetworkSettings
 __all__ = [
     "BAR_WIDTH",
     "MAX_MODELS",
+    "MAX_BANS",
     "MAX_RUNS",
     "MAX_RUN_PEERS",
     "PING_TIMEOUT",
     "ModelStatus",
     "coverage_bar",
     "model_status",
+    "render_bans",
     "render_runs",
     "render_status",
     "resolve_model",
@@ -97,6 +111,7 @@ BAR_WIDTH = 60  # at most this many columns per bar; a column stands for ceil(nu
 MAX_MODELS = 16  # models looked up when no MODEL is given (anyone can list models: the list is not trusted)
 MAX_RUNS = 16  # training runs shown, those with most volunteers (anyone can list runs: not trusted)
 MAX_RUN_PEERS = 32  # volunteer rows shown per run, the furthest first
+MAX_BANS = 32  # ban rows shown per run, the most declared first
 PING_TIMEOUT = 2.0  # seconds an ONLINE peer has to answer its info RPC before it is shown UNREACHABLE
 _NON_TERMINAL_WIDTH = 240  # piped output: wide enough that rich never folds a row
 _STATE_STYLES = {ServerState.ONLINE: "green", ServerState.JOINING: "yellow", ServerState.OFFLINE: "dim red"}
@@ -299,6 +314,44 @@ def render_runs(runs: dict[str, dict[str, RunInfo]], console: Console) -> None:
     console.print(table)
 
 
+def render_bans(
+    runs: dict[str, dict[str, RunInfo]], bans: dict[str, dict[str, dict[str, str]]], console: Console
+) -> None:
+    """Print one table: per run, the peers its volunteers declare banned, the most declared first.
+
+    ``bans`` is ``dht.list_bans``'s {run id: {banned peer: {declarer: reason}}}, ``runs`` ``dht.list_runs``'s. A row
+    says how many of the run's listed volunteers declare the ban (declarations of others count for nothing),
+    whether the run agrees on it (``dht.agreed_bans``: a strict majority), and the reason most of them give.
+    """
+    table = Table(box=box.SIMPLE_HEAD, header_style="bold")
+    table.add_column("training run / banned peer", no_wrap=True)
+    table.add_column("declared by", justify="right", no_wrap=True)
+    table.add_column("agreed", no_wrap=True)
+    table.add_column("reason")
+    for run_id, banned in bans.items():
+        volunteers = runs.get(run_id, {})
+        agreed = agreed_bans(banned, volunteers)
+        declared = {
+            peer: [why for declarer, why in declarers.items() if declarer in volunteers]
+            for peer, declarers in banned.items()
+        }
+        rows = sorted(declared.items(), key=lambda item: (item[0] not in agreed, -len(item[1]), item[0]))
+        table.add_row(Text(run_id, style="bold"), f"of {len(volunteers)}", "", "")
+        for peer, reasons in rows[:MAX_BANS]:
+            table.add_row(
+                "  " + _short(peer),
+                str(len(reasons)),
+                Text("yes", style="bold red") if peer in agreed else Text("no", style="dim"),
+                Text(
+                    agreed.get(peer) or (_most_said(sorted(reasons)) if reasons else "")
+                ),  # never rich markup
+            )
+        if len(rows) > MAX_BANS:
+            table.add_row(Text(f"  … {len(rows) - MAX_BANS} more", style="dim"))
+        table.add_section()
+    console.print(table)
+
+
 def _most_said(values):
     """The value said most often, the first said on a tie."""
     return Counter(values).most_common(1)[0][0]
@@ -348,7 +401,11 @@ def run_status(
         if models and not found:
             raise TimeoutError(f"no model could be looked up within {timeout:.1f} s")
         # the swarm-wide view also lists training runs: after the models' lookups, leaving the pings their time
-        runs = _runs_to_show(dht, deadline, reserve=PING_TIMEOUT if found else 0.0) if model is None else {}
+        runs, bans = (
+            _runs_to_show(dht, deadline, reserve=PING_TIMEOUT if found else 0.0)
+            if model is None
+            else ({}, {})
+        )
         if not models and not runs:
             what = (
                 "a model or a training run"
@@ -373,6 +430,8 @@ def run_status(
         render_status(statuses, console)
     if runs:
         render_runs(runs, console)
+    if bans:
+        render_bans(runs or {}, bans, console)
     elif runs is None:
         logger.warning("training runs unknown: the swarm did not list them within --timeout %.1f s", timeout)
     incomplete = [status for status in statuses if not status.covered]
@@ -405,21 +464,22 @@ def _models_to_show(
 
 def _runs_to_show(
     dht: hivemind.DHT, deadline: _Deadline, reserve: float
-) -> dict[str, dict[str, RunInfo]] | None:
-    """The training runs volunteers list, at most ``MAX_RUNS`` (those with most volunteers), sorted by run id;
-    None if the DHT does not list them before ``reserve`` seconds are left of the deadline."""
+) -> tuple[dict[str, dict[str, RunInfo]] | None, dict[str, dict[str, dict[str, str]]]]:
+    """The training runs volunteers list, at most ``MAX_RUNS`` (those with most volunteers), sorted by run id, and
+    the bans declared in them (one DHT request); (None, {}) if the DHT does not list them before ``reserve``
+    seconds are left of the deadline."""
     try:
-        runs = list_runs(dht, timeout=deadline.left(reserve=reserve))
+        runs, bans = list_runs_and_bans(dht, timeout=deadline.left(reserve=reserve))
     except TimeoutError:
         logger.debug("Listing the training runs ran out of time", exc_info=True)
-        return None
+        return None, {}
     if len(runs) > MAX_RUNS:
         logger.warning(
             "volunteers list %d training runs; showing the %d with most volunteers", len(runs), MAX_RUNS
         )
         shown = sorted(runs, key=lambda run_id: (-len(runs[run_id]), run_id))[:MAX_RUNS]
         runs = {run_id: runs[run_id] for run_id in sorted(shown)}
-    return runs
+    return runs, {run_id: bans[run_id] for run_id in runs if run_id in bans}
 
 
 def _unreachable(

@@ -71,7 +71,10 @@ def run_train(settings: TrainSettings) -> None:
     dht = create_dht(**settings.network.model_dump())
     trainer = DiLoCoTrainer(model, stream, settings, dht)
     announcer = RunAnnouncer(
-        dht, lambda: _run_info(trainer, settings.model if settings.model == DEMO_MODEL else path.name)
+        dht,
+        lambda: _run_info(trainer, settings.model if settings.model == DEMO_MODEL else path.name),
+        # a verified run's volunteers declare whom they ban, so that those that missed the round ban them too
+        bans=(lambda: dict(trainer.banned)) if settings.verify else None,
     )
     announcer.start()
     finished = False

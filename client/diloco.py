@@ -33,7 +33,9 @@ import json
 import logging
 import shutil
 import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,8 +44,10 @@ from hivemind.compression import Float16Compression, NoCompression, Uniform8BitQ
 from torch import nn
 
 from swarm_peer.client.text_data import TokenStream
+from swarm_peer.dht.ban_record import agreed_bans
+from swarm_peer.dht.catalog import list_runs_and_bans
 from swarm_peer.dht.identity import public_key_bytes
-from swarm_peer.dht.node import local_identity
+from swarm_peer.dht.node import local_identity, local_peer_id
 from swarm_peer.errors import ValidationError
 from swarm_peer.protocols.averaging import RobustAverager
 from swarm_peer.protocols.board import peers_of, run_round
@@ -58,6 +62,8 @@ _CODECS = {"none": NoCompression, "float16": Float16Compression, "8bit": Uniform
 _STATE_VERSION = 1
 TRAINER_STATE = "trainer_state.pt"  # beside the weights in a checkpoint folder
 TRAIN_LOG = "train_log.jsonl"  # and every step's StepRecord, one JSON object a line
+BANS_LOOKUP_INTERVAL = 5.0  # seconds: the run's bans are looked up at most this often (verified rounds)
+BANS_LOOKUP_TIMEOUT = 5.0  # seconds a lookup of the run's bans may take
 
 
 @dataclass(frozen=True)
@@ -104,7 +110,12 @@ class DiLoCoTrainer:
         if settings.verify:  # members replay each other's batches: only volunteers on the same text average
             self.prefix += "-" + hashlib.sha256(stream.tokens.numpy().tobytes()).hexdigest()[:12]
         self.key = local_identity(dht) if settings.verify else None
-        self.banned: dict[str, str] = {}  # peer id -> why (verified rounds)
+        self.banned: dict[
+            str, str
+        ] = {}  # peer id -> why (verified rounds): judged here, or the run's agreed bans
+        self._bans_lookup: Future | None = None  # the run's bans, being looked up (off the training thread)
+        self._bans_looked_up = -float("inf")  # when the last lookup started (time.monotonic)
+        self._lookups: ThreadPoolExecutor | None = None
         self._replica: nn.Module | None = None  # recomputes other members' updates (verified rounds)
         self._round = 0  # the number of the round under way (verified rounds)
         self.averager = _RunAverager(
@@ -145,7 +156,10 @@ class DiLoCoTrainer:
         return [s["momentum_buffer"].clone() for s in states] if all(states) else []
 
     def join(self, timeout: float = 30.0) -> bool:
-        """Takes the run's state from a member that shares it, if one does and it is ahead; whether it did."""
+        """Takes the run's state from a member that shares it, if one does and it is ahead; whether it did.
+        With ``--verify``, first applies the run's agreed bans (``apply_run_bans``)."""
+        if self.key is not None:
+            self.apply_run_bans(wait=True)
         loaded = self.averager.load_state_from_peers(timeout=timeout)
         if loaded is None:
             return False
@@ -298,9 +312,51 @@ class DiLoCoTrainer:
         """A verified round's update must be replayable from the global weights alone: its batches come from the
         round's seed, and the inner optimizer starts afresh."""
         self._round = self.step // self.settings.inner_steps
+        self.apply_run_bans(wait=False)
         self.generator.manual_seed(self._round_seed(public_key_bytes(self.key)))
         if not self.synchronous:
             self.inner.state.clear()
+
+    def apply_run_bans(self, *, wait: bool = True) -> dict[str, str]:
+        """Bans the peers the run's volunteers agree to ban (``dht.ban_record.agreed_bans``) that this volunteer
+        does not ban yet; returns them, {peer id: reason}.
+
+        Lookups run off the training thread, one DHT request each (the runs and the bans listings), at most one
+        per ``BANS_LOOKUP_INTERVAL``. With ``wait``, this waits for a lookup (started now unless one is under way;
+        at most ``BANS_LOOKUP_TIMEOUT``); without, it applies what the last lookup found, if it is done, and starts
+        the next one: a verified round's start never waits on the DHT, and bans apply a round later.
+        """
+        now = time.monotonic()
+        if self._bans_lookup is None and now - self._bans_looked_up >= (
+            0.0 if wait else BANS_LOOKUP_INTERVAL
+        ):
+            if self._lookups is None:
+                self._lookups = ThreadPoolExecutor(1, thread_name_prefix="swarm-bans")
+            self._bans_looked_up = now
+            self._bans_lookup = self._lookups.submit(_run_bans, self.dht, self.settings.run_id)
+        lookup = self._bans_lookup
+        if lookup is None or not (wait or lookup.done()):
+            return {}
+        self._bans_lookup = None
+        try:
+            agreed = lookup.result(timeout=BANS_LOOKUP_TIMEOUT + 1.0)
+        except (
+            Exception
+        ) as e:  # a DHT that does not answer (TimeoutError) or is gone: the next lookup retries
+            logger.debug("Looking up the run's bans failed: %s: %s", type(e).__name__, e)
+            return {}
+        me = local_peer_id(self.dht).to_base58()
+        if me in agreed:
+            logger.warning(
+                "The volunteers of run %s agree to ban this peer: %s", self.settings.run_id, agreed[me]
+            )
+        new = {peer: why for peer, why in agreed.items() if peer not in self.banned and peer != me}
+        for peer, why in new.items():
+            logger.warning("Applied the run's ban of %s: %s", peer, why)
+        if new:
+            self.banned.update(new)
+            self.averager.ban(list(new))
+        return new
 
     def _recompute(self, key: bytes) -> torch.Tensor:
         """The update a member with this key should have sent this round: its batches, from the global weights
@@ -411,7 +467,15 @@ class DiLoCoTrainer:
             self.history = [StepRecord(**json.loads(line)) for line in log.read_text().splitlines()]
 
     def shutdown(self) -> None:
+        if self._lookups is not None:
+            self._lookups.shutdown(wait=False, cancel_futures=True)
         self.averager.shutdown()
+
+
+def _run_bans(dht, run_id: str) -> dict[str, str]:
+    """The bans the volunteers of ``run_id`` agree on, {peer id: reason}, in one DHT request."""
+    runs, bans = list_runs_and_bans(dht, run_id, timeout=BANS_LOOKUP_TIMEOUT)
+    return agreed_bans(bans.get(run_id, {}), runs.get(run_id, {}))
 
 
 def latest_checkpoint(directory: str | Path) -> Path | None:
