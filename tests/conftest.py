@@ -5,18 +5,26 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import hivemind  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hivemind.dht.validation import CompositeValidator, DHTRecord  # noqa: E402
+from hivemind.utils import MSGPackSerializer, get_dht_time  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config  # noqa: E402
 
 from swarm_peer.cli.local_swarm import LocalSwarm  # noqa: E402
+from swarm_peer.dht import create_dht, visible_maddrs  # noqa: E402
 from swarm_peer.models import DEMO_MODEL, attention_shape, resolve_checkpoint  # noqa: E402
 from swarm_peer.settings import ClientSettings, NetworkSettings  # noqa: E402
 
+WAIT = 10.0  # seconds: the bound of every wait on the DHT in the tests of records
 SMALL_CONFIG = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -82,3 +90,58 @@ def run_cli(*args, timeout: float = 120) -> subprocess.CompletedProcess:
         timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
+
+
+# ---------------------------------------------------------------- DHT records
+
+
+@pytest.fixture(scope="module")
+def dht_swarm() -> Iterator[SimpleNamespace]:
+    """A bootstrap DHT node and two more (``one``, ``two``), all on 127.0.0.1, in this process."""
+    dhts: list[hivemind.DHT] = []
+    try:
+        dhts.append(create_dht())
+        initial_peers = visible_maddrs(dhts[0])
+        dhts.append(create_dht(initial_peers=initial_peers))
+        dhts.append(create_dht(initial_peers=initial_peers))
+        boot, one, two = dhts
+        yield SimpleNamespace(boot=boot, one=one, two=two, initial_peers=initial_peers)
+    finally:
+        for dht in dhts:
+            dht.shutdown()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = WAIT) -> bool:
+    """Whether ``condition()`` became true within ``timeout`` seconds (polled every 0.1 s)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+def signed_record(
+    validator: CompositeValidator, key: bytes, subkey: bytes, value, ttl: float = 30.0
+) -> DHTRecord:
+    """A record as DHTNode.store_many builds it: serialized subkey and value, expiring in ``ttl`` s, then signed."""
+    record = DHTRecord(
+        key, MSGPackSerializer.dumps(subkey), MSGPackSerializer.dumps(value), get_dht_time() + ttl
+    )
+    return DHTRecord(record.key, record.subkey, validator.sign_value(record), record.expiration_time)
+
+
+def raw_store(writer: hivemind.DHT, key: str, value, subkey: bytes, ttl: float = 30.0) -> bool:
+    """Store ``value`` as a modified peer would (signed by ``writer``, no local checks); whether another node took
+    it (``exclude_self``: the writer's own validator has no say)."""
+    future = writer.store(
+        key, value, get_dht_time() + ttl, subkey=subkey, exclude_self=True, return_future=True
+    )
+    return future.result(timeout=WAIT)
+
+
+def table_row(stdout: str, *cells: str) -> str:
+    """The one line of a printed table that holds all ``cells``."""
+    lines = [line for line in stdout.splitlines() if all(cell in line for cell in cells)]
+    assert len(lines) == 1, f"expected one row with {cells} in:\n{stdout}"
+    return lines[0]

@@ -7,20 +7,17 @@ Records a dishonest volunteer could write are stored with raw hivemind stores (s
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from types import SimpleNamespace
 
 import hivemind
 import pydantic
 import pytest
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.routing import DHTID
-from hivemind.dht.validation import CompositeValidator, DHTRecord
+from hivemind.dht.validation import CompositeValidator
 from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 from rich.console import Console
@@ -46,26 +43,16 @@ from swarm_peer.dht import (
     run_from_dht_value,
     run_in_dht,
     run_to_dht_value,
-    visible_maddrs,
 )
 from swarm_peer.dht.records import MAX_ANNOUNCE_PERIOD
 from swarm_peer.errors import ValidationError
 
-WAIT = 10.0  # seconds: the bound of every wait on the DHT in these tests
+from .conftest import WAIT, raw_store, signed_record, table_row, wait_until
 
 
 def _info(run_id: str = "alpha", **fields) -> RunInfo:
     defaults = dict(model_name="tiny-llama", step=7, loss=2.5, peers=2, inner_steps=50, aggregator="mean")
     return RunInfo(run_id=run_id, **{**defaults, **fields})
-
-
-def _wait_until(condition: Callable[[], bool], timeout: float = WAIT) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return condition()
 
 
 # ---------------------------------------------------------------- the record (no network)
@@ -136,9 +123,7 @@ def test_validator_accepts_only_owned_well_formed_run_records_under_the_runs_key
 
     def accepted(value, subkey: bytes = own, key: bytes = runs_key, ttl: float = 30.0) -> bool:
         """Whether a node takes ``value`` from alice (signed by her key) in ``subkey`` of ``key``."""
-        subkey, value = MSGPackSerializer.dumps(subkey), MSGPackSerializer.dumps(value)
-        record = DHTRecord(key, subkey, value, get_dht_time() + ttl)
-        return validator.validate(dataclasses.replace(record, value=validator.sign_value(record)))
+        return validator.validate(signed_record(validator, key, subkey, value, ttl))
 
     assert RUNS.parse_subkey(own)[:2] == ("alpha", alice_id)
     assert accepted(good)
@@ -166,59 +151,34 @@ def test_runs_table_says_what_most_volunteers_say_literally():
     render_runs({"alpha": volunteers}, Console(file=out, width=200))
     text = out.getvalue()
     # the name most volunteers give, the highest step, the count of all; rich markup is not interpreted
-    _row(text, "alpha", "[red]x[/]", str(MAX_RUN_PEERS + 3), str(MAX_RUN_PEERS + 2), "[b]", "50")
-    _row(text, f"Qm{MAX_RUN_PEERS + 2:04d}", "2.5000")  # the furthest volunteer first
+    table_row(text, "alpha", "[red]x[/]", str(MAX_RUN_PEERS + 3), str(MAX_RUN_PEERS + 2), "[b]", "50")
+    table_row(text, f"Qm{MAX_RUN_PEERS + 2:04d}", "2.5000")  # the furthest volunteer first
     assert "… 3 more" in text and "Qm0000" not in text, text
 
 
 # ---------------------------------------------------------------- real DHTs
 
 
-@pytest.fixture(scope="module")
-def swarm() -> Iterator[SimpleNamespace]:
-    """A bootstrap node and two volunteers' nodes, all on 127.0.0.1."""
-    dhts: list[hivemind.DHT] = []
-    try:
-        dhts.append(create_dht())
-        initial_peers = visible_maddrs(dhts[0])
-        dhts.append(create_dht(initial_peers=initial_peers))
-        dhts.append(create_dht(initial_peers=initial_peers))
-        boot, one, two = dhts
-        yield SimpleNamespace(boot=boot, one=one, two=two, initial_peers=initial_peers)
-    finally:
-        for dht in dhts:
-            dht.shutdown()
-
-
-def _raw_store(writer: hivemind.DHT, value, subkey: bytes, ttl: float = 30.0) -> bool:
-    """Store ``value`` under ``RUNS_KEY`` as a modified volunteer would (signed by ``writer``, no local checks);
-    whether another node took it (``exclude_self``: the writer's own validator has no say)."""
-    future = writer.store(
-        RUNS_KEY, value, get_dht_time() + ttl, subkey=subkey, exclude_self=True, return_future=True
-    )
-    return future.result(timeout=WAIT)
-
-
 @pytest.mark.timeout(30)
-def test_nodes_refuse_malformed_long_lived_and_foreign_run_records(swarm):
-    writer, victim = swarm.two, swarm.one
+def test_nodes_refuse_malformed_long_lived_and_foreign_run_records(dht_swarm):
+    writer, victim = dht_swarm.two, dht_swarm.one
     subkey = RUNS.subkey("refusals", local_subkey(writer))
     good = run_to_dht_value(_info("refusals"))
-    assert _raw_store(writer, good, subkey)  # the control: a well-formed record is stored
+    assert raw_store(writer, RUNS_KEY, good, subkey)  # the control: a well-formed record is stored
 
-    assert not _raw_store(writer, {**good, "s": 2**50}, subkey)
-    assert not _raw_store(writer, {**good, "mn": "\x1b[2J"}, subkey)
-    assert not _raw_store(writer, {**good, "r": "another-run"}, subkey)
-    assert not _raw_store(writer, {"t": "swarm.run", "v": 1}, subkey)
-    assert not _raw_store(writer, {"not": "a run record"}, subkey)
+    assert not raw_store(writer, RUNS_KEY, {**good, "s": 2**50}, subkey)
+    assert not raw_store(writer, RUNS_KEY, {**good, "mn": "\x1b[2J"}, subkey)
+    assert not raw_store(writer, RUNS_KEY, {**good, "r": "another-run"}, subkey)
+    assert not raw_store(writer, RUNS_KEY, {"t": "swarm.run", "v": 1}, subkey)
+    assert not raw_store(writer, RUNS_KEY, {"not": "a run record"}, subkey)
     # the expiration: the longest an honest volunteer gives is stored, longer is not
     long_lived, long_subkey = (
         run_to_dht_value(_info("long-lived")),
         RUNS.subkey("long-lived", local_subkey(writer)),
     )
-    assert _raw_store(writer, long_lived, long_subkey, ttl=2 * MAX_ANNOUNCE_PERIOD)
-    assert not _raw_store(writer, long_lived, long_subkey, ttl=MAX_RECORD_TTL + 30)
-    assert not _raw_store(writer, long_lived, long_subkey, ttl=10 * 365 * 86400.0)
+    assert raw_store(writer, RUNS_KEY, long_lived, long_subkey, ttl=2 * MAX_ANNOUNCE_PERIOD)
+    assert not raw_store(writer, RUNS_KEY, long_lived, long_subkey, ttl=MAX_RECORD_TTL + 30)
+    assert not raw_store(writer, RUNS_KEY, long_lived, long_subkey, ttl=10 * 365 * 86400.0)
     with pytest.raises(ValidationError, match="expire"):
         declare_run(writer, _info("long-lived"), get_dht_time() + MAX_RECORD_TTL + 30)
 
@@ -227,12 +187,12 @@ def test_nodes_refuse_malformed_long_lived_and_foreign_run_records(swarm):
     victim_info = _info("foreign", step=1)
     assert declare_run(victim, victim_info, get_dht_time() + 30)
     forged = run_to_dht_value(_info("foreign", step=99))
-    assert not _raw_store(writer, forged, RUNS.subkey("foreign", local_subkey(victim)), ttl=60)
+    assert not raw_store(writer, RUNS_KEY, forged, RUNS.subkey("foreign", local_subkey(victim)), ttl=60)
     _, writer_key = RUNS.parse_subkey(subkey)[1:]
     victim_id = RUNS.parse_subkey(RUNS.subkey("x", local_subkey(victim)))[1]
     impersonating = RUNS.subkey("foreign", peer_subkey(victim_id, b"[owner:" + writer_key + b"]"))
-    assert not _raw_store(writer, forged, impersonating)
-    assert list_runs(swarm.boot, timeout=WAIT)["foreign"] == {victim_id.to_base58(): victim_info}
+    assert not raw_store(writer, RUNS_KEY, forged, impersonating)
+    assert list_runs(dht_swarm.boot, timeout=WAIT)["foreign"] == {victim_id.to_base58(): victim_info}
 
 
 async def _plant(_dht: hivemind.DHT, node: hivemind.DHTNode, *, timeout: float, entries: list) -> None:
@@ -246,8 +206,8 @@ async def _plant(_dht: hivemind.DHT, node: hivemind.DHTNode, *, timeout: float, 
 
 
 @pytest.mark.timeout(30)
-def test_list_runs_skips_entries_that_are_foreign_or_malformed(swarm):
-    reader = create_dht(initial_peers=swarm.initial_peers)
+def test_list_runs_skips_entries_that_are_foreign_or_malformed(dht_swarm):
+    reader = create_dht(initial_peers=dht_swarm.initial_peers)
     try:
         own = local_subkey(reader)
         other_id = peer_id_from_public_key(RSAPrivateKey().get_public_key().to_bytes())
@@ -291,30 +251,23 @@ def _status(initial_peers: list[str]) -> subprocess.Popen:
     )
 
 
-def _row(stdout: str, *cells: str) -> str:
-    """The one line of the table that holds all ``cells``."""
-    lines = [line for line in stdout.splitlines() if all(cell in line for cell in cells)]
-    assert len(lines) == 1, f"expected one row with {cells} in:\n{stdout}"
-    return lines[0]
-
-
 def _short(peer_id: str) -> str:
     return f"{peer_id[:6]}…{peer_id[-6:]}"
 
 
 @pytest.mark.timeout(60)
-def test_list_runs_and_status_show_every_volunteer_of_every_run(swarm):
+def test_list_runs_and_status_show_every_volunteer_of_every_run(dht_swarm):
     one_id, two_id = (
         RUNS.parse_subkey(RUNS.subkey("x", local_subkey(dht)))[1].to_base58()
-        for dht in (swarm.one, swarm.two)
+        for dht in (dht_swarm.one, dht_swarm.two)
     )
     alpha_one = _info("alpha", step=12, loss=3.25, peers=2, aggregator="centered_clip")
     alpha_two = _info("alpha", step=11, loss=None, peers=1, aggregator="centered_clip")
     beta_one = _info("beta", model_name="other", step=3, inner_steps=10, aggregator="median")
     announcers = [
-        RunAnnouncer(swarm.one, lambda: alpha_one, period=5),
-        RunAnnouncer(swarm.two, lambda: alpha_two, period=5),
-        RunAnnouncer(swarm.one, lambda: beta_one, period=5),  # one node may take part in several runs
+        RunAnnouncer(dht_swarm.one, lambda: alpha_one, period=5),
+        RunAnnouncer(dht_swarm.two, lambda: alpha_two, period=5),
+        RunAnnouncer(dht_swarm.one, lambda: beta_one, period=5),  # one node may take part in several runs
     ]
     for announcer in announcers:
         announcer.start()
@@ -322,19 +275,19 @@ def test_list_runs_and_status_show_every_volunteer_of_every_run(swarm):
         expected = {"alpha": {one_id: alpha_one, two_id: alpha_two}, "beta": {one_id: beta_one}}
 
         def listed() -> dict:
-            runs = list_runs(swarm.boot, timeout=WAIT)
+            runs = list_runs(dht_swarm.boot, timeout=WAIT)
             return {run_id: runs[run_id] for run_id in expected if run_id in runs}
 
-        assert _wait_until(lambda: listed() == expected), listed()
+        assert wait_until(lambda: listed() == expected), listed()
 
-        process = _status(swarm.initial_peers)
+        process = _status(dht_swarm.initial_peers)
         stdout, stderr = process.communicate(timeout=60)
         assert "Traceback" not in stderr, stderr[-3000:]
         assert process.returncode == 0, stdout + stderr[-3000:]  # a swarm that only trains: no model, no gap
-        _row(stdout, "alpha", "tiny-llama", " 2 ", "12", "centered_clip", "50")
-        _row(stdout, _short(one_id), "12", "3.2500", " 2 ")
-        _row(stdout, _short(two_id), "11", "—", " 1 ")
-        _row(stdout, "beta", "other", " 1 ", "3", "median", "10")
+        table_row(stdout, "alpha", "tiny-llama", " 2 ", "12", "centered_clip", "50")
+        table_row(stdout, _short(one_id), "12", "3.2500", " 2 ")
+        table_row(stdout, _short(two_id), "11", "—", " 1 ")
+        table_row(stdout, "beta", "other", " 1 ", "3", "median", "10")
         assert stdout.index("alpha") < stdout.index(_short(one_id)) < stdout.index("beta"), stdout
     finally:
         for announcer in announcers:
@@ -342,17 +295,17 @@ def test_list_runs_and_status_show_every_volunteer_of_every_run(swarm):
 
 
 @pytest.mark.timeout(40)
-def test_a_stopped_announcer_leaves_the_listing_within_its_expiration(swarm):
+def test_a_stopped_announcer_leaves_the_listing_within_its_expiration(dht_swarm):
     period = 0.5  # records live 1 s
     current = {"info": _info("gamma", step=1)}
-    announcer = RunAnnouncer(swarm.two, lambda: current["info"], period=period)
+    announcer = RunAnnouncer(dht_swarm.two, lambda: current["info"], period=period)
 
     def listed() -> list[RunInfo]:
-        return list(list_runs(swarm.boot, timeout=WAIT).get("gamma", {}).values())
+        return list(list_runs(dht_swarm.boot, timeout=WAIT).get("gamma", {}).values())
 
     announcer.start()
     try:
-        assert _wait_until(lambda: listed() == [current["info"]]), listed()
+        assert wait_until(lambda: listed() == [current["info"]]), listed()
         time.sleep(4 * period)  # two lifetimes of one record: only refreshes keep it
         assert listed() == [current["info"]]
         current["info"] = _info("gamma", step=2)
@@ -360,5 +313,5 @@ def test_a_stopped_announcer_leaves_the_listing_within_its_expiration(swarm):
         assert announcer.stop(timeout=WAIT)  # declares the final step, which expires with the last record
     stopped = time.monotonic()
     assert listed() == [_info("gamma", step=2)]
-    assert _wait_until(lambda: listed() == [], timeout=2 * period + 2.0), listed()
+    assert wait_until(lambda: listed() == [], timeout=2 * period + 2.0), listed()
     assert time.monotonic() - stopped <= 2 * period + 2.0

@@ -14,7 +14,7 @@ import pydantic
 import pytest
 from click.testing import CliRunner
 from hivemind.dht.crypto import RSASignatureValidator
-from hivemind.dht.validation import CompositeValidator, DHTRecord
+from hivemind.dht.validation import CompositeValidator
 from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 from rich.console import Console
@@ -48,6 +48,8 @@ from swarm_peer.models import resolve_checkpoint
 from swarm_peer.protocols import rpc, swarm_pb2
 from swarm_peer.settings import ClientSettings, NetworkSettings
 
+from .conftest import signed_record, table_row
+
 WAIT = 10.0  # seconds: the bound of every wait on the DHT in these tests
 OTHER_MODEL = "other-model"  # announced by this test process, next to the tiny checkpoint's peers
 
@@ -66,13 +68,6 @@ def _finish(process: subprocess.Popen) -> tuple[int, str, str]:
     stdout, stderr = process.communicate(timeout=90)
     assert "Traceback" not in stderr, stderr[-3000:]
     return process.returncode, stdout, stderr
-
-
-def _row(stdout: str, *cells: str) -> str:
-    """The one line of the table that holds all ``cells``."""
-    lines = [line for line in stdout.splitlines() if all(cell in line for cell in cells)]
-    assert len(lines) == 1, f"expected one row with {cells} in:\n{stdout}"
-    return lines[0]
 
 
 # ---------------------------------------------------------------- the model record (no network)
@@ -99,13 +94,6 @@ def test_model_record_round_trip_is_compact_and_tolerant():
         ModelInfo(model_id="llama-7b", num_blocks=-1)
 
 
-def _signed(validator: CompositeValidator, key: bytes, subkey: bytes, value) -> DHTRecord:
-    record = DHTRecord(
-        key, MSGPackSerializer.dumps(subkey), MSGPackSerializer.dumps(value), get_dht_time() + 30
-    )
-    return DHTRecord(record.key, record.subkey, validator.sign_value(record), record.expiration_time)
-
-
 @pytest.mark.timeout(10)
 def test_validator_accepts_only_owned_well_formed_model_records_under_the_models_key():
     alice_key, mallory_key = RSAPrivateKey(), RSAPrivateKey()
@@ -117,25 +105,25 @@ def test_validator_accepts_only_owned_well_formed_model_records_under_the_models
     good = model_to_dht_value(ModelInfo(model_id="m", num_blocks=4))
     key = models_key_id()
 
-    assert alice.validate(_signed(alice, key, subkey, good))
+    assert alice.validate(signed_record(alice, key, subkey, good))
     assert alice.validate(
-        _signed(alice, key, subkey, {**good, "v": 2, "nb": "x"})
+        signed_record(alice, key, subkey, {**good, "v": 2, "nb": "x"})
     )  # a newer version: relayed
-    assert not alice.validate(_signed(alice, key, subkey, {**good, "nb": 0}))  # malformed
-    assert not alice.validate(_signed(alice, key, b"m@nobody", good))  # unowned subkey
+    assert not alice.validate(signed_record(alice, key, subkey, {**good, "nb": 0}))  # malformed
+    assert not alice.validate(signed_record(alice, key, b"m@nobody", good))  # unowned subkey
     mallory_id = peer_id_from_public_key(mallory_key.get_public_key().to_bytes())
     impersonating = model_subkey("m", peer_subkey(mallory_id, alice_signer.local_public_key))
-    assert not alice.validate(_signed(alice, key, impersonating, good))
+    assert not alice.validate(signed_record(alice, key, impersonating, good))
     # a record in the subkey of another model, or under another key
     other_model = model_to_dht_value(ModelInfo(model_id="other", num_blocks=4))
-    assert not alice.validate(_signed(alice, key, subkey, other_model))
-    assert not alice.validate(_signed(alice, block_key_id("m", 0), subkey, good))
+    assert not alice.validate(signed_record(alice, key, subkey, other_model))
+    assert not alice.validate(signed_record(alice, block_key_id("m", 0), subkey, good))
     # the models key holds nothing but model records
-    assert not alice.validate(_signed(alice, key, subkey, {"anything": 1}))
+    assert not alice.validate(signed_record(alice, key, subkey, {"anything": 1}))
     server = to_dht_value(
         ServerInfo(state=ServerState.ONLINE, start_block=0, end_block=1), model_id="m", block=0
     )
-    assert not alice.validate(_signed(alice, key, subkey, server))
+    assert not alice.validate(signed_record(alice, key, subkey, server))
 
 
 @pytest.mark.timeout(10)
@@ -158,8 +146,8 @@ def test_table_prints_what_peers_announce_literally():
     out = io.StringIO()
     render_status([ModelStatus("m", 4, ((peer_id, info),), (1, 1, 0, 0))], Console(file=out, width=200))
     text = out.getvalue()
-    assert "uncovered: 2:4" in _row(text, "m ", "GAPS", "0:4", "11✗✗")
-    assert "[red]x[/]" in _row(text, "JOINING", "2:4", "··██", "[b]")  # rich markup is not interpreted
+    assert "uncovered: 2:4" in table_row(text, "m ", "GAPS", "0:4", "11✗✗")
+    assert "[red]x[/]" in table_row(text, "JOINING", "2:4", "··██", "[b]")  # rich markup is not interpreted
 
 
 # ---------------------------------------------------------------- errors before or while joining
@@ -243,11 +231,11 @@ def test_status_shows_full_coverage_then_a_gap(tiny_checkpoints):
 
             code, stdout, stderr = _finish(every)
             assert code == 0, stdout + stderr[-3000:]
-            _row(stdout, model_id, "covered", "0:4", "1111")
-            _row(stdout, "ONLINE", "0:2", "██··", "100", "512 MiB", "1.0 GiB", "alice")
-            _row(stdout, "ONLINE", "2:4", "··██", "100", "512 MiB", "1.0 GiB", "alice")
-            _row(stdout, OTHER_MODEL, "covered", "0:2", "11")
-            _row(stdout, "ONLINE", "0:2", "██ ", "123", "bob")
+            table_row(stdout, model_id, "covered", "0:4", "1111")
+            table_row(stdout, "ONLINE", "0:2", "██··", "100", "512 MiB", "1.0 GiB", "alice")
+            table_row(stdout, "ONLINE", "2:4", "··██", "100", "512 MiB", "1.0 GiB", "alice")
+            table_row(stdout, OTHER_MODEL, "covered", "0:2", "11")
+            table_row(stdout, "ONLINE", "0:2", "██ ", "123", "bob")
             assert "uncovered" not in stdout
 
             # the peer of 2:4 leaves (SIGTERM: it announces OFFLINE, then exits); MODEL as a checkpoint dir
@@ -256,9 +244,9 @@ def test_status_shows_full_coverage_then_a_gap(tiny_checkpoints):
             assert leaving.wait(30) == 0
             code, stdout, stderr = _finish(_status("--initial-peers", *swarm.initial_peers, path))
             assert code == 1, stdout + stderr[-3000:]
-            assert "uncovered: 2:4" in _row(stdout, model_id, "GAPS", "11✗✗")
-            _row(stdout, "ONLINE", "0:2", "██··")
-            _row(stdout, "OFFLINE", "2:4", "··██")
+            assert "uncovered: 2:4" in table_row(stdout, model_id, "GAPS", "11✗✗")
+            table_row(stdout, "ONLINE", "0:2", "██··")
+            table_row(stdout, "OFFLINE", "2:4", "··██")
             assert OTHER_MODEL not in stdout
             assert "no ONLINE peer serves blocks 2:4" in stderr
         finally:
