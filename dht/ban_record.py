@@ -119,7 +119,7 @@ ban_from_dht_value = BANS.from_dht_value  # and back; ValidationError if not a w
 
 def short_reason(why: str) -> str:
     """``why`` as a ban record may say it: control characters replaced, cut to ``MAX_REASON_LENGTH``, never empty."""
-    text = "".join(c if c.isprintable() else "?" for c in why).strip() or "banned"
+    text = "".join(c if c.isprintable() else "?" for c in why.strip()) or "banned"
     return text if len(text) <= MAX_REASON_LENGTH else text[: MAX_REASON_LENGTH - 1] + "…"
 
 
