@@ -136,21 +136,18 @@ def declare_span(
         return True
     subkey = local_subkey(dht)
     expiration_time = float(expiration_time)  # store_many tells one time from a list by isinstance(float)
-    try:
-        result = run_in_dht(
-            dht,
-            _store_span,
-            timeout=timeout,
-            model_id=model_id,
-            info=info,
-            ranges=block_ranges(blocks),
-            subkey=subkey,
-            expiration_time=expiration_time,
-            num_blocks=num_blocks,
-            model_name=model_name,
-        )
-    except TimeoutError:
-        result = None
+    result = _in_dht(
+        dht,
+        _store_span,
+        timeout=timeout,
+        model_id=model_id,
+        info=info,
+        ranges=block_ranges(blocks),
+        subkey=subkey,
+        expiration_time=expiration_time,
+        num_blocks=num_blocks,
+        model_name=model_name,
+    )
     if result is None:
         logger.warning("Announcing %s blocks %s timed out after %.1f s", model_id, _spans(blocks), timeout)
         return False
@@ -161,6 +158,14 @@ def declare_span(
     if listed is False:
         logger.warning("The DHT did not store the model record of %s", model_id)
     return not rejected and listed is not False
+
+
+def _in_dht(dht: hivemind.DHT, fn, *, timeout: float, **kwargs):
+    """``run_in_dht``, with None for a DHT that does not answer within ``timeout``."""
+    try:
+        return run_in_dht(dht, fn, timeout=timeout, **kwargs)
+    except TimeoutError:
+        return None
 
 
 def _check_expiration(expiration_time: float) -> None:
@@ -392,17 +397,14 @@ def declare_run(
     _check_expiration(expiration_time)
     value = run_to_dht_value(info)
     subkey = RUNS.subkey(info.run_id, local_subkey(dht))
-    try:
-        stored = run_in_dht(
-            dht,
-            _store_run,
-            timeout=timeout,
-            value=value,
-            subkey=subkey,
-            expiration_time=float(expiration_time),
-        )
-    except TimeoutError:
-        stored = None
+    stored = _in_dht(
+        dht,
+        _store_run,
+        timeout=timeout,
+        value=value,
+        subkey=subkey,
+        expiration_time=float(expiration_time),
+    )
     if stored is None:
         logger.warning("Announcing run %s timed out after %.1f s", info.run_id, timeout)
     elif not stored:
@@ -464,18 +466,15 @@ def declare_bans(
     subkey, ok = local_subkey(dht), True
     for start in range(0, len(bans), _BANS_PER_REQUEST):
         chunk = tuple(bans[start : start + _BANS_PER_REQUEST])
-        try:
-            stored = run_in_dht(
-                dht,
-                _store_bans,
-                timeout=timeout,
-                run_id=run_id,
-                bans=chunk,
-                subkey=subkey,
-                expiration_time=float(expiration_time),
-            )
-        except TimeoutError:
-            stored = None
+        stored = _in_dht(
+            dht,
+            _store_bans,
+            timeout=timeout,
+            run_id=run_id,
+            bans=chunk,
+            subkey=subkey,
+            expiration_time=float(expiration_time),
+        )
         if stored is None:
             logger.warning(
                 "Declaring %d bans from run %s timed out after %.1f s", len(chunk), run_id, timeout

@@ -15,12 +15,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import hivemind  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hivemind.dht.crypto import RSASignatureValidator  # noqa: E402
 from hivemind.dht.validation import CompositeValidator, DHTRecord  # noqa: E402
 from hivemind.utils import MSGPackSerializer, get_dht_time  # noqa: E402
+from hivemind.utils.crypto import RSAPrivateKey  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config  # noqa: E402
 
 from swarm_peer.cli.local_swarm import LocalSwarm  # noqa: E402
-from swarm_peer.dht import create_dht, visible_maddrs  # noqa: E402
+from swarm_peer.dht import (  # noqa: E402
+    SwarmRecordValidator,
+    create_dht,
+    peer_id_from_public_key,
+    peer_subkey,
+    visible_maddrs,
+)
 from swarm_peer.models import DEMO_MODEL, attention_shape, resolve_checkpoint  # noqa: E402
 from swarm_peer.settings import ClientSettings, NetworkSettings  # noqa: E402
 
@@ -129,6 +137,27 @@ def signed_record(
         key, MSGPackSerializer.dumps(subkey), MSGPackSerializer.dumps(value), get_dht_time() + ttl
     )
     return DHTRecord(record.key, record.subkey, validator.sign_value(record), record.expiration_time)
+
+
+def signing_peer() -> SimpleNamespace:
+    """A new peer, as a node sees what it signs: ``validator`` (ours with its ``signer``), its ``peer_id``, its own
+    ``subkey`` (``peer_subkey``), and ``accepted(value, key, subkey, ttl)``: whether a node takes ``value`` it
+    signed."""
+    key = RSAPrivateKey()
+    signer = RSASignatureValidator(key)
+    validator = CompositeValidator([SwarmRecordValidator(), signer])
+    peer_id = peer_id_from_public_key(key.get_public_key().to_bytes())
+
+    def accepted(value, key: bytes, subkey: bytes, ttl: float = 30.0) -> bool:
+        return validator.validate(signed_record(validator, key, subkey, value, ttl))
+
+    return SimpleNamespace(
+        validator=validator,
+        signer=signer,
+        peer_id=peer_id,
+        subkey=peer_subkey(peer_id, signer.local_public_key),
+        accepted=accepted,
+    )
 
 
 def raw_store(writer: hivemind.DHT, key: str, value, subkey: bytes, ttl: float = 30.0) -> bool:

@@ -13,8 +13,6 @@ import logging
 
 import pytest
 import torch
-from hivemind.dht.crypto import RSASignatureValidator
-from hivemind.dht.validation import CompositeValidator
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 from rich.console import Console
@@ -31,7 +29,6 @@ from swarm_peer.dht import (
     BanInfo,
     RunAnnouncer,
     RunInfo,
-    SwarmRecordValidator,
     agreed_bans,
     ban_from_dht_value,
     ban_to_dht_value,
@@ -51,7 +48,7 @@ from swarm_peer.dht.records import MAX_ANNOUNCE_PERIOD
 from swarm_peer.errors import ValidationError
 from swarm_peer.settings import NetworkSettings, TrainSettings
 
-from .conftest import SMALL_CONFIG, WAIT, raw_store, signed_record, table_row, wait_until
+from .conftest import SMALL_CONFIG, WAIT, raw_store, signing_peer, table_row, wait_until
 
 LIAR = peer_id_from_public_key(RSAPrivateKey().get_public_key().to_bytes()).to_base58()
 
@@ -103,16 +100,16 @@ def test_ban_record_round_trip_is_compact_and_bounded():
 
 @pytest.mark.timeout(10)
 def test_validator_accepts_only_owned_well_formed_ban_records_under_the_bans_key():
-    alice_key = RSAPrivateKey()
-    signer = RSASignatureValidator(alice_key)
-    validator = CompositeValidator([SwarmRecordValidator(), signer])
-    alice_id = peer_id_from_public_key(alice_key.get_public_key().to_bytes())
-    alice = peer_subkey(alice_id, signer.local_public_key)
+    alice = signing_peer()
+    alice_id, signer = alice.peer_id, alice.signer
     name = f"alpha/{LIAR}"
-    good, own = ban_to_dht_value(BanInfo(run_id="alpha", peer=LIAR, reason="owner")), BANS.subkey(name, alice)
+    good, own = (
+        ban_to_dht_value(BanInfo(run_id="alpha", peer=LIAR, reason="owner")),
+        BANS.subkey(name, alice.subkey),
+    )
 
     def accepted(value, subkey: bytes = own, key: bytes = BANS.key_id(), ttl: float = 30.0) -> bool:
-        return validator.validate(signed_record(validator, key, subkey, value, ttl))
+        return alice.accepted(value, key, subkey, ttl)
 
     assert BANS.parse_subkey(own)[:2] == (name, alice_id)
     assert accepted(good)
@@ -126,7 +123,7 @@ def test_validator_accepts_only_owned_well_formed_ban_records_under_the_bans_key
     assert not accepted(ban_to_dht_value(BanInfo(run_id="alpha", peer=alice_id.to_base58(), reason="x")))
     assert not accepted(ban_to_dht_value(BanInfo(run_id="beta", peer=LIAR, reason="owner")))
     assert not accepted(good, key=RUNS.key_id())
-    assert not accepted(run_to_dht_value(_run("alpha")), subkey=RUNS.subkey("alpha", alice))
+    assert not accepted(run_to_dht_value(_run("alpha")), subkey=RUNS.subkey("alpha", alice.subkey))
     assert not accepted({"anything": 1})
 
 

@@ -15,9 +15,7 @@ import time
 import hivemind
 import pydantic
 import pytest
-from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.routing import DHTID
-from hivemind.dht.validation import CompositeValidator
 from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 from rich.console import Console
@@ -32,7 +30,6 @@ from swarm_peer.dht import (
     ModelInfo,
     RunAnnouncer,
     RunInfo,
-    SwarmRecordValidator,
     create_dht,
     declare_run,
     list_runs,
@@ -47,7 +44,7 @@ from swarm_peer.dht import (
 from swarm_peer.dht.records import MAX_ANNOUNCE_PERIOD
 from swarm_peer.errors import ValidationError
 
-from .conftest import WAIT, raw_store, signed_record, table_row, wait_until
+from .conftest import WAIT, raw_store, signing_peer, table_row, wait_until
 
 
 def _info(run_id: str = "alpha", **fields) -> RunInfo:
@@ -114,16 +111,13 @@ def test_run_record_round_trip_is_compact_and_tolerant():
 
 @pytest.mark.timeout(10)
 def test_validator_accepts_only_owned_well_formed_run_records_under_the_runs_key():
-    alice_key = RSAPrivateKey()
-    signer = RSASignatureValidator(alice_key)
-    validator = CompositeValidator([SwarmRecordValidator(), signer])
-    alice_id = peer_id_from_public_key(alice_key.get_public_key().to_bytes())
-    alice = peer_subkey(alice_id, signer.local_public_key)
-    good, own, runs_key = run_to_dht_value(_info("alpha")), RUNS.subkey("alpha", alice), RUNS.key_id()
+    alice = signing_peer()
+    alice_id, signer = alice.peer_id, alice.signer
+    good, own, runs_key = run_to_dht_value(_info("alpha")), RUNS.subkey("alpha", alice.subkey), RUNS.key_id()
 
     def accepted(value, subkey: bytes = own, key: bytes = runs_key, ttl: float = 30.0) -> bool:
         """Whether a node takes ``value`` from alice (signed by her key) in ``subkey`` of ``key``."""
-        return validator.validate(signed_record(validator, key, subkey, value, ttl))
+        return alice.accepted(value, key, subkey, ttl)
 
     assert RUNS.parse_subkey(own)[:2] == ("alpha", alice_id)
     assert accepted(good)
