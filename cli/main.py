@@ -460,7 +460,8 @@ def _setting_error(error: dict) -> str:
 )
 @_network_options
 def status(model, timeout, **kwargs):
-    """One table of the swarm: who serves which blocks of MODEL (default: every model); exit 1 on a gap."""
+    """Who serves which blocks of MODEL (default: every model, then the training runs and the peers verified runs
+    ban); exit 1 on a gap."""
     from swarm_peer.cli.status import run_status
 
     sys.exit(run_status(model, _network_settings(kwargs, client_mode=True, need_peers=True), timeout=timeout))
