@@ -116,6 +116,7 @@ class DiLoCoTrainer:
         self._bans_lookup: Future | None = None  # the run's bans, being looked up (off the training thread)
         self._bans_looked_up = -float("inf")  # when the last lookup started (time.monotonic)
         self._lookups: ThreadPoolExecutor | None = None
+        self.bans_lookup_interval = BANS_LOOKUP_INTERVAL  # seconds between two lookups at rounds' starts
         self._replica: nn.Module | None = None  # recomputes other members' updates (verified rounds)
         self._round = 0  # the number of the round under way (verified rounds)
         self.averager = _RunAverager(
@@ -322,14 +323,13 @@ class DiLoCoTrainer:
         does not ban yet; returns them, {peer id: reason}.
 
         Lookups run off the training thread, one DHT request each (the runs and the bans listings), at most one
-        per ``BANS_LOOKUP_INTERVAL``. With ``wait``, this waits for a lookup (started now unless one is under way;
+        per ``bans_lookup_interval`` seconds. With ``wait``, this waits for a lookup (started now unless one is under way;
         at most ``BANS_LOOKUP_TIMEOUT``); without, it applies what the last lookup found, if it is done, and starts
         the next one: a verified round's start never waits on the DHT, and bans apply a round later.
         """
         now = time.monotonic()
-        if self._bans_lookup is None and now - self._bans_looked_up >= (
-            0.0 if wait else BANS_LOOKUP_INTERVAL
-        ):
+        interval = 0.0 if wait else self.bans_lookup_interval
+        if self._bans_lookup is None and now - self._bans_looked_up >= interval:
             if self._lookups is None:
                 self._lookups = ThreadPoolExecutor(1, thread_name_prefix="swarm-bans")
             self._bans_looked_up = now

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 
 import pytest
 import torch
@@ -279,9 +280,22 @@ def test_a_late_joiner_applies_the_runs_agreed_bans_on_join(dht_swarm, caplog):
             assert trainer.banned == expected
             applied = [r.getMessage() for r in caplog.records if "Applied the run's ban" in r.getMessage()]
             assert applied == [f"Applied the run's ban of {peer}: {why}" for peer, why in expected.items()]
-            assert (
-                trainer.apply_run_bans(wait=False) == {}
-            )  # within the lookup interval: no new lookup, no waiting
+            # within the lookup interval, a round's start neither looks up nor waits
+            assert trainer.apply_run_bans(wait=False) == {}
+            if run_id == "late":  # a later round's start applies what the run agreed on since, a lookup later
+                later = {
+                    peer_id_from_public_key(RSAPrivateKey().get_public_key().to_bytes()).to_base58(): "input"
+                }
+                for volunteer in (dht_swarm.one, dht_swarm.two):
+                    assert declare_bans(volunteer, "late", later, expiration)
+                trainer.bans_lookup_interval = 0.0
+                found, deadline = {}, time.monotonic() + WAIT
+                while (
+                    not found and time.monotonic() < deadline
+                ):  # the first call starts a lookup, a later one applies it
+                    found = trainer.apply_run_bans(wait=False)
+                    time.sleep(0.05)
+                assert found == later and trainer.banned == {**expected, **later}
         finally:
             if trainer is not None:
                 trainer.shutdown()
