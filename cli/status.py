@@ -45,8 +45,8 @@ majority of its volunteers, whom every volunteer then bans), and a reason::
 The command is bounded: ``--timeout`` is one deadline for all of it (joining, listing, lookups, pings); at most
 ``MAX_MODELS`` models are looked up (pass MODEL to see another), each in one request for at most ``MAX_BLOCKS``
 blocks (records that claim more are refused by every node), and at most ``MAX_RUNS`` runs are shown, with at
-most ``MAX_RUN_PEERS`` volunteers and ``MAX_BANS`` bans each. What the deadline cuts off is named in a warning; a swarm that does not
-list its runs in time still gets its models shown, with a warning that the runs are unknown.
+most ``MAX_RUN_PEERS`` volunteers and ``MAX_BANS`` bans each. What the deadline cuts off is named in a warning;
+a swarm that does not list its runs in time still gets its models shown, with a warning that the runs are unknown.
 
 Exit status: 0 when every shown model has a reachable ONLINE peer on every block, 1 otherwise (a model cut off
 by the deadline or the cap included) or when neither a model nor a training run is found. Training runs never

@@ -110,9 +110,8 @@ class DiLoCoTrainer:
         if settings.verify:  # members replay each other's batches: only volunteers on the same text average
             self.prefix += "-" + hashlib.sha256(stream.tokens.numpy().tobytes()).hexdigest()[:12]
         self.key = local_identity(dht) if settings.verify else None
-        self.banned: dict[
-            str, str
-        ] = {}  # peer id -> why (verified rounds): judged here, or the run's agreed bans
+        # peer id -> why (verified rounds): judged here, or the run's agreed bans
+        self.banned: dict[str, str] = {}
         self._bans_lookup: Future | None = None  # the run's bans, being looked up (off the training thread)
         self._bans_looked_up = -float("inf")  # when the last lookup started (time.monotonic)
         self._lookups: ThreadPoolExecutor | None = None
@@ -322,10 +321,11 @@ class DiLoCoTrainer:
         """Bans the peers the run's volunteers agree to ban (``dht.ban_record.agreed_bans``) that this volunteer
         does not ban yet; returns them, {peer id: reason}.
 
-        Lookups run off the training thread, one DHT request each (the runs and the bans listings), at most one
-        per ``bans_lookup_interval`` seconds. With ``wait``, this waits for a lookup (started now unless one is under way;
-        at most ``BANS_LOOKUP_TIMEOUT``); without, it applies what the last lookup found, if it is done, and starts
-        the next one: a verified round's start never waits on the DHT, and bans apply a round later.
+        Lookups run off the training thread, one DHT request each (the runs and the bans listings). With ``wait``,
+        this waits for a lookup (started now unless one is under way; at most ``BANS_LOOKUP_TIMEOUT``); without, it
+        applies what the last lookup found, if it is done, and starts the next one if the last one started at least
+        ``bans_lookup_interval`` seconds ago: a verified round's start never waits on the DHT, and bans found during
+        a round apply at the next one.
         """
         now = time.monotonic()
         interval = 0.0 if wait else self.bans_lookup_interval
@@ -340,9 +340,7 @@ class DiLoCoTrainer:
         self._bans_lookup = None
         try:
             agreed = lookup.result(timeout=BANS_LOOKUP_TIMEOUT + 1.0)
-        except (
-            Exception
-        ) as e:  # a DHT that does not answer (TimeoutError) or is gone: the next lookup retries
+        except Exception as e:  # a DHT that does not answer (TimeoutError), or gone: the next lookup retries
             logger.debug("Looking up the run's bans failed: %s: %s", type(e).__name__, e)
             return {}
         me = local_peer_id(self.dht).to_base58()
