@@ -192,8 +192,13 @@ def test_declared_bans_are_listed_and_the_status_shows_them(dht_swarm):
     for announcer in announcers:
         announcer.start()
     try:
-        assert declare_run(dht_swarm.boot, _run("beta"), get_dht_time() + 30)  # a third volunteer, no bans
-        expected = {LIAR: {one: "owner: wrong?result", two: "input: scaled"}}
+        # a third volunteer, alone in accusing volunteer one
+        assert declare_run(dht_swarm.boot, _run("beta"), get_dht_time() + 30)
+        assert declare_bans(dht_swarm.boot, "beta", {one: "[red]lie"}, get_dht_time() + 30)
+        expected = {
+            LIAR: {one: "owner: wrong?result", two: "input: scaled"},
+            one: {_id(dht_swarm.boot): "[red]lie"},
+        }
         assert wait_until(lambda: list_bans(dht_swarm.boot, "beta", timeout=WAIT) == {"beta": expected})
         assert list_bans(dht_swarm.boot, timeout=WAIT)["many"] == {peer: {two: "x"} for peer in many}
         runs, bans = list_runs_and_bans(dht_swarm.boot, "beta", timeout=WAIT)
@@ -205,7 +210,11 @@ def test_declared_bans_are_listed_and_the_status_shows_them(dht_swarm):
         assert run_status(None, network, timeout=WAIT, console=Console(file=out, width=200)) == 0
         text = out.getvalue()
         table_row(text, "beta", "of 3")
-        table_row(text, LIAR[:6], " 2 ", "yes", "input: scaled")
+        agreed = table_row(text, LIAR[:6], " 2 ", "yes", "input: scaled")
+        minority = table_row(
+            text, one[:6], " 1 ", "no", "[red]lie"
+        )  # an accusation by 1 of 3, shown literally
+        assert text.index(agreed) < text.index(minority), text  # agreed bans first
 
         banned["QmNew"] = "owner: wrong result"  # a later ban goes out with the next record
         assert wait_until(lambda: "QmNew" in list_bans(dht_swarm.boot, "beta", timeout=WAIT).get("beta", {}))
