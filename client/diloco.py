@@ -118,7 +118,7 @@ class DiLoCoTrainer:
             verify_key=self.key,
             lie=1.0 if settings.attack == "owner" else 0.0,
             min_group_size=settings.min_peers,
-            target_group_size=settings.max_peers,
+            target_group_size=settings.group_size,
             min_matchmaking_time=2.0,
             request_timeout=1.0,
             compression=_CODECS[settings.compression](),
