@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from swarm_peer.dht import create_dht
-from swarm_peer.dht.node import visible_maddrs
+from swarm_peer.dht.node import local_peer_id, visible_maddrs
 from swarm_peer.protocols.averaging import RobustAverager
 from swarm_peer.protocols.moshpit import coordinates, grid_shape, moshpit_group, round_groups
 
@@ -107,11 +107,15 @@ def _grid(dhts, inputs, prefix: str, min_group_size: int):
     ]
 
 
-def _round(averagers, present) -> list:
+def _round(averagers, present, groups=None) -> list:
+    """One round of the ``present`` averagers; ``groups``: each one's ``MoshpitGroup`` (default: its own key)."""
     results = [None] * len(averagers)
 
     def run(i):
-        results[i] = averagers[i].average(timeout=12)
+        group = (
+            {} if groups is None else {"group_bits": groups[i].key_bits, "group_size": len(groups[i].members)}
+        )
+        results[i] = averagers[i].average(timeout=12, **group)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in present]
     for thread in threads:
@@ -170,3 +174,32 @@ def test_with_a_tenth_missing_each_round_the_spread_falls_a_thousandfold_and_the
             averager.shutdown()
     assert spread(values) <= start / 1000, (start, spread(values))
     assert torch.allclose(values.mean(0), mean, atol=1e-5)  # groups keep their sum: so does the swarm
+
+
+@pytest.mark.timeout(180)
+def test_averagers_given_each_rounds_group_match_the_grids_mixing_on_ten_peers(dhts):
+    # 10 of the peers: rounds of groups of 3, 3, 2, 2 then 4, 4, 2 (the module docstring's example); the rounds
+    # wait for whole groups (min_group_size 4 is capped at each group's size)
+    n = 10
+    g = torch.Generator().manual_seed(2)
+    inputs_ND = torch.randn(n, 1000, generator=g)
+    ids = [str(local_peer_id(dht)) for dht in dhts[:n]]
+    averagers = [
+        RobustAverager(
+            [x.clone()], dht, prefix="set", aggregator="mean", min_group_size=G, min_matchmaking_time=3.0,
+            request_timeout=1.0,
+        )
+        for x, dht in zip(inputs_ND, dhts, strict=False)
+    ]  # fmt: skip
+    try:
+        for t in range(2):
+            groups = [moshpit_group(ids, me, G, t) for me in ids]
+            results = _round(averagers, range(n), groups)
+            assert [set(r.peers) if r else None for r in results] == [set(g.members) for g in groups]
+        rank = sorted(range(n), key=lambda i: ids[i])  # the grid ranks peers by sorted id
+        expected_ND = torch.empty_like(inputs_ND)
+        expected_ND[rank] = _mixing(n, G, 2).float() @ inputs_ND[rank]
+        torch.testing.assert_close(_values(averagers), expected_ND, atol=1e-5, rtol=0)
+    finally:
+        for averager in averagers:
+            averager.shutdown()
