@@ -220,7 +220,10 @@ class TrainSettings(_Settings):
         "owner's result; peers proven to lie are banned by all",
     )
     verify_rate: float = Field(
-        0.25, gt=0, le=1, description="with --verify, the chance that a member's update is recomputed in a round"
+        0.25,
+        gt=0,
+        le=1,
+        description="with --verify, the chance that a member's update is recomputed in a round",
     )
     attack: Literal["none", "scale", "nan", "owner"] = Field(
         "none",
