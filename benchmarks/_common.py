@@ -1,8 +1,9 @@
-"""What the averaging benchmarks share: a swarm of DHT nodes on 127.0.0.1, the bytes a process wrote, rounds run
-by all peers at once, and the tensors averagers hold."""
+"""What the averaging benchmarks share: their common options, a swarm of DHT nodes on 127.0.0.1, the bytes a
+process wrote, rounds run by all peers at once, and the tensors averagers hold."""
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import threading
 import time
@@ -12,6 +13,16 @@ import torch
 
 from swarm_peer.dht import create_dht
 from swarm_peer.dht.node import visible_maddrs
+
+
+def arguments(peers: int, size: int, repeats: int) -> argparse.ArgumentParser:
+    """A parser of the options every averaging benchmark takes, with these defaults: ``--peers``, ``--size``
+    (float32 values each peer averages), ``--repeats``."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--peers", type=int, default=peers)
+    parser.add_argument("--size", type=int, default=size)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    return parser
 
 
 def start_dhts(n: int) -> list:

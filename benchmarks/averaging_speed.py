@@ -16,12 +16,11 @@ round per step), for the sizes of ``swarm-peer train``'s defaults.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
-from _common import held, load, median_written, start_dhts, together, written
+from _common import arguments, held, load, median_written, start_dhts, together, written
 from hivemind.averaging import DecentralizedAverager
 from hivemind.compression import Float16Compression, NoCompression, Uniform8BitQuantization
 
@@ -45,10 +44,7 @@ def _round(averagers, inputs) -> tuple[float, float, list[torch.Tensor]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--peers", type=int, default=8)
-    parser.add_argument("--size", type=int, default=10_000_000)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser = arguments(8, 10_000_000, 5)
     args = parser.parse_args()
     n = args.peers
     dhts = start_dhts(n)

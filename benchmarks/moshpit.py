@@ -18,12 +18,11 @@ gives medians over repeats:
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
-from _common import held, load, median_written, start_dhts, together, written
+from _common import arguments, held, load, median_written, start_dhts, together, written
 
 from swarm_peer.dht.node import local_peer_id
 from swarm_peer.protocols.averaging import RobustAverager
@@ -55,8 +54,7 @@ def _deviation(averagers, mean_D: torch.Tensor) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--peers", type=int, default=16)
+    parser = arguments(16, 1_000_000, 3)
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--size", type=int, default=1_000_000)
     parser.add_argument("--repeats", type=int, default=3)

@@ -13,12 +13,11 @@ as each trainer would run its own. Setups take turns within every repeat; the ta
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
-from _common import load, start_dhts, together, written
+from _common import arguments, load, start_dhts, together, written
 from hivemind.compression import NoCompression
 
 from swarm_peer.dht.node import local_identity, local_peer_id
@@ -62,10 +61,7 @@ def _ranks(result, dhts) -> list[int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--peers", type=int, default=8)
-    parser.add_argument("--size", type=int, default=10_000_000)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = arguments(8, 10_000_000, 3)
     parser.add_argument("--rate", type=float, default=0.25)
     args = parser.parse_args()
     n = args.peers
