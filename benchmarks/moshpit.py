@@ -56,8 +56,6 @@ def _deviation(averagers, mean_D: torch.Tensor) -> float:
 def main() -> None:
     parser = arguments(16, 1_000_000, 3)
     parser.add_argument("--group-size", type=int, default=4)
-    parser.add_argument("--size", type=int, default=1_000_000)
-    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     n = args.peers
     dhts = start_dhts(n)
