@@ -303,8 +303,8 @@ class DiLoCoTrainer:
         volunteers = self._listed_volunteers()
         if len(volunteers) <= self.settings.group_size:
             return None
-        round = self.step // self.settings.inner_steps
-        return moshpit_group(volunteers, self.peer_id, self.settings.group_size, round)
+        number = self.step // self.settings.inner_steps
+        return moshpit_group(volunteers, self.peer_id, self.settings.group_size, number)
 
     def _average(
         self, update: list[torch.Tensor], group: MoshpitGroup | None = None
