@@ -195,13 +195,26 @@ class RobustAverager(DecentralizedAverager):
     # ---------------------------------------------------------------- the caller's side
 
     def average(
-        self, timeout: float, gather: object = None, tau: float | None = None
+        self,
+        timeout: float,
+        gather: object = None,
+        tau: float | None = None,
+        *,
+        group_bits: str | None = None,
+        group_size: int | None = None,
     ) -> AveragingRound | None:
         """Runs one round: finds a group (within ``timeout`` seconds) and averages the tensors in place with it.
         ``gather``: a small msgpack-able value every member receives; ``tau``: the clipping radius this member
         proposes, per coordinate (verified averaging only: the round clips each part at the median of the
-        proposals times the square root of the part's length). None when no group formed
+        proposals times the square root of the part's length). ``group_bits``, ``group_size``: this round's group
+        key and group size (a Moshpit round, ``protocols.moshpit``), from this round on; the smallest group stays
+        ``min_group_size``, or the whole group when it is smaller. None when no group formed
         or the round failed: the tensors may then hold part of a result, so use your own values instead."""
+        if group_bits is not None or group_size is not None:
+            # through the control pipe, which the averager's process reads in order: set before the step starts
+            future = MPFuture()
+            self._outer_pipe.send(("_set_group", [group_bits, group_size], dict(future=future)))
+            future.result(timeout=10)
         if self.verify_key is not None:
             gather = [public_key_bytes(self.verify_key), tau, gather]
         try:
@@ -217,6 +230,21 @@ class RobustAverager(DecentralizedAverager):
             {str(p): v for p, v in gathered.items()},
             finished.transcript,
         )
+
+    async def _set_group(self, group_bits: str | None, group_size: int | None, future: MPFuture) -> None:
+        matchmaking = self._matchmaking
+        if group_bits is not None:
+            if not all(bit in "01" for bit in group_bits):
+                future.set_exception(ValueError(f"group bits are 0s and 1s, not {group_bits!r}"))
+                return
+            matchmaking.group_key_manager.group_bits = group_bits
+        if group_size is not None:
+            # hivemind keeps the target in three places: the matchmaking, the key manager, the leaders' queue
+            matchmaking.target_group_size = group_size
+            matchmaking.group_key_manager.target_group_size = group_size
+            matchmaking.potential_leaders.target_group_size = group_size
+            matchmaking.min_group_size = min(self.matchmaking_kwargs["min_group_size"], group_size)
+        future.set_result(None)
 
     def ban(self, peers: Sequence[str]) -> None:
         """Leaves these peers (base58 ids) out of every later round of this averager."""
