@@ -16,63 +16,38 @@ round per step), for the sizes of ``swarm-peer train``'s defaults.
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import threading
 import time
 
 import torch
+from _common import arguments, held, load, median_written, start_dhts, together, written
 from hivemind.averaging import DecentralizedAverager
 from hivemind.compression import Float16Compression, NoCompression, Uniform8BitQuantization
 
-from swarm_peer.dht import create_dht
-from swarm_peer.dht.node import visible_maddrs
 from swarm_peer.protocols.averaging import RobustAverager
 
 MATCHMAKING = 2.0  # min_matchmaking_time of every setup (a group assembles before it once all peers are in)
 
 
-def _written(pid: int) -> int:
-    with open(f"/proc/{pid}/io") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("wchar:"))
-
-
 def _round(averagers, inputs) -> tuple[float, float, list[torch.Tensor]]:
     """Seconds of one round on all averagers at once, the median of the bytes each wrote, and their results."""
-    for averager, x in zip(averagers, inputs, strict=True):
-        with averager.get_tensors() as (tensor,):
-            tensor.copy_(x)
-    before = [_written(a.pid) for a in averagers]
-    done = [None] * len(averagers)
+    load(averagers, inputs)
+    before = [written(a.pid) for a in averagers]
+    done = [0.0] * len(averagers)
 
     def run(i):
         averagers[i].step(timeout=120, allow_retries=False)
         done[i] = time.perf_counter()
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(averagers))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    seconds = max(done) - t0
-    sent = statistics.median(_written(a.pid) - b for a, b in zip(averagers, before, strict=True))
-    results = []
-    for averager in averagers:
-        with averager.get_tensors() as (tensor,):
-            results.append(tensor.clone())
-    return seconds, sent, results
+    t0 = together(run, len(averagers))
+    return max(done) - t0, median_written([a.pid for a in averagers], before), held(averagers)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--peers", type=int, default=8)
-    parser.add_argument("--size", type=int, default=10_000_000)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser = arguments(8, 10_000_000, 5)
     args = parser.parse_args()
     n = args.peers
-    first = create_dht()
-    dhts = [first] + [create_dht(initial_peers=visible_maddrs(first)) for _ in range(n - 1)]
+    dhts = start_dhts(n)
     g = torch.Generator().manual_seed(0)
     base = torch.randn(args.size, generator=g)
     inputs = [base + 0.1 * torch.randn(args.size, generator=g) for _ in range(n)]

@@ -13,16 +13,14 @@ as each trainer would run its own. Setups take turns within every repeat; the ta
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import threading
 import time
 
 import torch
+from _common import arguments, load, start_dhts, together, written
 from hivemind.compression import NoCompression
 
-from swarm_peer.dht import create_dht
-from swarm_peer.dht.node import local_identity, local_peer_id, visible_maddrs
+from swarm_peer.dht.node import local_identity, local_peer_id
 from swarm_peer.protocols.averaging import RobustAverager
 from swarm_peer.protocols.board import run_round
 from swarm_peer.protocols.verification import MemberRound
@@ -30,18 +28,11 @@ from swarm_peer.protocols.verification import MemberRound
 MATCHMAKING = 2.0
 
 
-def _written(pid: int) -> int:
-    with open(f"/proc/{pid}/io") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("wchar:"))
-
-
 def _round(averagers, dhts, inputs, verify: bool, rate: float) -> tuple[float, float, float, int]:
     """(all-reduce seconds, check seconds, median MiB written per peer, peers banned) of one round."""
-    for averager, x in zip(averagers, inputs, strict=True):
-        with averager.get_tensors() as (tensor,):
-            tensor.copy_(x)
+    load(averagers, inputs)
     pids = [(a.pid, d.pid) for a, d in zip(averagers, dhts, strict=True)]
-    before = [_written(a) + _written(d) for a, d in pids]
+    before = [written(a) + written(d) for a, d in pids]
     reduced, checked, banned = [0.0] * len(averagers), [0.0] * len(averagers), [0] * len(averagers)
 
     def run(i):
@@ -58,13 +49,8 @@ def _round(averagers, dhts, inputs, verify: bool, rate: float) -> tuple[float, f
             banned[i] = len(verdict)
         checked[i] = time.perf_counter()
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(averagers))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    sent = statistics.median(_written(a) + _written(d) - b for (a, d), b in zip(pids, before, strict=True))
+    t0 = together(run, len(averagers))
+    sent = statistics.median(written(a) + written(d) - b for (a, d), b in zip(pids, before, strict=True))
     return max(reduced) - t0, max(checked) - max(reduced), sent / 2**20, max(banned)
 
 
@@ -75,15 +61,11 @@ def _ranks(result, dhts) -> list[int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--peers", type=int, default=8)
-    parser.add_argument("--size", type=int, default=10_000_000)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = arguments(8, 10_000_000, 3)
     parser.add_argument("--rate", type=float, default=0.25)
     args = parser.parse_args()
     n = args.peers
-    first = create_dht()
-    dhts = [first] + [create_dht(initial_peers=visible_maddrs(first)) for _ in range(n - 1)]
+    dhts = start_dhts(n)
     g = torch.Generator().manual_seed(0)
     base = torch.randn(args.size, generator=g)
     inputs = [base + 0.1 * torch.randn(args.size, generator=g) for _ in range(n)]

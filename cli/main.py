@@ -385,7 +385,7 @@ def _train_option(field: str, type=_COUNT, **extra):
 _POSITIVE = click.FloatRange(min=0, min_open=True)
 _TRAIN_FIELDS = (
     "run_id", "inner_steps", "aggregator", "byzantine", "tau", "batch_size", "seq_len", "lr", "weight_decay",
-    "outer_lr", "outer_momentum", "steps", "min_peers", "max_peers", "averaging_timeout", "compression",
+    "outer_lr", "outer_momentum", "steps", "min_peers", "group_size", "averaging_timeout", "compression",
     "checkpoint_dir", "device", "seed", "verify", "verify_rate", "attack",
 )  # fmt: skip
 
@@ -413,7 +413,7 @@ _TRAIN_FIELDS = (
 @_train_option("outer_momentum", type=click.FloatRange(min=0, max=1, max_open=True))
 @_train_option("steps")
 @_train_option("min_peers")
-@_train_option("max_peers", type=click.IntRange(min=2))
+@_train_option("group_size", type=click.IntRange(min=2))
 @_train_option("averaging_timeout", type=_POSITIVE)
 @_train_option("compression", type=click.Choice(["none", "float16", "8bit"]))
 @_train_option("checkpoint_dir", type=click.Path(file_okay=False))

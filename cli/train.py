@@ -1,7 +1,7 @@
 """``swarm-peer train``: one volunteer of a collaborative training run (``client.diloco``), from the command line.
 
     swarm-peer train MODEL --data shard.txt --run-id my-run --initial-peers MADDR [--inner-steps 50]
-        [--aggregator centered_clip] [--min-peers K] [--steps N] [--checkpoint-dir ckpt/]
+        [--aggregator centered_clip] [--min-peers K] [--group-size G] [--steps N] [--checkpoint-dir ckpt/]
 
 MODEL is a Hugging Face folder with its tokenizer (with weights; or only a config, for random weights: every
 volunteer then draws the same ones, seeded by the run id) or ``smollm2``. With ``--checkpoint-dir``, the global

@@ -17,6 +17,19 @@ from the same state and average in every round stay bitwise identical (``--min-p
 all of them). A volunteer that finds no group in time steps on its own update. One that joins later, or restarts,
 first downloads the run's state (θ, the outer optimizer's momentum, the step) from a member.
 
+All of that holds while the run fits one group: up to ``--group-size`` G volunteers, as the run's listing in the DHT
+shows them at each round. A larger run averages in groups of up to G on a Moshpit grid (Ryabinin et al., "Moshpit
+SGD", NeurIPS 2021; ``protocols.moshpit``: the round's group is a line of the grid along one dimension, the next
+round's along the next): each volunteer first takes its outer step with its own Δ, then its group averages the
+weights θ, as Moshpit SGD averages parameters (averaged Δs would leave the weights of different groups apart for
+good); the outer momentum stays each volunteer's own. One averaging round per outer step: the d - 1 further rounds
+that would take a full grid to the exact mean are not run, since the next outer steps' rounds, along the other
+dimensions, go on mixing, and the weights of groups then differ by about what one round's updates differ, not more;
+settling rounds would cost d times the traffic for that. Volunteers are then close, not bitwise identical.
+``--verify`` (validators replay updates from weights every member holds) and ``--inner-steps 1`` (every member
+takes the same step on averaged gradients) need one group of all: such a volunteer refuses to train in a run that
+lists more than G volunteers.
+
     trainer = DiLoCoTrainer(model, TokenStream.from_file("shard.txt", tokenizer), settings, dht)
     trainer.join()  # the run's current state, if a member shares it
     for record in trainer.train():  # one StepRecord per local step
@@ -44,6 +57,7 @@ from hivemind.compression import Float16Compression, NoCompression, Uniform8BitQ
 from torch import nn
 
 from swarm_peer.client.text_data import TokenStream
+from swarm_peer.dht import list_runs
 from swarm_peer.dht.ban_record import agreed_bans
 from swarm_peer.dht.catalog import list_runs_and_bans
 from swarm_peer.dht.identity import public_key_bytes
@@ -51,6 +65,7 @@ from swarm_peer.dht.node import local_identity, local_peer_id
 from swarm_peer.errors import ValidationError
 from swarm_peer.protocols.averaging import RobustAverager
 from swarm_peer.protocols.board import peers_of, run_round
+from swarm_peer.protocols.moshpit import MoshpitGroup, moshpit_group
 from swarm_peer.protocols.verification import MemberRound, without_banned_owners
 from swarm_peer.settings import TrainSettings
 
@@ -110,6 +125,9 @@ class DiLoCoTrainer:
         if settings.verify:  # members replay each other's batches: only volunteers on the same text average
             self.prefix += "-" + hashlib.sha256(stream.tokens.numpy().tobytes()).hexdigest()[:12]
         self.key = local_identity(dht) if settings.verify else None
+        self.peer_id = str(local_peer_id(dht))
+        self.moshpit = not settings.verify and not self.synchronous  # whether a large run averages on a grid
+        self._volunteers: list[str] = [self.peer_id]  # the run's listing, as last read
         # peer id -> why (verified rounds): judged here, or the run's agreed bans
         self.banned: dict[str, str] = {}
         self._bans_lookup: Future | None = None  # the run's bans, being looked up (off the training thread)
@@ -129,7 +147,7 @@ class DiLoCoTrainer:
             verify_key=self.key,
             lie=1.0 if settings.attack == "owner" else 0.0,
             min_group_size=settings.min_peers,
-            target_group_size=settings.max_peers,
+            target_group_size=settings.group_size,
             min_matchmaking_time=2.0,
             request_timeout=1.0,
             compression=_CODECS[settings.compression](),
@@ -216,6 +234,12 @@ class DiLoCoTrainer:
         """Local steps, a round every ``inner_steps``, until the run's step ``until`` (a joiner that took the state
         at step s takes ``until - s`` of them), or forever."""
         settings = self.settings
+        if not self.moshpit and len(self._listed_volunteers()) > settings.group_size:
+            why = "--verify" if settings.verify else "--inner-steps 1"
+            raise ValidationError(
+                f"run {settings.run_id} lists {len(self._volunteers)} volunteers, more than --group-size "
+                f"{settings.group_size}: {why} needs one group of all (raise --group-size)"
+            )
         while until is None or self.step < until:
             if self.key is not None and self.step % settings.inner_steps == 0:
                 self._start_verified_round()
@@ -259,29 +283,70 @@ class DiLoCoTrainer:
             deltas = [
                 g - p.detach().cpu().float() for g, p in zip(self.global_params, self.params, strict=True)
             ]
-        averaged, peers = self._average(deltas)
+        group = self._moshpit_group()
+        if group is None:  # one group of all: the average Δ, the same outer step everywhere
+            deltas, peers = self._average(deltas)
         with self._lock, torch.no_grad():
-            for g, delta in zip(self.global_params, averaged, strict=True):
+            for g, delta in zip(self.global_params, deltas, strict=True):
                 g.grad = delta
             self.outer.step()
             self.outer.zero_grad(set_to_none=True)
+        if group is not None:  # Moshpit: this volunteer's own step, then the group's average of the weights
+            averaged, peers = self._average([g.clone() for g in self.global_params], group)
+            with self._lock, torch.no_grad():
+                for g, theta in zip(self.global_params, averaged, strict=True):
+                    g.copy_(theta)
+        with self._lock, torch.no_grad():
             for g, p in zip(self.global_params, self.params, strict=True):
                 p.copy_(g)
             self.global_step = self.step
         return peers
 
-    def _average(self, update: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
+    def _listed_volunteers(self) -> list[str]:
+        """The run's volunteers as the DHT lists them (peer ids, sorted; this one always), or the last listing
+        when the DHT does not answer in time."""
+        try:
+            listed = list_runs(self.dht, timeout=5.0).get(self.settings.run_id, {})
+            self._volunteers = sorted(set(listed) | {self.peer_id})
+        except TimeoutError:
+            logger.info("No listing of run %s in time: the last one has %d volunteers", self.settings.run_id,
+                        len(self._volunteers))  # fmt: skip
+        return self._volunteers
+
+    def _moshpit_group(self) -> MoshpitGroup | None:
+        """This round's group on the Moshpit grid, or None when the run fits one group (module docstring)."""
+        if not self.moshpit:
+            return None
+        volunteers = self._listed_volunteers()
+        if len(volunteers) <= self.settings.group_size:
+            return None
+        number = self.step // self.settings.inner_steps
+        return moshpit_group(volunteers, self.peer_id, self.settings.group_size, number)
+
+    def _average(
+        self, update: list[torch.Tensor], group: MoshpitGroup | None = None
+    ) -> tuple[list[torch.Tensor], int]:
         """The group's robust average of ``update`` (this volunteer's own update when no group formed in time),
-        and the group's size."""
+        and the group's size. ``group``: this round's group on the grid; None: one group of all (up to G)."""
         update_D = torch.cat([t.flatten() for t in update])
         sent_D = self._attacked(update_D)
         with self.averager.get_tensors() as (buffer_D,):
             buffer_D.copy_(sent_D)
-        # a round's group key carries its number: volunteers in different rounds never average together
-        self.averager.set_group_bits(format(self.step // self.settings.inner_steps % 256, "08b"))
+        # a round's group key carries its number: volunteers in different rounds never average together (on the
+        # grid, the group's index follows; the keys' lengths differ, so Δ and θ are never averaged together)
+        if group is None:
+            bits, size = format(self.step // self.settings.inner_steps % 256, "08b"), self.settings.group_size
+        else:
+            bits, size = group.key_bits, len(group.members)
         # with --verify, this member proposes its update's RMS as the clipping radius (the round takes the median)
         tau = float(update_D.norm()) / max(update_D.numel(), 1) ** 0.5
-        result = self.averager.average(self.settings.averaging_timeout, gather=self.step, tau=tau or 1.0)
+        result = self.averager.average(
+            self.settings.averaging_timeout,
+            gather=self.step,
+            tau=tau or 1.0,
+            group_bits=bits,
+            group_size=size,
+        )
         if result is None:
             return update, 1
         with self.averager.get_tensors() as (buffer_D,):
@@ -346,7 +411,7 @@ class DiLoCoTrainer:
         except Exception as e:  # a DHT that does not answer (TimeoutError), or gone: the next lookup retries
             logger.debug("Looking up the run's bans failed: %s: %s", type(e).__name__, e)
             return {}
-        me = local_peer_id(self.dht).to_base58()
+        me = self.peer_id
         if me in agreed:
             logger.warning(
                 "The volunteers of run %s agree to ban this peer: %s", self.settings.run_id, agreed[me]

@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 import signal
 import statistics
 import threading
@@ -77,6 +78,7 @@ from hivemind.utils.asyncio import (
     azip,
 )
 from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.utils.streaming import combine_from_streaming
 
 from swarm_peer.dht.identity import peer_id_from_public_key, public_key_bytes
 from swarm_peer.dht.process import exit_when_orphaned
@@ -193,13 +195,26 @@ class RobustAverager(DecentralizedAverager):
     # ---------------------------------------------------------------- the caller's side
 
     def average(
-        self, timeout: float, gather: object = None, tau: float | None = None
+        self,
+        timeout: float,
+        gather: object = None,
+        tau: float | None = None,
+        *,
+        group_bits: str | None = None,
+        group_size: int | None = None,
     ) -> AveragingRound | None:
         """Runs one round: finds a group (within ``timeout`` seconds) and averages the tensors in place with it.
         ``gather``: a small msgpack-able value every member receives; ``tau``: the clipping radius this member
         proposes, per coordinate (verified averaging only: the round clips each part at the median of the
-        proposals times the square root of the part's length). None when no group formed
+        proposals times the square root of the part's length). ``group_bits``, ``group_size``: this round's group
+        key and group size (a Moshpit round, ``protocols.moshpit``), from this round on; the smallest group stays
+        ``min_group_size``, or the whole group when it is smaller. None when no group formed
         or the round failed: the tensors may then hold part of a result, so use your own values instead."""
+        if group_bits is not None or group_size is not None:
+            # through the control pipe, which the averager's process reads in order: set before the step starts
+            future = MPFuture()
+            self._outer_pipe.send(("_set_group", [group_bits, group_size], dict(future=future)))
+            future.result(timeout=10)
         if self.verify_key is not None:
             gather = [public_key_bytes(self.verify_key), tau, gather]
         try:
@@ -215,6 +230,21 @@ class RobustAverager(DecentralizedAverager):
             {str(p): v for p, v in gathered.items()},
             finished.transcript,
         )
+
+    async def _set_group(self, group_bits: str | None, group_size: int | None, future: MPFuture) -> None:
+        matchmaking = self._matchmaking
+        if group_bits is not None:
+            if not all(bit in "01" for bit in group_bits):
+                future.set_exception(ValueError(f"group bits are 0s and 1s, not {group_bits!r}"))
+                return
+            matchmaking.group_key_manager.group_bits = group_bits
+        if group_size is not None:
+            # hivemind keeps the target in three places: the matchmaking, the key manager, the leaders' queue
+            matchmaking.target_group_size = group_size
+            matchmaking.group_key_manager.target_group_size = group_size
+            matchmaking.potential_leaders.target_group_size = group_size
+            matchmaking.min_group_size = min(self.matchmaking_kwargs["min_group_size"], group_size)
+        future.set_result(None)
 
     def ban(self, peers: Sequence[str]) -> None:
         """Leaves these peers (base58 ids) out of every later round of this averager."""
@@ -286,6 +316,52 @@ class RobustAverager(DecentralizedAverager):
         future.set_result(frozenset(str(peer) for peer in self._banned))
 
     # ---------------------------------------------------------------- in the averager's process
+
+    async def _load_state_from_peers(self, future: MPFuture, timeout: float | None = None) -> None:
+        """As hivemind's: the state of the first peer that sends one, among those listed under the run's
+        ``all_averagers`` key, highest sharing priority first; but never a banned peer's (a liar's state would
+        be taken whole)."""
+        chunk_timeout = self.next_chunk_timeout or self.request_timeout
+        try:
+            listed, _ = self.dht.get(f"{self.prefix}.all_averagers", latest=True) or ({}, None)
+            candidates = [
+                (priority, random.random(), PeerID(peer))  # random: a tie breaker
+                for peer, entry in (listed.items() if isinstance(listed, dict) else ())
+                if isinstance(peer, bytes)
+                and isinstance(priority := getattr(entry, "value", None), float | int)
+            ]
+            for *_, peer in sorted(candidates, key=lambda c: c[:2], reverse=True):
+                if peer == self.peer_id or peer in self._banned:
+                    continue
+                try:
+                    state = await self._download_state(peer, chunk_timeout)
+                except Exception as e:  # no answer, a broken stream, garbage: try the next peer
+                    logger.info("No state from %s: %r", peer, e)
+                    continue
+                if state is not None:
+                    future.set_result(state)
+                    return
+        finally:
+            if not future.done():
+                future.set_result(None)
+
+    async def _download_state(self, peer: PeerID, chunk_timeout: float) -> tuple[object, list] | None:
+        """(metadata, tensors) as ``peer`` shares them, or None if it shares none. A tensor arrives as a run of
+        parts; the first part of each carries its dtype."""
+        stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
+        stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
+        metadata, tensors, parts = None, [], []
+        async for message in aiter_with_timeout(stream, timeout=chunk_timeout):
+            if message.metadata:
+                metadata = self.serializer.loads(message.metadata)
+            if message.tensor_part.dtype and parts:
+                tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                parts = []
+            if message.HasField("tensor_part"):
+                parts.append(message.tensor_part)
+        if parts:
+            tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+        return (metadata, tensors) if metadata else None
 
     async def rpc_join_group(
         self, request: averaging_pb2.JoinRequest, context: P2PContext

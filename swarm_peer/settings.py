@@ -195,7 +195,12 @@ class TrainSettings(_Settings):
     min_peers: int = Field(
         2, ge=1, description="group size a round waits for (up to --averaging-timeout); 1 = train alone"
     )
-    max_peers: int = Field(64, ge=2, description="largest averaging group")
+    group_size: int = Field(
+        16,
+        ge=2,
+        description="largest averaging group: a run of up to G volunteers averages in one group, a larger one in "
+        "groups of up to G on a Moshpit grid",
+    )
     averaging_timeout: float = Field(
         60.0,
         gt=0,
@@ -235,6 +240,15 @@ class TrainSettings(_Settings):
             raise ValueError("--verify signs the exact bytes sent: use --compression none")
         if self.verify and self.tau is not None:
             raise ValueError("with --verify the clipping radius is agreed in every round: leave --tau out")
+        return self
+
+    @model_validator(mode="after")
+    def _groups_hold_min_peers(self) -> TrainSettings:
+        if self.min_peers > self.group_size:
+            raise ValueError(
+                f"a round cannot wait for {self.min_peers} volunteers in groups of at most {self.group_size}: "
+                "raise --group-size or lower --min-peers"
+            )
         return self
 
     @model_validator(mode="after")

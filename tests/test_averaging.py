@@ -172,3 +172,25 @@ def test_the_others_finish_a_round_in_which_a_member_is_killed(dhts):
         assert all(torch.equal(values[0], v) for v in values[1:])
     finally:
         _shutdown(survivors)
+
+
+@pytest.mark.timeout(120)
+def test_a_joiner_downloads_the_state_of_the_best_peer_it_has_not_banned(dhts):
+    values = [torch.full((10,), 2.0), torch.full((10,), 1.0), torch.zeros(10)]
+    averagers = _averagers(dhts, values, "download", "mean")
+    try:
+        averagers[0].state_sharing_priority, averagers[1].state_sharing_priority = 2.0, 1.0
+        joiner, first = averagers[2], str(local_peer_id(dhts[0]))
+        deadline = time.monotonic() + 30
+        state = None
+        while time.monotonic() < deadline:  # until both peers' priorities are in the DHT
+            state = joiner.load_state_from_peers(timeout=10)
+            if state is not None and torch.equal(state[1][0], values[0]):
+                break
+            time.sleep(0.5)
+        assert state is not None and torch.equal(state[1][0], values[0]), "the control: the best peer's state"
+        joiner.ban([first])
+        state = joiner.load_state_from_peers(timeout=10)
+        assert state is not None and torch.equal(state[1][0], values[1]), state
+    finally:
+        _shutdown(averagers)

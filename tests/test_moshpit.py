@@ -1,7 +1,9 @@
 """Moshpit averaging (Ryabinin et al., NeurIPS 2021) with ``RobustAverager``: groups of G found through group keys
 on a grid (hivemind's ``initial_group_bits`` and ``target_group_size``; after each round a member's key moves to a
 new coordinate). 16 peers on a 4x4 grid reach the exact mean in 2 rounds of groups of 4; with 10% of the peers
-missing each round, the spread still shrinks fast and the mean is kept."""
+missing each round, the spread still shrinks fast and the mean is kept. The grid a trainer builds from the run's
+listing (``protocols.moshpit``) is checked on its own: coordinates, group keys, and that its rounds mix every peer's
+input into every peer's value (the exact mean on a full grid)."""
 
 from __future__ import annotations
 
@@ -12,10 +14,70 @@ import pytest
 import torch
 
 from swarm_peer.dht import create_dht
-from swarm_peer.dht.node import visible_maddrs
+from swarm_peer.dht.node import local_peer_id, visible_maddrs
 from swarm_peer.protocols.averaging import RobustAverager
+from swarm_peer.protocols.moshpit import coordinates, grid_shape, moshpit_group, round_groups
 
 PEERS, G = 16, 4
+
+
+def _mixing(n: int, group_size: int, rounds: int) -> torch.Tensor:
+    """The [n, n] matrix that ``rounds`` rounds of group means apply to the peers' inputs."""
+    total = torch.eye(n, dtype=torch.float64)
+    for t in range(rounds):
+        step = torch.zeros(n, n, dtype=torch.float64)
+        for group in round_groups(n, group_size, t):
+            for i in group:
+                step[i, list(group)] = 1 / len(group)
+        total = step @ total
+    return total
+
+
+def test_grid_shape_and_coordinates():
+    assert grid_shape(16, 4) == (4, 2)
+    assert grid_shape(10, 4) == (4, 2)  # 3^2 = 9 < 10
+    assert grid_shape(17, 4) == (3, 3)  # 4^2 < 17: three dimensions, and 3^3 >= 17
+    assert grid_shape(17, 16) == (5, 2)
+    assert grid_shape(16, 16) == (16, 1)  # one group of all
+    assert coordinates(9, 4, 2) == (2, 1)
+    assert coordinates(16, 3, 3) == (1, 2, 1)
+    assert round_groups(10, 4, 0) == [(0, 4, 8), (1, 5, 9), (2, 6), (3, 7)]  # the module docstring's example
+    assert round_groups(10, 4, 1) == [(0, 1, 2, 3), (4, 5, 6, 7), (8, 9)]
+
+
+@pytest.mark.parametrize(
+    ("n", "group_size"), [(16, 4), (10, 4), (17, 4), (13, 4), (5, 3), (33, 4), (100, 16), (50, 4)]
+)
+def test_every_round_partitions_the_peers_without_lone_ones_and_the_rounds_mix_everyone(n, group_size):
+    side, dims = grid_shape(n, group_size)
+    for t in range(2 * dims):
+        groups = round_groups(n, group_size, t)
+        assert sorted(r for g in groups for r in g) == list(range(n))
+        assert all(2 <= len(g) <= min(side + 1, group_size + 1) for g in groups), groups
+    # the mean of the values is the mean of the inputs, after every round
+    mixing = _mixing(n, group_size, dims)
+    torch.testing.assert_close(mixing.sum(0), torch.ones(n, dtype=torch.float64))
+    if side**dims == n:  # a full grid: the exact mean after d rounds
+        torch.testing.assert_close(mixing, torch.full((n, n), 1 / n, dtype=torch.float64))
+    else:  # short lines weigh their members more: not yet the mean, but every input mixed in by round d + 1...
+        assert (mixing - 1 / n).abs().max() > 1e-3
+        assert (_mixing(n, group_size, dims + 1) > 0).all()
+        # ... and every weight within 0.01 of 1/n after 3d rounds
+        assert (_mixing(n, group_size, 3 * dims) - 1 / n).abs().max() < 1e-2
+
+
+def test_group_keys_say_the_round_and_the_group():
+    peers = [f"peer{i:02d}" for i in range(10)]
+    groups = [moshpit_group(peers, me, 4, round=5) for me in peers]
+    assert all(g.key_bits.startswith(format(5, "08b")) for g in groups)
+    by_key: dict[str, set] = {}
+    for me, g in zip(peers, groups, strict=True):
+        assert me in g.members
+        by_key.setdefault(g.key_bits, set()).add(g.members)
+    assert len(by_key) == 3 and all(len(members) == 1 for members in by_key.values())  # one group per key
+    assert moshpit_group(peers, "peer03", 4, round=6).key_bits[:8] == format(6, "08b")
+    # a volunteer missing from the listing (not announced yet) places itself as if it were listed
+    assert moshpit_group(peers[1:], "peer00", 4, round=5) == groups[0]
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +107,15 @@ def _grid(dhts, inputs, prefix: str, min_group_size: int):
     ]
 
 
-def _round(averagers, present) -> list:
+def _round(averagers, present, groups=None) -> list:
+    """One round of the ``present`` averagers; ``groups``: each one's ``MoshpitGroup`` (default: its own key)."""
     results = [None] * len(averagers)
 
     def run(i):
-        results[i] = averagers[i].average(timeout=12)
+        group = (
+            {} if groups is None else {"group_bits": groups[i].key_bits, "group_size": len(groups[i].members)}
+        )
+        results[i] = averagers[i].average(timeout=12, **group)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in present]
     for thread in threads:
@@ -108,3 +174,32 @@ def test_with_a_tenth_missing_each_round_the_spread_falls_a_thousandfold_and_the
             averager.shutdown()
     assert spread(values) <= start / 1000, (start, spread(values))
     assert torch.allclose(values.mean(0), mean, atol=1e-5)  # groups keep their sum: so does the swarm
+
+
+@pytest.mark.timeout(180)
+def test_averagers_given_each_rounds_group_match_the_grids_mixing_on_ten_peers(dhts):
+    # 10 of the peers: rounds of groups of 3, 3, 2, 2 then 4, 4, 2 (the module docstring's example); the rounds
+    # wait for whole groups (min_group_size 4 is capped at each group's size)
+    n = 10
+    g = torch.Generator().manual_seed(2)
+    inputs_ND = torch.randn(n, 1000, generator=g)
+    ids = [str(local_peer_id(dht)) for dht in dhts[:n]]
+    averagers = [
+        RobustAverager(
+            [x.clone()], dht, prefix="set", aggregator="mean", min_group_size=G, min_matchmaking_time=3.0,
+            request_timeout=1.0,
+        )
+        for x, dht in zip(inputs_ND, dhts, strict=False)
+    ]  # fmt: skip
+    try:
+        for t in range(2):
+            groups = [moshpit_group(ids, me, G, t) for me in ids]
+            results = _round(averagers, range(n), groups)
+            assert [set(r.peers) if r else None for r in results] == [set(g.members) for g in groups]
+        rank = sorted(range(n), key=lambda i: ids[i])  # the grid ranks peers by sorted id
+        expected_ND = torch.empty_like(inputs_ND)
+        expected_ND[rank] = _mixing(n, G, 2).float() @ inputs_ND[rank]
+        torch.testing.assert_close(_values(averagers), expected_ND, atol=1e-5, rtol=0)
+    finally:
+        for averager in averagers:
+            averager.shutdown()
