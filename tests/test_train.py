@@ -312,7 +312,8 @@ VERIFIED = ("--inner-steps", "5", "--steps", "30", "--min-peers", "4", "--averag
 def _verified_run(workdir: Path, bootstrap: str, run_id: str, liars: dict[int, str], n: int, *args: str):
     """A verified run of ``n`` volunteers on the same text (validators replay each other's batches), where
     volunteer i of ``liars`` runs ``--attack liars[i]`` with an identity of its own; waits for the honest ones.
-    The liars' peer ids, and each honest volunteer's "Banned" lines."""
+    The liars' peer ids, and each honest volunteer's ban lines: bans it judged ("Banned ...") and the run's bans it
+    applied ("Applied the run's ban of ...")."""
     ids = {i: _identity(workdir / f"{run_id}-liar{i}.id") for i in liars}
     processes = []
     for i in range(n):
@@ -334,7 +335,11 @@ def _verified_run(workdir: Path, bootstrap: str, run_id: str, liars: dict[int, s
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    return ids, [[line for line in err.splitlines() if "Banned " in line] for err in errors]
+    return ids, [_ban_lines(err) for err in errors]
+
+
+def _ban_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if "Banned " in line or "Applied the run's ban of " in line]
 
 
 def _banned_by(peer: str, bans: list[list[str]], reason: str = "") -> int:
@@ -342,21 +347,30 @@ def _banned_by(peer: str, bans: list[list[str]], reason: str = "") -> int:
 
 
 @pytest.mark.timeout(600)
-def test_with_verify_a_lying_owner_and_a_scaler_are_banned_and_the_honest_volunteers_agree(
+def test_with_verify_a_lying_owner_and_a_scaler_are_banned_by_every_honest_volunteer_and_a_joiner(
     workdir, bootstrap
 ):
     liars = {4: "scale", 5: "owner"}
     ids, bans = _verified_run(workdir, bootstrap, "verified", liars, 6, *VERIFIED)
-    # nobody bans an honest volunteer; a liar is banned by the honest volunteers of the round it took part in (one
-    # that missed that round, busy on a 2-core machine, does not judge it)
+    # nobody bans an honest volunteer; every honest volunteer bans both liars: judged in a round it took part in,
+    # or applied as the run's ban, which the volunteers that judged it declare in the DHT
     assert all(any(ids[i] in line for i in liars) for lines in bans for line in lines), bans
-    # a liar that started late may sit out the honest volunteers' rounds (each of its solo rounds waits out
-    # --averaging-timeout); at least one of them takes part and is banned
-    assert max(_banned_by(ids[i], bans) for i in liars) >= 2, bans
+    assert [_banned_by(ids[i], bans) for i in liars] == [4, 4], bans
     honest = [workdir / "verified" / f"peer{i}" for i in range(4)]
     assert _identical(honest), "the honest volunteers' weights differ"
     log = _log(honest[0])
     assert log[-1]["loss"] < 0.8 * log[0]["loss"], (log[0], log[-1])
+    # a volunteer that joins afterwards applies the run's bans before it takes the state (from no banned peer)
+    # (the run is over: the joiner trains one round alone)
+    alone = ("--steps", "5", "--min-peers", "1", "--averaging-timeout", "5")
+    joiner = _trainer(
+        workdir, bootstrap, 6, "verified", *VERIFIED, *alone, "--data", str(workdir / "shard0.txt")
+    )
+    _, err = joiner.communicate(timeout=120)
+    assert joiner.returncode == 0, err[-3000:]
+    assert [_banned_by(ids[i], [_ban_lines(err)], "Applied the run's ban") for i in liars] == [1, 1], err[
+        -3000:
+    ]
 
 
 @pytest.mark.timeout(400)
