@@ -175,13 +175,11 @@ class DiLoCoTrainer:
 
     def join(self, timeout: float = 30.0) -> bool:
         """Takes the run's state from a member that shares it, if one does and it is ahead; whether it did.
-        With ``--verify``, also applies the run's agreed bans (``apply_run_bans``), looked up during the download.
-        """
-        if self.key is not None:
-            self.apply_run_bans(wait=False)  # starts a lookup, unless one is under way
-        loaded = self.averager.load_state_from_peers(timeout=timeout)
+        With ``--verify``, first applies the run's agreed bans (``apply_run_bans``): the averager never downloads a
+        banned peer's state."""
         if self.key is not None:
             self.apply_run_bans(wait=True)
+        loaded = self.averager.load_state_from_peers(timeout=timeout)
         if loaded is None:
             return False
         metadata, tensors = loaded
