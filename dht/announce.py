@@ -50,7 +50,7 @@ from swarm_peer.dht.ban_record import BANS, BANS_KEY, BanInfo, ban_to_dht_value,
 from swarm_peer.dht.expert_record import expert_entry, expert_records
 from swarm_peer.dht.keys import block_key, block_ranges, validate_model_id
 from swarm_peer.dht.model_record import MODELS_KEY, ModelInfo, model_subkey, model_to_dht_value
-from swarm_peer.dht.node import DEFAULT_TIMEOUT, local_subkey, run_in_dht
+from swarm_peer.dht.node import DEFAULT_TIMEOUT, local_subkey, request_chunks, run_in_dht
 from swarm_peer.dht.records import MAX_ANNOUNCE_PERIOD, MAX_RECORD_TTL, ServerInfo, ServerState, to_dht_value
 from swarm_peer.dht.run_record import RUNS, RUNS_KEY, RunInfo, run_to_dht_value
 from swarm_peer.errors import ValidationError
@@ -537,14 +537,8 @@ def declare_experts(
     _check_expiration(expiration_time)
     records = expert_records(uids)  # raises here, not in the DHT process
     subkey, ok = local_subkey(dht), True
-    chunks: list[list[tuple[str, int]]] = []
-    size = _EXPERT_BYTES_PER_REQUEST
-    for uid, depth in records:
-        if size + len(uid) + 16 > _EXPERT_BYTES_PER_REQUEST:  # ~16 bytes of pickle per (uid, depth)
-            chunks.append([])
-            size = 0
-        chunks[-1].append((uid, depth))
-        size += len(uid) + 16
+    # ~16 bytes of pickle per (uid, depth) besides the uid
+    chunks = request_chunks(records, lambda record: len(record[0]) + 16, _EXPERT_BYTES_PER_REQUEST)
     for chunk in chunks:
         stored = _in_dht(
             dht,

@@ -31,7 +31,7 @@ from swarm_peer.dht.expert_record import (
 )
 from swarm_peer.dht.identity import peer_id_from_public_key
 from swarm_peer.dht.keys import block_key, block_ranges, parse_peer_subkey, validate_model_id
-from swarm_peer.dht.node import DEFAULT_TIMEOUT, run_in_dht
+from swarm_peer.dht.node import DEFAULT_TIMEOUT, request_chunks, run_in_dht
 from swarm_peer.dht.records import ServerInfo, ServerState, from_dht_value
 from swarm_peer.errors import ValidationError
 
@@ -157,14 +157,8 @@ def _expert_lookup(
     Raises ``TimeoutError`` if the DHT does not answer within ``timeout`` (default ``DEFAULT_TIMEOUT``) a request.
     """
     timeout = DEFAULT_TIMEOUT if timeout is None else timeout
-    chunks: list[list[str]] = []
-    size = _EXPERT_KEY_BYTES_PER_REQUEST
-    for key in dict.fromkeys(keys):
-        if size + len(key) + 8 > _EXPERT_KEY_BYTES_PER_REQUEST:  # ~8 bytes of pickle per string
-            chunks.append([])
-            size = 0
-        chunks[-1].append(key)
-        size += len(key) + 8
+    # ~8 bytes of pickle per key besides its characters
+    chunks = request_chunks(dict.fromkeys(keys), lambda key: len(key) + 8, _EXPERT_KEY_BYTES_PER_REQUEST)
     entries: dict[str, dict[int | None, tuple[PeerID, ...]]] = {}
     for chunk in chunks:
         found = run_in_dht(dht, _get_expert_entries, timeout=timeout, keys=tuple(chunk))
