@@ -9,16 +9,26 @@
         runs = list_runs(dht)                                    # {"my-run": {"QmPeer...": RunInfo}}
         bans = list_bans(dht)                      # {"my-run": {"QmLiar...": {"QmDeclarer...": "reason"}}}
         agreed_bans(bans["my-run"], runs["my-run"])              # {"QmLiar...": "reason"}: most agree
+    declare_experts(dht, ["ffn.3.7"], get_dht_time() + 60)       # an expert on a grid, and its prefixes
+    get_expert_successors(dht, ["ffn.3."])                       # {"ffn.3.": {7: (PeerID, ...)}}
 
 Records live under ``"{model_id}.{block}"`` in a subkey owned by the announcing peer (its peer id and RSA
 key); hivemind's ``RSASignatureValidator`` keeps others from overwriting them and ``SwarmRecordValidator``
 rejects malformed, misplaced or impersonating records. Each peer also lists its model under ``MODELS_KEY``
 (``catalog``, ``model_record``), so that the models a swarm serves can be found without knowing them, and each
 volunteer of a training run lists the run under ``RUNS_KEY`` (``run_record``), and, in a verified run, the peers it
-bans under ``BANS_KEY`` (``ban_record``).
+bans under ``BANS_KEY`` (``ban_record``). Experts on a grid live under their uids and every prefix level
+(``expert_record``), so that beam search (``swarm_peer.moe``) can prune the grid.
 """
 
-from swarm_peer.dht.announce import Announcer, RunAnnouncer, declare_bans, declare_run, declare_span
+from swarm_peer.dht.announce import (
+    Announcer,
+    RunAnnouncer,
+    declare_bans,
+    declare_experts,
+    declare_run,
+    declare_span,
+)
 from swarm_peer.dht.ban_record import (
     BANS,
     BANS_KEY,
@@ -28,6 +38,13 @@ from swarm_peer.dht.ban_record import (
     ban_to_dht_value,
 )
 from swarm_peer.dht.catalog import list_bans, list_model_infos, list_models, list_runs, list_runs_and_bans
+from swarm_peer.dht.expert_record import (
+    MAX_GRID_DIMS,
+    MAX_GRID_SIZE,
+    expert_key,
+    validate_expert_prefix,
+    validate_expert_uid,
+)
 from swarm_peer.dht.identity import load_identity, peer_id_from_public_key
 from swarm_peer.dht.keys import (
     block_key,
@@ -38,7 +55,7 @@ from swarm_peer.dht.keys import (
     validate_model_id,
 )
 from swarm_peer.dht.listing import Listing
-from swarm_peer.dht.lookup import get_block_servers, online_servers
+from swarm_peer.dht.lookup import get_block_servers, get_expert_successors, get_experts, online_servers
 from swarm_peer.dht.model_record import (
     MODELS,
     MODELS_KEY,
@@ -86,6 +103,8 @@ __all__ = [
     "BANS_KEY",
     "DEFAULT_TIMEOUT",
     "MAX_BLOCKS",
+    "MAX_GRID_DIMS",
+    "MAX_GRID_SIZE",
     "MAX_RECORD_TTL",
     "MAX_VALUE_BYTES",
     "MODELS",
@@ -112,10 +131,14 @@ __all__ = [
     "block_ranges",
     "create_dht",
     "declare_bans",
+    "declare_experts",
     "declare_run",
     "declare_span",
+    "expert_key",
     "from_dht_value",
     "get_block_servers",
+    "get_expert_successors",
+    "get_experts",
     "is_swarm_record",
     "list_bans",
     "list_model_infos",
@@ -138,6 +161,8 @@ __all__ = [
     "run_in_dht",
     "run_to_dht_value",
     "to_dht_value",
+    "validate_expert_prefix",
+    "validate_expert_uid",
     "validate_initial_peers",
     "validate_model_id",
     "validate_run_id",

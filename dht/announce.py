@@ -22,7 +22,11 @@ A volunteer of a training run is listed the same way, under ``RUNS_KEY`` (``run_
     with RunAnnouncer(dht, lambda: trainer_info(), period=30):                   # keep it up while training
         ...
 
-and so are the peers a volunteer of a verified run bans, under ``BANS_KEY`` (``ban_record``)::
+and so are the experts a peer hosts, on a grid, with every prefix level (``expert_record``)::
+
+    declare_experts(dht, ["ffn.3.7", "ffn.3.5"], get_dht_time() + 60)
+
+and the peers a volunteer of a verified run bans, under ``BANS_KEY`` (``ban_record``)::
 
     declare_bans(dht, "my-run", {"QmLiar...": "owner: wrong result"}, get_dht_time() + 60)
     RunAnnouncer(dht, lambda: trainer_info(), bans=lambda: dict(trainer.banned))  # with every run record
@@ -43,20 +47,22 @@ from hivemind.utils import get_dht_time
 from pydantic import ValidationError as PydanticValidationError
 
 from swarm_peer.dht.ban_record import BANS, BANS_KEY, BanInfo, ban_to_dht_value, short_reason
+from swarm_peer.dht.expert_record import expert_entry, expert_records
 from swarm_peer.dht.keys import block_key, block_ranges, validate_model_id
 from swarm_peer.dht.model_record import MODELS_KEY, ModelInfo, model_subkey, model_to_dht_value
-from swarm_peer.dht.node import DEFAULT_TIMEOUT, local_subkey, run_in_dht
+from swarm_peer.dht.node import DEFAULT_TIMEOUT, local_subkey, request_chunks, run_in_dht
 from swarm_peer.dht.records import MAX_ANNOUNCE_PERIOD, MAX_RECORD_TTL, ServerInfo, ServerState, to_dht_value
 from swarm_peer.dht.run_record import RUNS, RUNS_KEY, RunInfo, run_to_dht_value
 from swarm_peer.errors import ValidationError
 
-__all__ = ["Announcer", "RunAnnouncer", "declare_bans", "declare_run", "declare_span"]
+__all__ = ["Announcer", "RunAnnouncer", "declare_bans", "declare_experts", "declare_run", "declare_span"]
 
 logger = logging.getLogger(__name__)
 Info = TypeVar("Info", ServerInfo, RunInfo)
 
 _EXPIRATION_STEP = 1e-3  # seconds; a replacing record must expire strictly later than the one it replaces
 _BANS_PER_REQUEST = 12  # ~200 bytes each with the longest reason: a request stays well under 4 KiB
+_EXPERT_BYTES_PER_REQUEST = 2560  # of (uid, depth) records, with the ~450-byte subkey: under 4 KiB a request
 
 
 async def _store_span(
@@ -483,6 +489,71 @@ def declare_bans(
         elif not all(stored.values()):
             refused = [peer for peer, was_stored in stored.items() if not was_stored]
             logger.warning("The DHT did not store the bans of %s from run %s", ", ".join(refused), run_id)
+            ok = False
+    return ok
+
+
+async def _store_experts(
+    _dht: hivemind.DHT,
+    node: hivemind.DHTNode,
+    *,
+    timeout: float,
+    records: tuple[tuple[str, int], ...],
+    subkey: bytes,
+    expiration_time: float,
+) -> dict[str, bool] | None:
+    """In the DHT process: store the expert records ``records`` ((uid, depth), ``expert_record.expert_entry``) in
+    one ``store_many``; {key: all its records stored}, None on timeout. Records are built here, so that the request
+    over the pipe stays small."""
+    entries = [expert_entry(uid, depth, subkey) for uid, depth in records]
+    keys, subkeys, values = (list(column) for column in zip(*entries, strict=True))
+    try:
+        stored = await asyncio.wait_for(
+            node.store_many(keys, values, expiration_time, subkeys=subkeys), timeout
+        )
+    except TimeoutError:
+        return None
+    ok: dict[str, bool] = {}
+    for key, sub in zip(keys, subkeys, strict=True):
+        ok[key] = ok.get(key, True) and bool(stored[key, sub])
+    return ok
+
+
+def declare_experts(
+    dht: hivemind.DHT, uids: Sequence[str], expiration_time: float, *, timeout: float = DEFAULT_TIMEOUT
+) -> bool:
+    """Declare that this peer hosts the experts ``uids`` (``"ffn.3.7"``: a grid's name, then coordinates) until
+    ``expiration_time``: under each uid's key and every prefix level's (``expert_record``), so that beam search
+    (``swarm_peer.moe``) finds them.
+
+    Requests carry at most ``_EXPERT_BYTES_PER_REQUEST`` bytes of uids each (a request to the DHT process stays
+    under 4 KiB), each bounded by ``timeout``; records shared by several uids are written once. ``expiration_time``
+    is absolute, in ``hivemind.get_dht_time()`` seconds; it must be later than that of the records it replaces.
+
+    Returns True if the DHT accepted every record (or there were none), False otherwise (logged as a warning).
+    Raises ``ValidationError`` for a malformed uid (``expert_record.validate_expert_uid``), a foreign ``dht``, or an
+    expiration more than ``MAX_RECORD_TTL`` from now: every node would refuse them.
+    """
+    _check_expiration(expiration_time)
+    records = expert_records(uids)  # raises here, not in the DHT process
+    subkey, ok = local_subkey(dht), True
+    # ~16 bytes of pickle per (uid, depth) besides the uid
+    chunks = request_chunks(records, lambda record: len(record[0]) + 16, _EXPERT_BYTES_PER_REQUEST)
+    for chunk in chunks:
+        stored = _in_dht(
+            dht,
+            _store_experts,
+            timeout=timeout,
+            records=tuple(chunk),
+            subkey=subkey,
+            expiration_time=float(expiration_time),
+        )
+        if stored is None:
+            logger.warning("Declaring %d expert records timed out after %.1f s", len(chunk), timeout)
+            ok = False
+        elif not all(stored.values()):
+            refused = [key for key, was_stored in stored.items() if not was_stored]
+            logger.warning("The DHT did not store the expert records under %s", ", ".join(refused))
             ok = False
     return ok
 

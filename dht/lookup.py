@@ -3,6 +3,11 @@
     servers = get_block_servers(dht, "llama-7b", range(32))   # servers[i]: {PeerID: ServerInfo} for block i
     online = online_servers(dht, "llama-7b", range(32))       # the same, ONLINE peers only
 
+and the experts of a grid (``expert_record``), by uid or by prefix level:
+
+    get_experts(dht, ["ffn.3.7"])                  # {"ffn.3.7": (PeerID, ...)}: the peers that host it
+    get_expert_successors(dht, ["ffn.", "ffn.3."])  # {"ffn.": {3: (PeerID, ...), ...}, "ffn.3.": {7: ...}}
+
 Entries are kept only if they are well-formed records for that very key, in a subkey owned by the peer they
 name (``<peer id>[owner:<its rsa key>]``); anything else (another component's value, an unsigned or foreign
 entry, a record of another schema version) is skipped with a debug log. Signatures are checked by the
@@ -19,15 +24,22 @@ from typing import Any
 import hivemind
 from hivemind.p2p import PeerID
 
+from swarm_peer.dht.expert_record import (
+    parse_expert_entry,
+    validate_expert_prefix,
+    validate_expert_uid,
+)
 from swarm_peer.dht.identity import peer_id_from_public_key
 from swarm_peer.dht.keys import block_key, block_ranges, parse_peer_subkey, validate_model_id
-from swarm_peer.dht.node import DEFAULT_TIMEOUT, run_in_dht
+from swarm_peer.dht.node import DEFAULT_TIMEOUT, request_chunks, run_in_dht
 from swarm_peer.dht.records import ServerInfo, ServerState, from_dht_value
 from swarm_peer.errors import ValidationError
 
-__all__ = ["get_block_servers", "online_servers"]
+__all__ = ["get_block_servers", "get_expert_successors", "get_experts", "online_servers"]
 
 logger = logging.getLogger(__name__)
+
+_EXPERT_KEY_BYTES_PER_REQUEST = 3072  # of expert keys sent to the DHT process: a request stays under 4 KiB
 
 
 async def _get_entries(
@@ -107,3 +119,86 @@ def online_servers(
         {peer_id: info for peer_id, info in servers.items() if info.state == ServerState.ONLINE}
         for servers in get_block_servers(dht, model_id, blocks, timeout=timeout)
     ]
+
+
+async def _get_expert_entries(
+    _dht: hivemind.DHT, node: hivemind.DHTNode, *, timeout: float, keys: tuple[str, ...]
+) -> dict[str, dict[int | None, tuple[PeerID, ...]]] | None:
+    """In the DHT process: per expert key, {next coordinate (None under a uid's own key): peers} of its well-formed
+    entries (``expert_record.parse_expert_entry``; anything else is skipped with a debug log); None on timeout.
+
+    Entries are parsed here, so that what comes back over the pipe is small (no RSA keys).
+    """
+    try:
+        # latest: ask all nearest nodes and merge their subkeys (every peer writes its own subkey)
+        found = await asyncio.wait_for(node.get_many(keys, sufficient_expiration_time=float("inf")), timeout)
+    except TimeoutError:
+        return None
+    entries: dict[str, dict[int | None, tuple[PeerID, ...]]] = {}
+    for key in keys:
+        item = found.get(key)
+        peers: dict[int | None, list[PeerID]] = {}
+        for subkey, entry in item.value.items() if item is not None and isinstance(item.value, dict) else ():
+            try:
+                expert = parse_expert_entry(key, subkey, entry.value)
+            except ValidationError as e:
+                logger.debug("Ignored an entry under %s: %s", key, e)
+                continue
+            peers.setdefault(expert.coord, []).append(expert.peer_id)
+        entries[key] = {coord: tuple(sorted(set(ids), key=PeerID.to_base58)) for coord, ids in peers.items()}
+    return entries
+
+
+def _expert_lookup(
+    dht: hivemind.DHT, keys: Sequence[str], timeout: float | None
+) -> dict[str, dict[int | None, tuple[PeerID, ...]]]:
+    """``_get_expert_entries`` of ``keys``, in requests of at most ``_EXPERT_KEY_BYTES_PER_REQUEST`` bytes of keys.
+
+    Raises ``TimeoutError`` if the DHT does not answer within ``timeout`` (default ``DEFAULT_TIMEOUT``) a request.
+    """
+    timeout = DEFAULT_TIMEOUT if timeout is None else timeout
+    # ~8 bytes of pickle per key besides its characters
+    chunks = request_chunks(dict.fromkeys(keys), lambda key: len(key) + 8, _EXPERT_KEY_BYTES_PER_REQUEST)
+    entries: dict[str, dict[int | None, tuple[PeerID, ...]]] = {}
+    for chunk in chunks:
+        found = run_in_dht(dht, _get_expert_entries, timeout=timeout, keys=tuple(chunk))
+        if found is None:
+            raise TimeoutError(f"looking up {len(chunk)} expert keys took over {timeout:.1f} s")
+        entries.update(found)
+    return entries
+
+
+def get_experts(
+    dht: hivemind.DHT, uids: Sequence[str], *, timeout: float | None = None
+) -> dict[str, tuple[PeerID, ...]]:
+    """The peers that declare each of ``uids`` (``declare_experts``) and whose records have not expired, as
+    {uid: peer ids, sorted}; uids nobody hosts map to ``()``.
+
+    Entries are kept only if they are well-formed expert records for that very uid, in a subkey owned by the peer
+    it names; anything else is skipped with a debug log. Raises ``TimeoutError`` if the DHT does not answer within
+    ``timeout`` (default ``DEFAULT_TIMEOUT``) a request, ``ValidationError`` for a malformed uid.
+    """
+    for uid in uids:
+        validate_expert_uid(uid)
+    entries = _expert_lookup(dht, uids, timeout)
+    return {uid: entries[uid].get(None, ()) for uid in uids}
+
+
+def get_expert_successors(
+    dht: hivemind.DHT, prefixes: Sequence[str], *, timeout: float | None = None
+) -> dict[str, dict[int, tuple[PeerID, ...]]]:
+    """For each prefix key (``"ffn."``, ``"ffn.3."``: a grid's name and some coordinates), its live next coordinates
+    and the peers that declare an expert under each, as {prefix: {coordinate: peer ids, sorted}}, in one DHT
+    request (or a few, for many prefixes). Under a prefix one coordinate short of the uids (``"ffn.3."`` of a 2-D
+    grid), the peers of coordinate 7 are those that host ``"ffn.3.7"``.
+
+    Entries are kept as ``get_experts`` keeps them. Raises ``TimeoutError`` as ``get_experts``, ``ValidationError``
+    for a malformed prefix.
+    """
+    for prefix in prefixes:
+        validate_expert_prefix(prefix)
+    entries = _expert_lookup(dht, prefixes, timeout)
+    return {
+        prefix: {coord: peers for coord, peers in entries[prefix].items() if coord is not None}
+        for prefix in prefixes
+    }

@@ -25,7 +25,7 @@ import shutil
 import tempfile
 import threading
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -48,6 +48,7 @@ __all__ = [
     "local_identity",
     "local_peer_id",
     "local_subkey",
+    "request_chunks",
     "run_in_dht",
     "validate_initial_peers",
     "visible_maddrs",
@@ -58,6 +59,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 10.0  # seconds; the bound of every DHT call that is not given one
 _GRACE = 1.0  # extra seconds the caller waits beyond a coroutine's own timeout (pipe round trip)
 ReturnType = TypeVar("ReturnType")
+Item = TypeVar("Item")
 
 
 @dataclass(frozen=True)
@@ -246,6 +248,20 @@ def run_in_dht(
     except TimeoutError:
         # not future.cancel(): the DHT process would then fail to set the late result and log an error
         raise TimeoutError(f"the DHT did not answer {fn.__name__} within {timeout + _GRACE:.1f} s") from None
+
+
+def request_chunks(items: Iterable[Item], size: Callable[[Item], int], budget: int) -> list[list[Item]]:
+    """``items`` in order, cut into lists whose ``size`` adds up to at most ``budget`` bytes (an item larger than
+    the budget goes alone): the arguments of requests to the DHT process, which must stay under 4 KiB each."""
+    chunks: list[list[Item]] = []
+    used = budget
+    for item in items:
+        if used + size(item) > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(item)
+        used += size(item)
+    return chunks
 
 
 async def _visible_maddrs(_dht: hivemind.DHT, node: hivemind.DHTNode, *, timeout: float) -> list[str]:

@@ -6,8 +6,8 @@ the hash of a fixed key name, while our keys are dynamic (``"{model_id}.{block}"
 
 What it accepts and rejects (``validate`` returns False to reject):
 
-- a value that is not a swarm record (no ``"swarm.server"``, ``"swarm.model"``, ``"swarm.run"`` or
-  ``"swarm.ban"`` tag) outside ``MODELS_KEY``, ``RUNS_KEY`` and ``BANS_KEY``: accepted, other hivemind components (averagers, progress trackers) share
+- a value that is not a swarm record (no ``"swarm.server"``, ``"swarm.model"``, ``"swarm.run"``, ``"swarm.ban"``
+  or ``"swarm.expert"`` tag) outside ``MODELS_KEY``, ``RUNS_KEY`` and ``BANS_KEY``: accepted, other hivemind components (averagers, progress trackers) share
   the DHT;
 - a value that does not deserialize: rejected (hivemind would fail on it when returning it from a get);
 - a tagged record that expires more than ``MAX_RECORD_TTL`` seconds from now (by this node's clock): rejected,
@@ -18,6 +18,8 @@ What it accepts and rejects (``validate`` returns False to reject):
   libp2p id of that RSA key: rejected, so a peer cannot announce itself as another peer;
 - a tagged record of this schema version with malformed fields (``from_dht_value`` raises): rejected;
   records of a newer schema version are accepted once their envelope checks out (mixed-version swarms);
+- a tagged expert record (``expert_record``, tag ``"swarm.expert"``) is checked the same way: bounded uid, key
+  of its uid and depth, subkey of its next coordinate owned by the peer it names, expiration;
 - under ``MODELS_KEY``, only model records (``model_record``) in an owned subkey
   ``<model id>@<peer id>[owner:<rsa key>]`` of the same model id, checked the same way; a model record under
   any other key is rejected;
@@ -47,6 +49,7 @@ from hivemind.p2p import PeerID
 from hivemind.utils import MSGPackSerializer, get_dht_time
 
 from swarm_peer.dht.ban_record import BANS, ban_from_dht_value
+from swarm_peer.dht.expert_record import check_expert_entry, expert_key_id, is_expert_record
 from swarm_peer.dht.identity import peer_id_from_public_key
 from swarm_peer.dht.keys import block_key_id, parse_peer_subkey
 from swarm_peer.dht.listing import Listing
@@ -96,12 +99,14 @@ class SwarmRecordValidator(RecordValidatorBase):
         listing = next(
             (entry for entry in _LISTINGS if record.key == entry[1] or entry[0].is_record(value)), None
         )
-        if listing is None and not is_swarm_record(value):
+        if listing is None and not is_swarm_record(value) and not is_expert_record(value):
             return True
         try:
             _check_expiration(record)
             if listing is not None:
                 self._check_listed(record, value, *listing)
+            elif is_expert_record(value):
+                self._check_expert(record, value)
             else:
                 self._check(record, value)
         except ValidationError as e:
@@ -120,6 +125,16 @@ class SwarmRecordValidator(RecordValidatorBase):
         _check_owner(*parse_peer_subkey(_subkey(record)))
         if value["v"] == SCHEMA_VERSION:
             from_dht_value(value)
+
+    @staticmethod
+    def _check_expert(record: DHTRecord, value: dict) -> None:
+        """Raise ``ValidationError`` unless ``value`` is a well-formed expert record (``expert_record``) under the
+        key of its uid and depth, in the subkey of its next coordinate, owned by its subkey's peer."""
+        if len(record.value) > MAX_VALUE_BYTES:
+            raise ValidationError(f"record is {len(record.value)} bytes, over the cap of {MAX_VALUE_BYTES}")
+        key, _ = check_expert_entry(_subkey(record), value)
+        if record.key != expert_key_id(key):
+            raise ValidationError(f"expert record for {key} is stored under another key")
 
     @staticmethod
     def _check_listed(

@@ -1,0 +1,151 @@
+"""Beam search over a grid of experts in the DHT: the top-k live experts of each sample, without listing the grid.
+
+Learning@home (Ryabinin & Gusev, NeurIPS 2020, arXiv 2002.04013) gives each expert a uid on a grid, ``"ffn.3.7"``, and
+a gate that scores each grid dimension separately (product-key gating): the score of expert (i, j) for sample b is
+``scores_BG[0][b, i] + scores_BG[1][b, j]``. Peers declare every prefix level of the experts they host
+(``swarm_peer.dht.declare_experts``: ``"ffn."`` -> {3, ...}, ``"ffn.3."`` -> {7, ...}), so a left-to-right beam search
+reads one key per prefix it keeps instead of the whole grid::
+
+    searcher = MoEBeamSearcher(dht, "ffn.", grid_size=(8, 8))
+    best = searcher.find_best_experts([scores_B8, scores_B8], k=4)   # per sample, up to 4 Expert, best first
+    best[0][0]   # Expert(uid="ffn.3.7", coords=(3, 7), score=2.41, peers=(PeerID, ...))
+
+Algorithm, for all samples at once: the beam of a sample starts as the empty prefix; at dimension d, the prefixes in
+all beams are looked up in one DHT request (``get_expert_successors``), each prefix is extended by its live next
+coordinates, scored by the sum of its coordinates' scores, and each sample keeps its ``beam_size`` best (``k`` best
+at the last dimension, where the prefixes are uids and the peers of an entry are the hosts of that expert). That is
+``len(grid_size)`` DHT requests per batch, whatever the batch size, each of at most ``B * beam_size`` keys (the same
+prefix is read once for all samples that keep it).
+
+Exact on a full grid, for ``beam_size >= k``: every prefix of one level has the same best completion, so an expert's
+prefix that scores below ``k`` other prefixes has ``k`` better experts. On a sparse grid it returns only live
+(declared, unexpired) experts, and may miss one whose prefix scores low; a larger ``beam_size`` trades DHT keys for
+recall.
+
+Why not hivemind's ``hivemind.moe.client.beam_search.MoEBeamSearcher``: the algorithm is the same and so is the uid
+and prefix layout, but
+
+- it reads hivemind's grid records (an int coordinate as the subkey, ``(uid, peer id)`` as the value), which are
+  unsigned: any peer could overwrite or erase another's coordinate. Ours are signed per peer and checked by
+  ``SwarmRecordValidator`` (``swarm_peer.dht.expert_record``), and its entry filter (``_select_valid_entries``) drops
+  them (their subkeys are bytes, not ints);
+- hivemind does not declare the first level (``"ffn."``), so its first beam probes ``"ffn.{i}."`` one index at a
+  time, best first, and stores unsigned "no such prefix" entries (negative caching) to speed that up on sparse
+  grids; we read the live first coordinates from one key and store nothing;
+- its batched search runs one independent search per sample (``B * len(grid_size)`` DHT lookups) inside the DHT
+  process, with every score pickled through the pipe to it (``B * sum(grid_size)`` floats: over the size a request
+  to the DHT process survives for a large batch); here the scores stay in the caller and only keys travel;
+- it returns ``RemoteExpert`` objects bound to hivemind's expert server; ours name the uid, its coordinates (for the
+  gate's differentiable logits), its score and the peers that host it.
+
+Shapes: ``scores_BG``: one tensor per grid dimension d, [B, grid_size[d]] (batch, grid coordinates).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import hivemind
+import torch
+from hivemind.p2p import PeerID
+
+from swarm_peer.dht import MAX_GRID_DIMS, MAX_GRID_SIZE, get_expert_successors, validate_expert_prefix
+from swarm_peer.errors import ValidationError
+
+__all__ = ["Expert", "MoEBeamSearcher"]
+
+logger = logging.getLogger(__name__)
+
+
+class Expert(NamedTuple):
+    """A live expert beam search chose for a sample: its uid, its coordinates on the searched grid, its score (the
+    sum of its coordinates' scores), and the peers that declare it, sorted by peer id."""
+
+    uid: str
+    coords: tuple[int, ...]
+    score: float
+    peers: tuple[PeerID, ...]
+
+
+class MoEBeamSearcher:
+    """Finds the best live experts of a grid ``uid_prefix`` + ``grid_size`` for a batch of gate scores.
+
+    ``uid_prefix`` is a grid's name and optionally some leading coordinates, ending in ``"."`` (``"ffn."``,
+    ``"ffn.3."``); ``grid_size`` the size of each remaining dimension. ``timeout`` bounds each DHT request (default
+    ``swarm_peer.dht.DEFAULT_TIMEOUT``). Raises ``ValidationError`` for a malformed prefix or grid size. Thread-safe
+    (holds no state but its arguments).
+    """
+
+    def __init__(
+        self, dht: hivemind.DHT, uid_prefix: str, grid_size: Sequence[int], *, timeout: float | None = None
+    ):
+        fixed = validate_expert_prefix(uid_prefix)
+        grid_size = tuple(grid_size)
+        if not grid_size or len(fixed) + len(grid_size) > MAX_GRID_DIMS:
+            raise ValidationError(
+                f"{uid_prefix} with {len(grid_size)} more dimensions: uids have 1 to {MAX_GRID_DIMS} coordinates"
+            )
+        if not all(type(size) is int and 1 <= size <= MAX_GRID_SIZE for size in grid_size):
+            raise ValidationError(f"grid sizes must be ints in [1, {MAX_GRID_SIZE}], got {grid_size}")
+        self.dht, self.uid_prefix, self.grid_size, self.timeout = dht, uid_prefix, grid_size, timeout
+
+    def uid(self, coords: Sequence[int]) -> str:
+        """The uid of the expert at ``coords`` of this grid: ``uid((3, 7)) == "ffn.3.7"`` for the prefix ``"ffn."``."""
+        return self.uid_prefix + ".".join(map(str, coords))
+
+    def _prefix(self, coords: tuple[int, ...]) -> str:
+        return self.uid_prefix + "".join(f"{coord}." for coord in coords)
+
+    def find_best_experts(
+        self, scores_BG: Sequence[torch.Tensor], k: int, *, beam_size: int | None = None
+    ) -> list[list[Expert]]:
+        """Per sample, up to ``k`` live experts with the highest scores, best first (see the module docstring).
+
+        ``scores_BG``: one tensor [B, grid_size[d]] per grid dimension (no gradient flows through the search).
+        ``beam_size`` (default ``k``, at least ``k``) is how many prefixes each sample keeps per dimension. A sample
+        gets fewer than ``k`` experts only if fewer are live. Raises ``ValidationError`` for scores of the wrong shape
+        or a bad ``k``, ``TimeoutError`` if the DHT does not answer a request in time.
+        """
+        beam_size = k if beam_size is None else beam_size
+        if type(k) is not int or k < 1 or type(beam_size) is not int or beam_size < k:
+            raise ValidationError(f"need ints 1 <= k <= beam_size, got k={k!r}, beam_size={beam_size!r}")
+        if len(scores_BG) != len(self.grid_size):
+            raise ValidationError(
+                f"need scores for {len(self.grid_size)} grid dimensions, got {len(scores_BG)}"
+            )
+        batch = scores_BG[0].shape[0] if scores_BG[0].dim() == 2 else -1
+        for d, (scores, size) in enumerate(zip(scores_BG, self.grid_size, strict=True)):
+            if tuple(scores.shape) != (batch, size):
+                raise ValidationError(
+                    f"scores of dimension {d} must be [B, {size}], got {list(scores.shape)}"
+                )
+        scores_lists = [scores.detach().to("cpu", torch.float64).tolist() for scores in scores_BG]
+
+        # per sample, the kept (score, coordinates) of the current level; peers are known at the last level only
+        beams: list[list[tuple[float, tuple[int, ...]]]] = [[(0.0, ())] for _ in range(batch)]
+        hosts: dict[tuple[int, ...], tuple[PeerID, ...]] = {}
+        for d, size in enumerate(self.grid_size):
+            prefixes = {coords: self._prefix(coords) for beam in beams for _, coords in beam}
+            found = get_expert_successors(self.dht, list(prefixes.values()), timeout=self.timeout)
+            last = d == len(self.grid_size) - 1
+            for b, beam in enumerate(beams):
+                candidates = (
+                    (score + scores_lists[d][b][coord], (*coords, coord))
+                    for score, coords in beam
+                    for coord in found[prefixes[coords]]
+                    if coord < size  # a wider grid under the same name: not ours to choose
+                )
+                beams[b] = heapq.nlargest(k if last else beam_size, candidates)
+            if last:
+                hosts = {
+                    (*coords, coord): peers
+                    for coords, prefix in prefixes.items()
+                    for coord, peers in found[prefix].items()
+                }
+        return [
+            [Expert(self.uid(coords), coords, score, hosts[coords]) for score, coords in beam]
+            for beam in beams
+        ]
