@@ -82,6 +82,11 @@ def test_a_moe_span_loads_from_its_own_blocks_tensors(tiny_checkpoints, tmp_path
     assert any(t.ndim == 3 for t in want.values())  # experts fused into 3-D weights
     got = alone.layers.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[name], want[name]) for name in want)
+    # a peer that moves to blocks 1:3 keeps its block 2 and loads block 1 alone
+    moved = BlockSpan(resolve_checkpoint(original), 1, 3, reuse=full)
+    assert moved.layers[1] is full.layers[0]
+    one = BlockSpan(resolve_checkpoint(original), 1, 2).layers[0].state_dict()
+    assert all(torch.equal(t, one[name]) for name, t in moved.layers[0].state_dict().items())
     # a block that lacks one expert's tensor is refused with its name, not loaded with a hole
     lacking = next(name for name in some if ".experts.1." in name and name.startswith("model.layers.3."))
     save_file({n: t for n, t in some.items() if n != lacking}, tmp_path / "blocks.safetensors")
