@@ -242,8 +242,12 @@ def join(
     **kwargs,
 ):
     """Serve blocks of MODEL (a checkpoint dir, or 'smollm2') to the swarm."""
+    from transformers.utils import logging as transformers_logging
+
     from swarm_peer.peer.server import Peer
     from swarm_peer.settings import PeerSettings
+
+    transformers_logging.disable_progress_bar()  # a bar per span loaded: the peer logs one line instead
 
     if blocks and num_blocks:
         raise click.UsageError("give either --blocks or --num-blocks, not both")

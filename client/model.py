@@ -22,6 +22,7 @@ the whole sequence so far (the session's tokens plus new ones) and only the unse
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import threading
 from functools import cache
@@ -32,6 +33,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.utils import ModelOutput
 
 from swarm_peer.client.lora import RemoteLora, block_linears
 from swarm_peer.client.prompts import PromptTuning
@@ -75,15 +77,26 @@ class RemoteCache(Cache):
 class RemoteModel(nn.Module):
     """Stands in for the family's base model: [prompts +] embeddings -> remote blocks -> final norm.
 
+    It returns the base model's own output class (``output_class``): a mixture of experts' causal LM reads its
+    ``router_logits`` field, which stays None here (the routers run on the peers).
+
     With prompt tuning (``self.prompts``), the P trained prompt embeddings go before the sequence (on the first
     step of a session), the attention mask and positions grow by P, and the outputs of the prompt tokens are cut
     off again, so callers see hidden states for their own tokens only.
     """
 
-    def __init__(self, config, embed_tokens: nn.Module, norm: nn.Module, blocks: RemoteSequential):
+    def __init__(
+        self,
+        config,
+        embed_tokens: nn.Module,
+        norm: nn.Module,
+        blocks: RemoteSequential,
+        output_class: type[ModelOutput] = BaseModelOutputWithPast,
+    ):
         super().__init__()
         self.config = config
         self.embed_tokens, self.norm, self.blocks = embed_tokens, norm, blocks
+        self.output_class = output_class
         self.prompts: PromptTuning | None = None
 
     def get_input_embeddings(self) -> nn.Module:
@@ -107,7 +120,7 @@ class RemoteModel(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> ModelOutput:
         past_key_values: Cache | None = kwargs.get(CACHE)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -147,7 +160,7 @@ class RemoteModel(nn.Module):
             hidden_BTD = self.blocks(hidden_BTD, attention_mask_BS, position_ids, self.deep_prompts(B))
         if prepend:
             hidden_BTD = hidden_BTD[:, P:]
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_BTD), **{CACHE: past_key_values})
+        return self.output_class(last_hidden_state=self.norm(hidden_BTD), **{CACHE: past_key_values})
 
 
 class DistributedModelForCausalLM:
@@ -198,7 +211,8 @@ class DistributedModelForCausalLM:
         base = getattr(self, self.base_model_prefix)
         self._block_linears = block_linears(base.layers)
         blocks = RemoteSequential(self.swarm, self.router, checkpoint.model_id)
-        setattr(self, self.base_model_prefix, RemoteModel(config, base.embed_tokens, base.norm, blocks))
+        remote = RemoteModel(config, base.embed_tokens, base.norm, blocks, _output_class(type(base)))
+        setattr(self, self.base_model_prefix, remote)
         names = [name for name in checkpoint.tensor_index if not name.startswith(_BLOCK_PREFIX)]
         state = {name: t.to(dtype) for name, t in checkpoint.load_tensors(names).items()}
         self.load_state_dict(state, strict=False, assign=True)
@@ -343,6 +357,13 @@ def _causal_lm_class(config_class) -> type[PreTrainedModel]:
         return AutoModelForCausalLM._model_mapping[config_class]
     except KeyError:
         raise ValidationError(f"transformers has no causal LM for {config_class.__name__}") from None
+
+
+def _output_class(base_class: type[PreTrainedModel]) -> type[ModelOutput]:
+    """The output class that the family's base model declares (``MoeModelOutputWithPast`` for Mixtral, ...)."""
+    declared = inspect.signature(base_class.forward).return_annotation
+    is_output = isinstance(declared, type) and issubclass(declared, ModelOutput)
+    return declared if is_output else BaseModelOutputWithPast
 
 
 @cache

@@ -2,8 +2,13 @@
 
 Shape legend: B batch, T new tokens, S tokens seen including the new ones (past + T), D hidden size.
 
-Only the span's weights are read from the checkpoint (``model.layers.{i}.*``), so memory grows with the span,
-not the model. Nothing here is written per model family: the family's own base model (``LlamaModel``,
+Only the span's weights are read from the checkpoint (``model.layers.{i}.*``, the tensors the manifest counts as
+block i), so memory grows with the span, not the model. They are loaded the way ``from_pretrained`` loads a whole
+model: into the family's causal LM built on the meta device, through transformers' own weight conversion rules
+(``get_model_conversion_mapping``), which rename tensors and fuse, e.g., a Mixtral's or Qwen2-MoE's one tensor per
+expert into the 3-D expert weights its layers hold. Any family with such rules loads without code of its own here.
+
+Nothing here is written per model family: the family's own base model (``LlamaModel``,
 ``Qwen2Model``, ...) is built on the meta device for a config cut down to the span, its embeddings dropped, its
 final norm replaced by the identity, its layers replaced by the real blocks. Its own ``forward`` then builds the
 causal / sliding-window masks and rotary embeddings exactly as the full model does, which is what makes the
@@ -32,10 +37,11 @@ from functools import cached_property
 
 import torch
 from torch import nn
-from transformers import AutoModel, DynamicCache
+from transformers import AutoModel, AutoModelForCausalLM, DynamicCache
 
-from swarm_peer.compat import CACHE
+from swarm_peer.compat import CACHE, load_converted
 from swarm_peer.errors import ValidationError
+from swarm_peer.manifest import split_block_name
 from swarm_peer.models import Checkpoint, attention_shape
 from swarm_peer.peer import adapters as _adapters
 from swarm_peer.protocols.extras import Lora
@@ -45,7 +51,6 @@ __all__ = ["BlockSpan", "DTYPES"]
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_LAYER_PREFIX = "model.layers.{}."
 
 
 class BlockSpan:
@@ -76,12 +81,13 @@ class BlockSpan:
         self.dtype_name, self.dtype, self.device = dtype, DTYPES[dtype], torch.device(device)
         self.config = copy.deepcopy(checkpoint.config)
         self.config._attn_implementation = "sdpa"
-        self.layers = nn.ModuleList(
-            reuse.layers[i - reuse.start]
-            if reuse is not None and reuse.start <= i < reuse.end
-            else self._load_layer(i)
+        reused = {
+            i: reuse.layers[i - reuse.start]
             for i in range(start, end)
-        ).requires_grad_(False)
+            if reuse and reuse.start <= i < reuse.end
+        }
+        loaded = self._load_layers([i for i in range(start, end) if i not in reused])
+        self.layers = nn.ModuleList({**reused, **loaded}[i] for i in range(start, end)).requires_grad_(False)
         self._runners: dict[tuple[int, int], nn.Module] = {}
         # per sub-span: (module, its layer_idx within the sub-span) for every module that has a layer_idx
         self._numbering: dict[tuple[int, int], list[tuple[nn.Module, int]]] = {}
@@ -107,33 +113,50 @@ class BlockSpan:
         """Position ids must lie below this (the model's ``max_position_embeddings``, else 2**20)."""
         return int(getattr(self.config, "max_position_embeddings", None) or 2**20)
 
-    def _load_layer(self, index: int) -> nn.Module:
-        with torch.device("meta"):
-            layer = self._layer_class(self.config, index)
-        prefix = _LAYER_PREFIX.format(index)
-        names = [name for name in self.checkpoint.tensor_index if name.startswith(prefix)]
-        if not names:
-            raise ValidationError(f"checkpoint {self.checkpoint.path} has no weights for block {index}")
-        state = {
-            name[len(prefix) :]: t.to(self.device, self.dtype)
-            for name, t in self.checkpoint.load_tensors(names).items()
-        }
-        missing, unexpected = layer.load_state_dict(state, strict=False, assign=True)
-        if unexpected:
-            raise ValidationError(f"block {index}: unexpected weights {unexpected[:4]}")
-        # Buffers that are not in the checkpoint (none for the supported families) would stay on meta.
-        leftovers = [n for n, t in [*layer.named_parameters(), *layer.named_buffers()] if t.is_meta]
-        if missing or leftovers:
-            raise ValidationError(
-                f"block {index}: missing weights {sorted(set(missing) | set(leftovers))[:4]}"
-            )
-        return layer.eval()
+    def _load_layers(self, indices: list[int]) -> dict[int, nn.Module]:
+        """Blocks ``indices`` (global), loaded as ``from_pretrained`` loads the whole model, from their tensors only.
 
-    @cached_property
-    def _layer_class(self) -> type[nn.Module]:
+        The family's causal LM is built on the meta device (which also settles the config's attention and experts
+        implementations, as for a local model), and the blocks' checkpoint tensors go through transformers' weight
+        conversion into it; its other parts stay on meta and are dropped. Raises ``ValidationError`` for a block
+        whose weights are missing, unexpected, of the wrong shape, or fail to convert.
+        """
+        if not indices:
+            return {}
         with torch.device("meta"):
-            probe = AutoModel.from_config(_span_config(self.config, 0, 1))
-        return type(probe.layers[0])
+            model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
+        layers = getattr(model, model.base_model_prefix).layers
+        names = [
+            name
+            for name in self.checkpoint.tensor_index
+            if (split := split_block_name(name)) is not None and split[0] in indices
+        ]
+        where = f"checkpoint {self.checkpoint.path}"
+        absent = sorted(set(indices) - {split_block_name(name)[0] for name in names})
+        if absent:
+            raise ValidationError(f"{where} has no weights for blocks {absent}")
+        with self.checkpoint.open_tensors(names) as state:
+            info = load_converted(model, state, self.dtype, self.device)
+        if info.conversion_errors:
+            name, error = next(iter(sorted(info.conversion_errors.items())))
+            raise ValidationError(
+                f"{where}: the tensors of {name} do not convert: {' '.join(error.strip().splitlines()[-2:])}"
+            )
+        if info.mismatched_keys:
+            name, got, want = sorted(info.mismatched_keys)[0]
+            raise ValidationError(f"{where}: {name} has shape {list(got)}, the model wants {list(want)}")
+        if info.unexpected_keys:
+            raise ValidationError(f"{where}: unexpected weights {sorted(info.unexpected_keys)[:4]}")
+        # Whatever the checkpoint did not fill (weights, or buffers it does not store) would stay on meta.
+        missing = [
+            f"{model.base_model_prefix}.layers.{i}.{name}"
+            for i in indices
+            for name, t in [*layers[i].named_parameters(), *layers[i].named_buffers()]
+            if t.is_meta
+        ]
+        if missing:
+            raise ValidationError(f"{where}: missing weights {missing[:4]}")
+        return {i: layers[i].eval() for i in indices}
 
     def span_config(self, a: int, b: int):
         """The config cut down to global blocks ``[a, b)``: what a session's ``DynamicCache`` is built from."""
@@ -203,12 +226,13 @@ class BlockSpan:
         return out.last_hidden_state
 
     def _needs_no_mask(self, hidden_BTD: torch.Tensor, attention_mask_BS: torch.Tensor) -> bool:
-        """True for one new token of one unpadded sequence that fits the sliding window (if any): it attends to
-        every cached token, so the base model would pass no mask to the layers."""
+        """True for one new token of one unpadded sequence that fits the sliding window (if any; a window of 0, as
+        Qwen2-MoE configs have without one, is none): it attends to every cached token, so the base model would pass
+        no mask to the layers."""
         B, T, _ = hidden_BTD.shape
         S = attention_mask_BS.shape[1]
         window = getattr(self.config, "sliding_window", None)
-        return B == 1 and T == 1 and (window is None or S < window) and bool(attention_mask_BS.all())
+        return B == 1 and T == 1 and (not window or S < window) and bool(attention_mask_BS.all())
 
     def _layers_suffice(self, a: int, b: int) -> bool:
         """Whether blocks ``[a, b)`` run alone (``_run_layers``) decode exactly as their base model does: checked once,

@@ -22,6 +22,8 @@ import importlib.util
 import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -112,6 +114,13 @@ class Checkpoint:
 
     def load_tensors(self, names: list[str]) -> dict:
         """Reads only the named tensors from disk (memory grows with what is asked, not the model)."""
+        with self.open_tensors(names) as slices:
+            return {name: part[...] for name, part in slices.items()}
+
+    @contextmanager
+    def open_tensors(self, names: list[str]) -> Iterator[dict]:
+        """The named tensors as safetensors slices, read from disk only when indexed (``part[...]``): what
+        ``from_pretrained`` hands to transformers' weight loading. The files stay open inside the ``with``."""
         from safetensors import safe_open
 
         by_file: dict[Path, list[str]] = {}
@@ -119,12 +128,12 @@ class Checkpoint:
             if name not in self.tensor_index:
                 raise ValidationError(f"checkpoint {self.path} has no tensor {name!r}")
             by_file.setdefault(self.tensor_index[name], []).append(name)
-        tensors = {}
-        for file, file_names in by_file.items():
-            with safe_open(file, framework="pt") as f:
-                for name in file_names:
-                    tensors[name] = f.get_tensor(name)
-        return tensors
+        with ExitStack() as stack:
+            slices = {}
+            for file, file_names in by_file.items():
+                f = stack.enter_context(safe_open(file, framework="pt"))
+                slices.update((name, f.get_slice(name)) for name in file_names)
+            yield slices
 
     @property
     def name(self) -> str:

@@ -19,7 +19,15 @@ from hivemind.dht.crypto import RSASignatureValidator  # noqa: E402
 from hivemind.dht.validation import CompositeValidator, DHTRecord  # noqa: E402
 from hivemind.utils import MSGPackSerializer, get_dht_time  # noqa: E402
 from hivemind.utils.crypto import RSAPrivateKey  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoConfig,
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    MixtralConfig,
+    Qwen2Config,
+    Qwen2MoeConfig,
+)
 
 from swarm_peer.cli.local_swarm import LocalSwarm  # noqa: E402
 from swarm_peer.dht import (  # noqa: E402
@@ -49,7 +57,22 @@ TINY_CONFIGS = {
     "qwen2": lambda: Qwen2Config(
         num_hidden_layers=4, use_sliding_window=True, sliding_window=6, max_window_layers=2, **SMALL_CONFIG
     ),
+    # mixtures of experts (4 experts, top-2), saved with one tensor per expert, which transformers fuses on loading:
+    # Mixtral with a sliding window; Qwen2-MoE with its shared expert, and a dense layer among the sparse ones
+    "mixtral": lambda: MixtralConfig(
+        num_hidden_layers=4, num_local_experts=4, num_experts_per_tok=2, sliding_window=6, **SMALL_CONFIG
+    ),
+    "qwen2_moe": lambda: Qwen2MoeConfig(
+        num_hidden_layers=4,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+        mlp_only_layers=[1],
+        **SMALL_CONFIG,
+    ),
 }
+MOE_FAMILIES = ("mixtral", "qwen2_moe")
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,22 @@
-"""A span's decode steps: run on its layers alone when that is exact, through the family's base model otherwise."""
+"""A span's blocks equal the local transformers model's, mixtures of experts included (loaded from one tensor per
+expert, as checkpoints keep them); its decode steps run on its layers alone when that is exact, through the
+family's base model otherwise."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from swarm_peer.compat import CACHE
-from swarm_peer.models import resolve_checkpoint
+from swarm_peer.errors import ValidationError
+from swarm_peer.models import Checkpoint, resolve_checkpoint
 from swarm_peer.peer.blocks import BlockSpan
+
+from .conftest import MOE_FAMILIES, TINY_CONFIGS, reference_model
 
 PREFILL, STEPS = 3, 8  # past the tiny Mistral's and Qwen2's sliding window of 6 tokens
 
@@ -31,7 +40,61 @@ def decode(span: BlockSpan, a: int, b: int, hidden_BTD, mask_BS, by_base: bool) 
     return torch.cat(outputs, dim=1)
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def layer_outputs(path: str, hidden_BTD, mask_BS, position_ids_BT) -> list[torch.Tensor]:
+    """Each decoder layer's output in the local transformers model, fed ``hidden_BTD`` as its input embeddings."""
+    model, outputs = reference_model(path).model, []
+    hooks = [layer.register_forward_hook(lambda m, args, out: outputs.append(out)) for layer in model.layers]
+    with torch.no_grad():
+        model(inputs_embeds=hidden_BTD, attention_mask=mask_BS, position_ids=position_ids_BT)
+    for hook in hooks:
+        hook.remove()
+    return outputs
+
+
+@pytest.mark.parametrize("family", list(TINY_CONFIGS))
+def test_a_span_equals_the_local_models_layers(tiny_checkpoints, family):
+    checkpoint = resolve_checkpoint(tiny_checkpoints[family])
+    n = checkpoint.num_blocks
+    span = BlockSpan(checkpoint, 1, n)
+    hidden_BTD = torch.randn(2, 9, span.hidden_size, generator=torch.Generator().manual_seed(0))
+    mask_BS = torch.ones(2, 9, dtype=torch.long)
+    mask_BS[1, :4] = 0  # a left-padded row
+    positions_BT = torch.arange(9).expand(2, -1)
+    outputs = layer_outputs(tiny_checkpoints[family], hidden_BTD, mask_BS, positions_BT)
+    for a, b in [(1, n), (1, n - 1), (n - 1, n)]:
+        with torch.no_grad():
+            got_BTD = span.forward(outputs[a - 1], mask_BS, positions_BT, a, b)
+        torch.testing.assert_close(got_BTD[mask_BS.bool()], outputs[b - 1][mask_BS.bool()], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_a_moe_span_loads_from_its_own_blocks_tensors(tiny_checkpoints, tmp_path, family):
+    """A folder with blocks 2:4 only: their experts are fused from their own tensors, nothing else is read."""
+    original = Path(tiny_checkpoints[family])
+    tensors = load_file(original / "model.safetensors")
+    some = {name: t for name, t in tensors.items() if name.startswith(("model.layers.2.", "model.layers.3."))}
+    assert any(".experts.3." in name for name in some)  # one tensor per expert, as transformers saves them
+    shutil.copyfile(original / "config.json", tmp_path / "config.json")
+    save_file(some, tmp_path / "blocks.safetensors", metadata={"format": "pt"})
+    alone = BlockSpan(Checkpoint(tmp_path), 2, 4)
+    full = BlockSpan(resolve_checkpoint(original), 2, 4)
+    want = full.layers.state_dict()
+    assert any(t.ndim == 3 for t in want.values())  # experts fused into 3-D weights
+    got = alone.layers.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[name], want[name]) for name in want)
+    # a peer that moves to blocks 1:3 keeps its block 2 and loads block 1 alone
+    moved = BlockSpan(resolve_checkpoint(original), 1, 3, reuse=full)
+    assert moved.layers[1] is full.layers[0]
+    one = BlockSpan(resolve_checkpoint(original), 1, 2).layers[0].state_dict()
+    assert all(torch.equal(t, one[name]) for name, t in moved.layers[0].state_dict().items())
+    # a block that lacks one expert's tensor is refused with its name, not loaded with a hole
+    lacking = next(name for name in some if ".experts.1." in name and name.startswith("model.layers.3."))
+    save_file({n: t for n, t in some.items() if n != lacking}, tmp_path / "blocks.safetensors")
+    with pytest.raises(ValidationError, match="model.layers.3"):
+        BlockSpan(Checkpoint(tmp_path), 2, 4)
+
+
+@pytest.mark.parametrize("family", list(TINY_CONFIGS))
 def test_decode_steps_equal_the_base_model_bit_for_bit(tiny_checkpoints, family):
     span = BlockSpan(resolve_checkpoint(tiny_checkpoints[family]), 0, 3)
     hidden_BTD = torch.randn(1, PREFILL + STEPS, span.hidden_size)

@@ -1,4 +1,5 @@
-"""Generation through a real local swarm equals local transformers generation with the same weights."""
+"""Generation through a real local swarm equals local transformers generation with the same weights: dense
+families, mixtures of experts (experts inside each block), and the bundled SmolLM2."""
 
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ SPANS = {
     "llama": [(0, 2), (2, 4)],
     "mistral": [(0, 1), (1, 3)],
     "qwen2": [(0, 3), (1, 4)],
+    "mixtral": [(0, 2), (2, 4)],
+    "qwen2_moe": [(0, 2), (2, 4)],
     "smollm2": [(0, 10), (10, 20), (20, 30)],
 }
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "smollm2"])
+@pytest.fixture(scope="module", params=list(SPANS))
 def swarm_model(request, tiny_checkpoints):
     family = request.param
     path = request.getfixturevalue("smollm2_path") if family == "smollm2" else tiny_checkpoints[family]
