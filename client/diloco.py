@@ -15,8 +15,7 @@ optimizer.
 Members of a round receive the same averaged bytes and apply the same deterministic step, so volunteers that start
 from the same state and average in every round stay bitwise identical (``--min-peers`` makes each round wait for
 all of them). A volunteer that finds no group in time steps on its own update. One that joins later, or restarts,
-first downloads the run's state (θ, the outer optimizer's momentum, the step) from the member furthest ahead (each
-shares its state with the step it is from as the priority).
+first downloads the run's state (θ, the outer optimizer's momentum, the step) from a member.
 
 All of that holds while the run fits one group: up to ``--group-size`` G volunteers, as the run's listing in the DHT
 shows them at each round. A larger run averages in groups of up to G on a Moshpit grid (Ryabinin et al., "Moshpit
@@ -225,7 +224,6 @@ class DiLoCoTrainer:
                 for g, buffer in zip(self.global_params, extra, strict=True):
                     self.outer.state[g] = {"momentum_buffer": buffer.clone()}
             self.step = self.global_step = step
-        self.averager.state_sharing_priority = float(step)
         logger.info("Joined the run at step %d", step)
 
     # ---------------------------------------------------------------- training
@@ -266,10 +264,6 @@ class DiLoCoTrainer:
                     peers = self._outer_step()
                     if peers == 1 and settings.min_peers > 1:
                         self.join(timeout=10)  # missed the others' round: take their state if they are ahead
-            if (
-                peers is not None
-            ):  # a round ended: joiners and volunteers left behind download from the newest
-                self.averager.state_sharing_priority = float(self.global_step)
             record = StepRecord(self.step, loss.item(), peers)
             self.history.append(record)
             yield record
@@ -532,7 +526,6 @@ class DiLoCoTrainer:
             self.outer.load_state_dict(state["outer"])
             self.generator.set_state(state["generator"])
             self.step = self.global_step = int(state["step"])
-        self.averager.state_sharing_priority = float(self.global_step)
         log = Path(directory) / TRAIN_LOG
         if log.is_file():
             self.history = [StepRecord(**json.loads(line)) for line in log.read_text().splitlines()]
