@@ -36,7 +36,7 @@ __all__ = ["PHASES", "collect", "peers_of", "post", "run_round"]
 
 logger = logging.getLogger(__name__)
 
-PHASES = ("commit", "reveal", "check", "accuse")
+PHASES = ("commit", "reveal", "check", "accuse", "fetched")
 _TTL = 600.0  # seconds a round's statements stay on the board
 _MAX_VALUE_BYTES = 12 * 1024
 _POLL = 0.1
@@ -127,12 +127,14 @@ def run_round(
     | None = None,
     timeout: float,
 ) -> dict[int, str]:
-    """Runs the phases after the all-reduce (commit, reveal, check, accuse) and judges the round: {member index:
+    """Runs the phases after the all-reduce (commit, reveal, check, accuse, fetched) and judges the round: {member index:
     reason} for those proven dishonest. ``recompute(member)``: the update that member's data gives (validation,
     and to judge ``update`` accusations); ``evidence``: (keep, fetch), how the bytes that an ``input`` accusation
     rests on reach the judges: ``keep(signature, parts)`` serves this member's, ``fetch(accuser's peer id,
     signature)`` gets another's, tried twice (without them, the member judges such an accusation a dispute: both
-    sides banned)."""
+    sides banned). Then each member posts that it fetched what it needed (phase ``fetched``, no statement), and a
+    member that serves bytes waits for all to say so (at most ``timeout``): a volunteer that leaves the run after
+    its last round would otherwise take its bytes with it, and its honest accusation would become a dispute."""
     ctx = member.ctx
     keys = [key for key in ctx.keys if key]
     board: list[Signed] = []
@@ -168,6 +170,10 @@ def run_round(
                     break
         if parts is not None:
             proofs[signed.signature] = parts
+    if evidence is not None:
+        post(dht, prefix, ctx.round_id, "fetched", [])
+        if any(own.values()):
+            collect(dht, prefix, ctx.round_id, "fetched", keys, timeout)
     result_D = member.result_D
     if result_D is None:  # some owner's result never came: nothing to judge with
         return {}

@@ -595,6 +595,7 @@ def judge(
     accusations.sort(key=lambda a: a[3] != "result")
     equivocated: set[int] = set()
     upheld: set[tuple[int, int]] = set()  # (owner, sender) pairs where an owner proved a sender's input bad
+    false: list[tuple[int, str]] = []  # (accuser, reason) of the accusations not proven
     for signed, accuser, accused, reason, proof in accusations:
         if reason == "result":
             digests = receipt_digests(ctx, Signed.from_wire(proof), "result", accused)
@@ -632,7 +633,9 @@ def judge(
         if proven:
             ban(accused, f"accused by member {accuser}: {reason}")
         else:
-            ban(accuser, f"accused member {accused} falsely ({reason})")
+            false.append((accuser, f"accused member {accused} falsely ({reason})"))
+    for accuser, reason in false:  # after the proven ones: a lie shown on its own bytes is the reason given
+        ban(accuser, reason)
 
     # every owner's result must fit its inputs: the clipped differences sum to zero
     for owner, commit in commits.items():
