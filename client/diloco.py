@@ -48,7 +48,6 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,10 +55,8 @@ import torch
 from hivemind.compression import Float16Compression, NoCompression, Uniform8BitQuantization
 from torch import nn
 
+from swarm_peer.client.run_view import RunView
 from swarm_peer.client.text_data import TokenStream
-from swarm_peer.dht import list_runs
-from swarm_peer.dht.ban_record import agreed_bans
-from swarm_peer.dht.catalog import list_runs_and_bans
 from swarm_peer.dht.identity import public_key_bytes
 from swarm_peer.dht.node import local_identity, local_peer_id
 from swarm_peer.errors import ValidationError
@@ -77,8 +74,7 @@ _CODECS = {"none": NoCompression, "float16": Float16Compression, "8bit": Uniform
 _STATE_VERSION = 1
 TRAINER_STATE = "trainer_state.pt"  # beside the weights in a checkpoint folder
 TRAIN_LOG = "train_log.jsonl"  # and every step's StepRecord, one JSON object a line
-BANS_LOOKUP_INTERVAL = 5.0  # seconds: the run's bans are looked up at most this often (verified rounds)
-BANS_LOOKUP_TIMEOUT = 5.0  # seconds a lookup of the run's bans may take
+LISTING_WAIT = 5.0  # seconds a volunteer waits for its first lookup of the run's listing, before it trains
 
 
 @dataclass(frozen=True)
@@ -127,13 +123,14 @@ class DiLoCoTrainer:
         self.key = local_identity(dht) if settings.verify else None
         self.peer_id = str(local_peer_id(dht))
         self.moshpit = not settings.verify and not self.synchronous  # whether a large run averages on a grid
-        self._volunteers: list[str] = [self.peer_id]  # the run's listing, as last read
+        self.view = RunView(
+            dht, settings.run_id
+        )  # the run's volunteers and agreed bans, looked up off this thread
+        self.view.start()
         # peer id -> why (verified rounds): judged here, or the run's agreed bans
         self.banned: dict[str, str] = {}
-        self._bans_lookup: Future | None = None  # the run's bans, being looked up (off the training thread)
-        self._bans_looked_up = -float("inf")  # when the last lookup started (time.monotonic)
-        self._lookups: ThreadPoolExecutor | None = None
-        self.bans_lookup_interval = BANS_LOOKUP_INTERVAL  # seconds between two lookups at rounds' starts
+        self._round_began = -float("inf")  # when this round's local steps began (time.monotonic)
+        self.run_bans_me = False  # whether the run's volunteers agree to ban this one
         self._replica: nn.Module | None = None  # recomputes other members' updates (verified rounds)
         self._round = 0  # the number of the round under way (verified rounds)
         self.averager = _RunAverager(
@@ -148,7 +145,9 @@ class DiLoCoTrainer:
             lie=1.0 if settings.attack == "owner" else 0.0,
             min_group_size=settings.min_peers,
             target_group_size=settings.group_size,
-            min_matchmaking_time=2.0,
+            # a round waits for all the run's volunteers (``_round_size``) at most this long after the first one
+            # comes, then goes on with those there (at least --min-peers)
+            min_matchmaking_time=settings.averaging_timeout / 2,
             request_timeout=1.0,
             compression=_CODECS[settings.compression](),
             state_compression=NoCompression(),
@@ -173,24 +172,27 @@ class DiLoCoTrainer:
         states = [self.outer.state.get(p, {}) for p in self.global_params]
         return [s["momentum_buffer"].clone() for s in states] if all(states) else []
 
-    def join(self, timeout: float = 30.0) -> bool:
+    def join(self, timeout: float = 30.0, *, missed_round: bool = False) -> bool:
         """Takes the run's state from a member that shares it, if one does and it is ahead; whether it did.
-        With ``--verify``, first applies the run's agreed bans (``apply_run_bans``): the averager never downloads a
-        banned peer's state."""
+        ``missed_round``: this volunteer just stepped on its own update (no group in time): its weights are nobody
+        else's, so a state from its own step replaces them too.
+        With ``--verify``, first applies the run's agreed bans (``apply_run_bans``; waiting, when the run was never
+        looked up yet, for the first lookup): the averager never downloads a banned peer's state."""
         if self.key is not None:
-            self.apply_run_bans(wait=True)
+            self.view.wait(LISTING_WAIT)
+            self.apply_run_bans()
         loaded = self.averager.load_state_from_peers(timeout=timeout)
         if loaded is None:
             return False
         metadata, tensors = loaded
         try:
-            self._load(metadata, tensors)
+            return self._load(metadata, tensors, newer_than=self.step - 1 if missed_round else self.step)
         except ValidationError as e:
             logger.warning("Ignored the run's state a member sent: %s", e)
             return False
-        return True
 
-    def _load(self, metadata, tensors: list[torch.Tensor]) -> None:
+    def _load(self, metadata, tensors: list[torch.Tensor], newer_than: int) -> bool:
+        """Takes a state a member sent if it is from a step after ``newer_than``; whether it did."""
         if not isinstance(metadata, dict) or metadata.get("version") != _STATE_VERSION:
             raise ValidationError(f"unknown state format {metadata!r:.100}")
         step = metadata.get("step")
@@ -206,8 +208,8 @@ class DiLoCoTrainer:
                 raise ValidationError(
                     f"a state tensor of shape {tuple(tensor.shape)} where {tuple(shape)} was due"
                 )
-        if step <= self.step:
-            return  # not ahead of us
+        if step <= newer_than:
+            return False
         with self._lock, torch.no_grad():
             for g, p, t in zip(self.global_params, self.params, tensors[:n], strict=True):
                 g.copy_(t)
@@ -225,6 +227,7 @@ class DiLoCoTrainer:
                     self.outer.state[g] = {"momentum_buffer": buffer.clone()}
             self.step = self.global_step = step
         logger.info("Joined the run at step %d", step)
+        return True
 
     # ---------------------------------------------------------------- training
 
@@ -232,15 +235,19 @@ class DiLoCoTrainer:
         """Local steps, a round every ``inner_steps``, until the run's step ``until`` (a joiner that took the state
         at step s takes ``until - s`` of them), or forever."""
         settings = self.settings
-        if not self.moshpit and len(self._listed_volunteers()) > settings.group_size:
+        self.view.wait(LISTING_WAIT)
+        if not self.moshpit and len(self._volunteers()) > settings.group_size:
             why = "--verify" if settings.verify else "--inner-steps 1"
             raise ValidationError(
-                f"run {settings.run_id} lists {len(self._volunteers)} volunteers, more than --group-size "
+                f"run {settings.run_id} lists {len(self._volunteers())} volunteers, more than --group-size "
                 f"{settings.group_size}: {why} needs one group of all (raise --group-size)"
             )
         while until is None or self.step < until:
-            if self.key is not None and self.step % settings.inner_steps == 0:
-                self._start_verified_round()
+            if self.step % settings.inner_steps == 0:  # a round's local steps begin
+                self._round_began = time.monotonic()
+                self.view.refresh()  # whom the round waits for, as fresh as the DHT has it when the round comes
+                if self.key is not None:
+                    self._start_verified_round()
             batch_BT = self.stream.batch(settings.batch_size, settings.seq_len, self.generator).to(
                 settings.device
             )
@@ -263,7 +270,7 @@ class DiLoCoTrainer:
                 if self.step % settings.inner_steps == 0:
                     peers = self._outer_step()
                     if peers == 1 and settings.min_peers > 1:
-                        self.join(timeout=10)  # missed the others' round: take their state if they are ahead
+                        self.join(timeout=10, missed_round=True)  # the others' state, if they had a round
             record = StepRecord(self.step, loss.item(), peers)
             self.history.append(record)
             yield record
@@ -300,22 +307,33 @@ class DiLoCoTrainer:
             self.global_step = self.step
         return peers
 
-    def _listed_volunteers(self) -> list[str]:
-        """The run's volunteers as the DHT lists them (peer ids, sorted; this one always), or the last listing
-        when the DHT does not answer in time."""
-        try:
-            listed = list_runs(self.dht, timeout=5.0).get(self.settings.run_id, {})
-            self._volunteers = sorted(set(listed) | {self.peer_id})
-        except TimeoutError:
-            logger.info("No listing of run %s in time: the last one has %d volunteers", self.settings.run_id,
-                        len(self._volunteers))  # fmt: skip
-        return self._volunteers
+    def _volunteers(self) -> list[str]:
+        """The run's volunteers as the DHT last listed them (peer ids, sorted; this one always)."""
+        return sorted(set(self.view.latest.volunteers) | {self.peer_id})
+
+    def _round_size(self) -> int:
+        """How many volunteers a round of one group waits for, up to ``min_matchmaking_time`` after the first one
+        comes: the run's listed volunteers that this one does not ban, itself included; at least ``--min-peers``,
+        at most ``--group-size``. A volunteer that reaches a round a little after the others (it took the run's
+        state after a missed round, or started later) is then in it, and a round where all are there starts at
+        once. A listed volunteer that died makes rounds wait out the bound until its record lapses.
+
+        The run's first round waits out the bound whatever the listing (unless ``--min-peers`` is 1): volunteers
+        started together come up seconds apart, and the DHT does not list those still starting."""
+        if self.global_step == 0 and self.settings.min_peers > 1:
+            return self.settings.group_size
+        banned = set(self.banned) | self.averager.banned_peers()
+        listed = len(set(self._volunteers()) - banned)
+        return max(self.settings.min_peers, min(listed, self.settings.group_size))
 
     def _moshpit_group(self) -> MoshpitGroup | None:
         """This round's group on the Moshpit grid, or None when the run fits one group (module docstring)."""
         if not self.moshpit:
             return None
-        volunteers = self._listed_volunteers()
+        # the grid must be the same for all: the listing looked up during this round's local steps, if it comes
+        # within a second (volunteers' listings differ most while they start)
+        self.view.fresh(self._round_began, timeout=1.0)
+        volunteers = self._volunteers()
         if len(volunteers) <= self.settings.group_size:
             return None
         number = self.step // self.settings.inner_steps
@@ -333,7 +351,7 @@ class DiLoCoTrainer:
         # a round's group key carries its number: volunteers in different rounds never average together (on the
         # grid, the group's index follows; the keys' lengths differ, so Δ and θ are never averaged together)
         if group is None:
-            bits, size = format(self.step // self.settings.inner_steps % 256, "08b"), self.settings.group_size
+            bits, size = format(self.step // self.settings.inner_steps % 256, "08b"), self._round_size()
         else:
             bits, size = group.key_bits, len(group.members)
         # with --verify, this member proposes its update's RMS as the clipping radius (the round takes the median)
@@ -378,42 +396,21 @@ class DiLoCoTrainer:
         """A verified round's update must be replayable from the global weights alone: its batches come from the
         round's seed, and the inner optimizer starts afresh."""
         self._round = self.step // self.settings.inner_steps
-        self.apply_run_bans(wait=False)
+        self.apply_run_bans()
         self.generator.manual_seed(self._round_seed(public_key_bytes(self.key)))
         if not self.synchronous:
             self.inner.state.clear()
 
-    def apply_run_bans(self, *, wait: bool = True) -> dict[str, str]:
+    def apply_run_bans(self) -> dict[str, str]:
         """Bans the peers the run's volunteers agree to ban (``dht.ban_record.agreed_bans``) that this volunteer
-        does not ban yet; returns them, {peer id: reason}.
-
-        Lookups run off the training thread, one DHT request each (the runs and the bans listings). With ``wait``,
-        this waits for a lookup (started now unless one is under way; at most ``BANS_LOOKUP_TIMEOUT``); without, it
-        applies what the last lookup found, if it is done, and starts the next one if the last one started at least
-        ``bans_lookup_interval`` seconds ago: a verified round's start never waits on the DHT, and bans found during
-        a round apply at the next one.
-        """
-        now = time.monotonic()
-        interval = 0.0 if wait else self.bans_lookup_interval
-        if self._bans_lookup is None and now - self._bans_looked_up >= interval:
-            if self._lookups is None:
-                self._lookups = ThreadPoolExecutor(1, thread_name_prefix="swarm-bans")
-            self._bans_looked_up = now
-            self._bans_lookup = self._lookups.submit(_run_bans, self.dht, self.settings.run_id)
-        lookup = self._bans_lookup
-        if lookup is None or not (wait or lookup.done()):
-            return {}
-        self._bans_lookup = None
-        try:
-            agreed = lookup.result(timeout=BANS_LOOKUP_TIMEOUT + 1.0)
-        except Exception as e:  # a DHT that does not answer (TimeoutError), or gone: the next lookup retries
-            logger.debug("Looking up the run's bans failed: %s: %s", type(e).__name__, e)
-            return {}
-        me = self.peer_id
-        if me in agreed:
+        does not ban yet, as the last lookup of the run found them (``RunView``: it never waits on the DHT); returns
+        them, {peer id: reason}. A verified round's start calls it: bans found during a round apply at the next."""
+        agreed, me = self.view.latest.bans, self.peer_id
+        if me in agreed and not self.run_bans_me:
             logger.warning(
                 "The volunteers of run %s agree to ban this peer: %s", self.settings.run_id, agreed[me]
             )
+            self.run_bans_me = True
         new = {peer: why for peer, why in agreed.items() if peer not in self.banned and peer != me}
         for peer, why in new.items():
             logger.warning("Applied the run's ban of %s: %s", peer, why)
@@ -531,15 +528,8 @@ class DiLoCoTrainer:
             self.history = [StepRecord(**json.loads(line)) for line in log.read_text().splitlines()]
 
     def shutdown(self) -> None:
-        if self._lookups is not None:
-            self._lookups.shutdown(wait=False, cancel_futures=True)
+        self.view.stop()
         self.averager.shutdown()
-
-
-def _run_bans(dht, run_id: str) -> dict[str, str]:
-    """The bans the volunteers of ``run_id`` agree on, {peer id: reason}, in one DHT request."""
-    runs, bans = list_runs_and_bans(dht, run_id, timeout=BANS_LOOKUP_TIMEOUT)
-    return agreed_bans(bans.get(run_id, {}), runs.get(run_id, {}))
 
 
 def latest_checkpoint(directory: str | Path) -> Path | None:
