@@ -296,16 +296,16 @@ def join(
     **kwargs,
 ):
     """Serve blocks of MODEL (a checkpoint dir, or 'smollm2') to the swarm, or trainable experts (--experts)."""
+    if (model is None) == (not expert_patterns):
+        raise click.UsageError(
+            "give MODEL to serve its blocks, or --experts PATTERN to host experts (not both)"
+        )
+    experts = _expert_settings(expert_patterns, hidden, checkpoint_dir, kwargs)
+
     from transformers.utils import logging as transformers_logging
 
     from swarm_peer.peer.server import ExpertPeer, Peer
     from swarm_peer.settings import PeerSettings
-
-    experts = _expert_settings(expert_patterns, hidden, checkpoint_dir, kwargs)
-    if (model is None) == (experts is None):
-        raise click.UsageError(
-            "give MODEL to serve its blocks, or --experts PATTERN to host experts (not both)"
-        )
 
     transformers_logging.disable_progress_bar()  # a bar per span loaded: the peer logs one line instead
 

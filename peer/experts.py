@@ -14,8 +14,8 @@ itself with its own optimizer from the gradients trainers send back, whoever the
   averaged: AdamW's step does not depend on the gradient's scale (but for its epsilon).
 
 Everything here runs on the peer's one compute thread (``handlers.Handlers._compute``), so steps never race with
-forwards. ``save`` writes one file per expert that stepped since its last save (``{uid}.pt``: weights, optimizer,
-counters), atomically; ``HostedExperts(..., checkpoint_dir)`` restores them, so a peer restarted with the same
+forwards. ``save`` writes one file per expert that changed since its last save (``{uid}.pt``: weights, optimizer,
+counters, the gradients accumulated so far), atomically; ``HostedExperts(..., checkpoint_dir)`` restores them, so a peer restarted with the same
 directory (and ``--identity``, so the same peer id in the DHT) serves its trained experts again.
 """
 
@@ -49,7 +49,7 @@ class HostedExpert:
         )
         self.samples = 0  # accumulated in the parameters' .grad since the last step
         self.steps = 0  # optimizer steps taken
-        self.dirty = False  # stepped since the last save
+        self.dirty = False  # changed (accumulated or stepped) since the last save
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -61,11 +61,11 @@ class HostedExpert:
             x = x.detach().requires_grad_(True)
             y = self.module(x)
             torch.autograd.backward(y, grad_y)
-        self.samples += x.shape[0]
+        self.samples, self.dirty = self.samples + x.shape[0], True
         if self.samples >= self.update_every:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            self.samples, self.steps, self.dirty = 0, self.steps + 1, True
+            self.samples, self.steps = 0, self.steps + 1
         return x.grad
 
     def state_dict(self) -> dict:
@@ -131,7 +131,7 @@ class HostedExperts:
         return True
 
     def save(self) -> int:
-        """Writes the experts that stepped since their last save; how many. Call it from the compute thread."""
+        """Writes the experts that changed since their last save; how many. Call it from the compute thread."""
         if self.checkpoint_dir is None:
             return 0
         saved = 0

@@ -1,0 +1,247 @@
+"""Experts hosted by peers (``swarm-peer join --experts``) and called through ``swarm_peer.moe.call_experts``.
+
+Real peers on 127.0.0.1: two that the tests of this module share (``ffn`` experts, ``transformer`` experts), and one
+that is killed and restarted. Remote outputs, input gradients and optimizer updates are compared with the same
+experts built locally (``create_expert``: every expert of a uid starts from the same weights).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import signal
+from collections.abc import Iterator
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hivemind.p2p import PeerID
+
+from swarm_peer.cli.local_swarm import EXPERTS_READY_PREFIX, LocalSwarm
+from swarm_peer.client import SwarmRuntime
+from swarm_peer.dht import get_experts
+from swarm_peer.errors import MissingBlocksError, ValidationError
+from swarm_peer.moe import MoEBeamSearcher, call_experts, create_expert, expand_grid, register_expert_type
+from swarm_peer.peer.experts import HostedExpert
+from swarm_peer.settings import ClientSettings, ExpertSettings, NetworkSettings
+
+from .conftest import run_cli, wait_until
+
+START = 120.0  # seconds a peer may take to start, on 2 busy cores
+FFN, TF = 16, 32  # widths of the shared peers' experts
+LR, UPDATE_EVERY, MAX_ROWS = 1e-2, 8, 64
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory) -> Iterator[SimpleNamespace]:
+    """A bootstrap node, a peer of 8 ``ffn`` experts and a peer of 2 ``transformer`` experts, and a client."""
+    log_dir = str(tmp_path_factory.mktemp("logs"))
+    with LocalSwarm("", [], env={"OMP_NUM_THREADS": "1"}, log_dir=log_dir) as local:
+        common = ["--announce-period", "30", "--lr", str(LR), "--update-every", str(UPDATE_EVERY)]
+        ffn = local.add_experts(
+            "--experts", "ffn.[0:2].[0:4]", "--hidden", str(FFN), "--max-batch-tokens", str(MAX_ROWS), *common,
+            wait=False,
+        )  # fmt: skip
+        tf = local.add_experts(
+            "--experts", "tf.[0:2]", "--expert-type", "transformer", "--hidden", str(TF), *common, wait=False
+        )
+        for peer in (ffn, tf):
+            peer.wait_ready(START, prefix=EXPERTS_READY_PREFIX)
+        network = NetworkSettings(initial_peers=tuple(local.initial_peers), client_mode=True)
+        runtime = SwarmRuntime(ClientSettings(network=network, request_timeout=30))
+        try:
+            yield SimpleNamespace(
+                local=local,
+                runtime=runtime,
+                ffn=PeerID.from_base58(ffn.peer_id),
+                tf=PeerID.from_base58(tf.peer_id),
+            )
+        finally:
+            runtime.shutdown()
+
+
+def _local(expert_type: str, hidden: int, uid: str) -> HostedExpert:
+    """The expert ``uid`` as a peer builds it, with the shared peers' optimizer settings."""
+    settings = ExpertSettings(
+        uids=(uid,), expert_type=expert_type, hidden=hidden, lr=LR, update_every=UPDATE_EVERY
+    )
+    return HostedExpert(uid, settings)
+
+
+def _forward_backward(runtime, calls, inputs, grads) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Outputs and input gradients of remote experts, through ``call_experts`` and autograd."""
+    inputs = [x.clone().requires_grad_(True) for x in inputs]
+    outputs = call_experts(runtime, calls, inputs)
+    torch.autograd.backward(outputs, grads)
+    return [y.detach() for y in outputs], [x.grad for x in inputs]
+
+
+def test_outputs_and_input_gradients_equal_local_experts(swarm):
+    """Three ffn experts and two transformer experts on two peers, in one call (one request per peer)."""
+    torch.manual_seed(0)
+    calls = [
+        (swarm.ffn, "ffn.0.0"),
+        (swarm.tf, "tf.0"),
+        (swarm.ffn, "ffn.0.1"),
+        (swarm.ffn, "ffn.0.0"),  # the same expert twice in one request, on other samples
+        (swarm.tf, "tf.1"),
+    ]
+    inputs = [
+        torch.randn(3, FFN),
+        torch.randn(2, 5, TF),
+        torch.randn(4, FFN),
+        torch.randn(1, FFN),
+        torch.randn(1, 7, TF),
+    ]
+    grads = [torch.randn_like(x) for x in inputs]  # fewer than UPDATE_EVERY samples per expert: no step
+    outputs, grad_inputs = _forward_backward(swarm.runtime, calls, inputs, grads)
+    for (peer, uid), x, g, y, gx in zip(calls, inputs, grads, outputs, grad_inputs, strict=True):
+        expert = _local("ffn", FFN, uid) if peer == swarm.ffn else _local("transformer", TF, uid)
+        x = x.clone().requires_grad_(True)
+        y_local = expert.module(x)
+        y_local.backward(g)
+        assert y.shape == x.shape
+        torch.testing.assert_close(y, y_local.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gx, x.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_expert_steps_after_update_every_samples_as_a_local_adamw(swarm):
+    uid = "ffn.1.0"
+    expert = _local("ffn", FFN, uid)
+    initial = copy.deepcopy(expert.module)
+    torch.manual_seed(1)
+    probe = torch.randn(5, FFN)
+    # 5 samples: fewer than UPDATE_EVERY, the expert has not stepped yet
+    x1, g1 = torch.randn(5, FFN), torch.randn(5, FFN)
+    _forward_backward(swarm.runtime, [(swarm.ffn, uid)], [x1], [g1])
+    expert.backward(x1, g1)
+    assert expert.steps == 0
+    (before,) = call_experts(swarm.runtime, [(swarm.ffn, uid)], [probe])
+    torch.testing.assert_close(before, initial(probe).detach(), atol=1e-6, rtol=1e-6)
+    # 5 more: 10 >= UPDATE_EVERY, one AdamW step on the sum of both calls' gradients
+    x2, g2 = torch.randn(5, FFN), torch.randn(5, FFN)
+    _forward_backward(swarm.runtime, [(swarm.ffn, uid)], [x2], [g2])
+    expert.backward(x2, g2)
+    assert expert.steps == 1
+    (after,) = call_experts(swarm.runtime, [(swarm.ffn, uid)], [probe])
+    torch.testing.assert_close(after, expert.forward(probe), atol=1e-6, rtol=1e-6)
+    assert (after - before).abs().max() > 1e-3  # the step did change the expert
+
+
+def test_bad_requests_are_refused_and_the_peer_keeps_serving(swarm):
+    uid, probe = "ffn.1.1", torch.randn(2, FFN)
+    expected = _local("ffn", FFN, uid).forward(probe)
+
+    def still_serves() -> None:
+        (y,) = call_experts(swarm.runtime, [(swarm.ffn, uid)], [probe])
+        torch.testing.assert_close(y, expected, atol=1e-6, rtol=1e-6)
+
+    bad_forwards = [
+        (
+            [(swarm.ffn, uid)],
+            [torch.randn(2, FFN + 1)],
+            ValidationError,
+            "must be floating-point (batch, 16)",
+        ),
+        ([(swarm.ffn, uid)], [torch.randn(2, 3, FFN)], ValidationError, "must be floating-point (batch, 16)"),
+        ([(swarm.ffn, uid)], [torch.ones(2, FFN, dtype=torch.int64)], ValidationError, "floating-point"),
+        ([(swarm.ffn, uid)], [torch.full((2, FFN), float("nan"))], ValidationError, "NaN"),
+        ([(swarm.ffn, uid)], [torch.randn(MAX_ROWS + 1, FFN)], ValidationError, f"limit of {MAX_ROWS} rows"),
+        ([(swarm.ffn, "ffn.7.7")], [probe], MissingBlocksError, "'ffn.7.7' is not served here"),
+        ([(swarm.tf, "tf.0")], [torch.randn(2, TF)], ValidationError, "(batch, tokens, 32)"),
+    ]
+    for calls, inputs, error, message in bad_forwards:
+        with pytest.raises(error, match=re.escape(message)):
+            call_experts(swarm.runtime, calls, inputs)
+        still_serves()
+
+    # NaN gradients, in requests that together bring more samples than an update: all refused, nothing accumulated
+    for _ in range(2):
+        y = call_experts(
+            swarm.runtime, [(swarm.ffn, uid)], [torch.randn(UPDATE_EVERY, FFN, requires_grad=True)]
+        )[0]
+        with pytest.raises(ValidationError, match="gradients of ffn.1.1 contain NaN"):
+            y.backward(torch.full_like(y, float("nan")))
+        still_serves()
+
+    # control: the same expert without the peer's checks takes the NaN gradient, steps, and is NaN from then on
+    unchecked = _local("ffn", FFN, uid)
+    unchecked.backward(torch.randn(UPDATE_EVERY, FFN), torch.full((UPDATE_EVERY, FFN), float("nan")))
+    assert unchecked.steps == 1 and unchecked.forward(probe).isnan().all()
+
+
+def _expert_peer(local: LocalSwarm, args: list[str]):
+    peer = local.add_experts(*args, wait=False)
+    peer.wait_ready(START, prefix=EXPERTS_READY_PREFIX)
+    return peer
+
+
+def test_restarted_peer_serves_its_trained_experts_and_is_found_again(swarm, tmp_path):
+    """kill -9 after an update, restart with the same --identity and --checkpoint-dir: the same peer id is found
+    through the DHT and serves the trained weights, and its next update continues the optimizer's state."""
+    runtime, dht = swarm.runtime, swarm.runtime.dht
+    args = [
+        "--experts", "rst.[0:2]", "--hidden", "8", "--lr", "0.05", "--update-every", "4",
+        "--identity", str(tmp_path / "peer.key"), "--checkpoint-dir", str(tmp_path / "experts"),
+        "--checkpoint-period", "0", "--announce-period", "30",
+    ]  # fmt: skip
+    first = _expert_peer(swarm.local, args)
+    peer = PeerID.from_base58(first.peer_id)
+    assert wait_until(lambda: get_experts(dht, ["rst.1"])["rst.1"] == (peer,), timeout=30)
+
+    settings = ExpertSettings(uids=("rst.1",), hidden=8, lr=0.05, update_every=4)
+    expert, fresh = HostedExpert("rst.1", settings), create_expert("ffn", 8, "rst.1")
+    torch.manual_seed(2)
+    probe, x1, g1, x2, g2 = (torch.randn(4, 8) for _ in range(5))
+    _forward_backward(runtime, [(peer, "rst.1")], [x1], [g1])  # 4 samples: one update, saved at once
+    expert.backward(x1, g1)
+
+    os.killpg(first.process.pid, signal.SIGKILL)  # no clean exit: what the update saved is all there is
+    first.process.wait(10)
+    # control for the withdrawal below: a killed peer's records stay until they expire
+    assert get_experts(dht, ["rst.1"])["rst.1"] == (peer,)
+
+    second = _expert_peer(swarm.local, args)
+    assert second.peer_id == first.peer_id
+    (y,) = call_experts(runtime, [(peer, "rst.1")], [probe])
+    torch.testing.assert_close(y, expert.forward(probe), atol=1e-6, rtol=1e-6)
+    assert (y - fresh(probe)).abs().max() > 1e-3  # control: a peer that lost its state would serve these
+    _forward_backward(
+        runtime, [(peer, "rst.1")], [x2], [g2]
+    )  # the second update uses the restored AdamW moments
+    expert.backward(x2, g2)
+    (y,) = call_experts(runtime, [(peer, "rst.1")], [probe])
+    torch.testing.assert_close(y, expert.forward(probe), atol=1e-6, rtol=1e-6)
+
+    found = MoEBeamSearcher(dht, "rst.", grid_size=(2,)).find_best_experts([torch.tensor([[0.0, 1.0]])], k=2)
+    assert [(e.uid, e.peers) for e in found[0]] == [("rst.1", (peer,)), ("rst.0", (peer,))]
+
+    second.terminate(30)  # a clean exit withdraws the experts: gone long before their records expire (60 s)
+    assert wait_until(lambda: get_experts(dht, ["rst.0", "rst.1"]) == {"rst.0": (), "rst.1": ()}, timeout=10)
+
+
+def test_expert_types_and_grids():
+    assert expand_grid("ffn.[0:2].[3:5]") == ["ffn.0.3", "ffn.0.4", "ffn.1.3", "ffn.1.4"]
+    assert expand_grid("ffn.5.[0:2]") == ["ffn.5.0", "ffn.5.1"]
+    for bad in ("ffn.[2:2]", "ffn.[0:8].x", "ffn", "f f.[0:2]", "ffn.[0:4097]"):
+        with pytest.raises(ValidationError):
+            expand_grid(bad)
+    # the same uid and seed, the same weights; another uid or seed, others
+    a, b = create_expert("ffn", 8, "ffn.0.1"), create_expert("ffn", 8, "ffn.0.1")
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert not torch.equal(a.w1.weight, create_expert("ffn", 8, "ffn.0.2").w1.weight)
+    assert not torch.equal(a.w1.weight, create_expert("ffn", 8, "ffn.0.1", seed=1).w1.weight)
+    # a user's expert type
+    register_expert_type(
+        "test_scale", lambda hidden: torch.nn.Linear(hidden, hidden, bias=False), input_dims=2
+    )
+    assert create_expert("test_scale", 4, "s.0")(torch.ones(2, 4)).shape == (2, 4)
+    with pytest.raises(ValidationError, match="unknown expert type 'nope'"):
+        create_expert("nope", 4, "s.0")
+
+
+def test_join_hosts_blocks_or_experts():
+    for args in (["join"], ["join", "some-model", "--experts", "ffn.[0:2]", "--hidden", "8"]):
+        result = run_cli(*args, timeout=60)
+        assert result.returncode == 2 and "give MODEL to serve its blocks, or --experts" in result.stderr
