@@ -541,7 +541,8 @@ def declare_experts(
     """Declare that this peer hosts the experts ``uids`` (``"ffn.3.7"``: a grid's name, then coordinates) until
     ``expiration_time``: under each uid's key and every prefix level's (``expert_record``), so that beam search
     (``swarm_peer.moe``) finds them. ``online=False`` withdraws them instead: the same records, marked off, replace
-    the live ones (they must expire later), and lookups skip them.
+    the live ones (they must expire later), and lookups skip them. A prefix record stands for all of this peer's
+    uids under that prefix and next coordinate: withdraw them together.
 
     Requests carry at most ``_EXPERT_BYTES_PER_REQUEST`` bytes of uids each (a request to the DHT process stays
     under 4 KiB), each bounded by ``timeout``; records shared by several uids are written once. ``expiration_time``
