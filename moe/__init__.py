@@ -5,10 +5,10 @@ experts hosted by peers (``swarm-peer join --experts``) and called from anywhere
     searcher = MoEBeamSearcher(dht, "ffn.", grid_size=(8, 8))
     best = searcher.find_best_experts([scores_B8, scores_B8], k=4)       # per sample: 4 live experts, best first
     y0, y1 = call_experts(runtime, [(peer, "ffn.0.3"), (peer, "ffn.5.1")], [x0_BD, x1_BD])   # differentiable
+    layer = RemoteMixtureOfExperts(runtime, in_features=512, grid_size=(8, 8), uid_prefix="ffn.", k_best=4)
 
 Expert types (``ffn``, ``transformer``, and those registered with ``register_expert_type``) are in ``experts``; the
-peer side (optimizers, checkpoints, RPCs) in ``swarm_peer.peer``. The mixture layer on top (a gate, ``k_min``,
-timeouts) comes next (issue #21).
+peer side (optimizers, checkpoints, RPCs) in ``swarm_peer.peer``; the layer that mixes them in ``mixture``.
 """
 
 from swarm_peer.moe.beam_search import Expert, MoEBeamSearcher
@@ -21,6 +21,7 @@ from swarm_peer.moe.experts import (
     expert_type,
     register_expert_type,
 )
+from swarm_peer.moe.mixture import RemoteMixtureOfExperts
 from swarm_peer.moe.remote_expert import RemoteExpert, call_experts
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "FeedForwardExpert",
     "MoEBeamSearcher",
     "RemoteExpert",
+    "RemoteMixtureOfExperts",
     "TransformerExpert",
     "call_experts",
     "create_expert",

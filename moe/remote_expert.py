@@ -28,7 +28,7 @@ the client, so any object with ``p2p``, ``run(coro, timeout)`` and ``settings.re
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -36,10 +36,10 @@ from hivemind.p2p import P2P, PeerID
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from swarm_peer.errors import ValidationError
+from swarm_peer.errors import DeadlineError, SwarmError, ValidationError
 from swarm_peer.protocols import rpc, swarm_pb2
 
-__all__ = ["RemoteExpert", "call_experts"]
+__all__ = ["RemoteExpert", "call_experts", "call_peers"]
 
 _TYPES = swarm_pb2.ExpertRequest, swarm_pb2.ExpertResponse
 
@@ -81,8 +81,22 @@ class RemoteExpert(nn.Module):
         return call_experts(self.runtime, [(self.peer_id, self.uid)], [x], timeout=self.timeout)[0]
 
 
-async def _on_peers(p2p: P2P, name: str, calls, tensors_per_call, timeout: float) -> list[torch.Tensor]:
-    """One request ``name`` per peer, with that peer's calls, all in parallel; one answer tensor per call."""
+async def call_peers(
+    p2p: P2P,
+    name: str,
+    calls: Sequence[tuple[PeerID, str]],
+    tensors_per_call: Sequence[Sequence[torch.Tensor]],
+    timeout: float,
+    *,
+    enough: Callable[[list[torch.Tensor | None]], bool] | None = None,
+    grace: float = 0.0,
+) -> tuple[list[torch.Tensor | None], dict[PeerID, SwarmError]]:
+    """One request ``name`` per peer, with that peer's calls, all in parallel: the answer tensor of each call (None
+    for a call whose peer failed or was late) and why each failed peer failed.
+
+    Waits for every peer, at most ``timeout`` seconds; with ``enough``, once ``enough(answers)`` holds, at most
+    ``grace`` seconds more. A peer that has not answered by then is cancelled, as a ``DeadlineError``.
+    """
     by_peer: dict[PeerID, list[int]] = {}
     for i, (peer_id, _) in enumerate(calls):
         by_peer.setdefault(peer_id, []).append(i)
@@ -94,22 +108,45 @@ async def _on_peers(p2p: P2P, name: str, calls, tensors_per_call, timeout: float
             p2p, peer_id, name, _TYPES, tensors, len(indices), uids=uids, timeout_ms=int(timeout * 1000)
         )
 
-    async with asyncio.timeout(timeout):
-        answers = await asyncio.gather(*(on_peer(peer, indices) for peer, indices in by_peer.items()))
-    outputs: list[torch.Tensor | None] = [None] * len(calls)
-    for indices, answer in zip(by_peer.values(), answers, strict=True):
-        for i, tensor in zip(indices, answer, strict=True):
-            outputs[i] = tensor
-    return outputs
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    tasks = {
+        asyncio.create_task(on_peer(peer, indices)): (peer, indices) for peer, indices in by_peer.items()
+    }
+    pending = set(tasks)
+    answers: list[torch.Tensor | None] = [None] * len(calls)
+    failures: dict[PeerID, SwarmError] = {}
+    try:
+        while pending:
+            if enough is not None and enough(answers):
+                deadline, enough = min(deadline, loop.time() + grace), None
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            done, pending = await asyncio.wait(pending, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                peer, indices = tasks[task]
+                try:
+                    for i, tensor in zip(indices, task.result(), strict=True):
+                        answers[i] = tensor
+                except Exception as e:
+                    failures[peer] = rpc.remote_error(e, peer)
+    finally:
+        for task in pending:
+            task.cancel()
+            failures[tasks[task][0]] = DeadlineError(f"peer {tasks[task][0]} did not answer in time")
+    return answers, failures
 
 
 class _ExpertCalls(torch.autograd.Function):
     @staticmethod
     def forward(ctx, runtime: Runtime, calls, timeout: float, *inputs: torch.Tensor):
         tensors = [[x.detach()] for x in inputs]
-        outputs = runtime.run(
-            _on_peers(runtime.p2p, rpc.EXPERT_FORWARD, calls, tensors, timeout), timeout + 1
+        outputs, failures = runtime.run(
+            call_peers(runtime.p2p, rpc.EXPERT_FORWARD, calls, tensors, timeout), timeout + 1
         )
+        if failures:
+            raise next(iter(failures.values()))
         ctx.runtime, ctx.calls, ctx.timeout = runtime, calls, timeout
         ctx.save_for_backward(*inputs)
         ctx.set_materialize_grads(False)  # an output without a gradient: its expert gets no backward call
@@ -124,9 +161,11 @@ class _ExpertCalls(torch.autograd.Function):
         if sent:
             calls = [ctx.calls[i] for i in sent]
             tensors = [[inputs[i].detach(), grads[i]] for i in sent]
-            answers = ctx.runtime.run(
-                _on_peers(ctx.runtime.p2p, rpc.EXPERT_BACKWARD, calls, tensors, ctx.timeout), ctx.timeout + 1
+            answers, failures = ctx.runtime.run(
+                call_peers(ctx.runtime.p2p, rpc.EXPERT_BACKWARD, calls, tensors, ctx.timeout), ctx.timeout + 1
             )
+            if failures:
+                raise next(iter(failures.values()))
             for i, grad in zip(sent, answers, strict=True):
                 grad_inputs[i] = grad.to(inputs[i].device)
         return (None, None, None, *grad_inputs)

@@ -256,6 +256,17 @@ def test_expired_and_undeclared_experts_are_never_returned(dht_swarm):
     assert get_experts(dht_swarm.boot, ["gone.0.0"]) == {"gone.0.0": ()}
 
 
+def test_beam_search_leaves_out_excluded_peers(dht_swarm):
+    one, two = dht_swarm.one, dht_swarm.two
+    hosts = split_declare([one, two], ["ex.0.0", "ex.0.1", "ex.1.0"])  # one: ex.0.0, ex.1.0; two: ex.0.1
+    scores_BG = [torch.tensor([[0.0, 9.0]]), torch.tensor([[1.0, 0.0]])]
+    searcher = MoEBeamSearcher(dht_swarm.boot, "ex.", (2, 2))
+    assert [e.uid for e in searcher.find_best_experts(scores_BG, k=3)[0]] == ["ex.1.0", "ex.0.0", "ex.0.1"]
+    # without one, row 1 (only one declares it) is dead, and so is ex.0.0
+    found = searcher.find_best_experts(scores_BG, k=3, exclude=[hosts["ex.0.0"]])
+    assert [(e.uid, e.peers) for e in found[0]] == [("ex.0.1", (hosts["ex.0.1"],))]
+
+
 def test_searcher_refuses_bad_arguments(dht_swarm):
     for prefix, grid in (
         ("ffn", (4,)),

@@ -11,6 +11,7 @@ import copy
 import os
 import re
 import signal
+import time
 from collections.abc import Iterator
 from types import SimpleNamespace
 
@@ -21,8 +22,15 @@ from hivemind.p2p import PeerID
 from swarm_peer.cli.local_swarm import EXPERTS_READY_PREFIX, LocalSwarm
 from swarm_peer.client import SwarmRuntime
 from swarm_peer.dht import get_experts
-from swarm_peer.errors import MissingBlocksError, ValidationError
-from swarm_peer.moe import MoEBeamSearcher, call_experts, create_expert, expand_grid, register_expert_type
+from swarm_peer.errors import MissingBlocksError, RoutingError, ValidationError
+from swarm_peer.moe import (
+    MoEBeamSearcher,
+    RemoteMixtureOfExperts,
+    call_experts,
+    create_expert,
+    expand_grid,
+    register_expert_type,
+)
 from swarm_peer.peer.experts import HostedExpert
 from swarm_peer.settings import ClientSettings, ExpertSettings, NetworkSettings
 
@@ -35,12 +43,13 @@ LR, UPDATE_EVERY, MAX_ROWS = 1e-2, 8, 64
 
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory) -> Iterator[SimpleNamespace]:
-    """A bootstrap node, a peer of 8 ``ffn`` experts and a peer of 2 ``transformer`` experts, and a client."""
+    """A bootstrap node, a peer of 16 ``ffn`` experts (grids ``ffn`` and ``mx``, the mixture layer's), a peer of 2
+    ``transformer`` experts, and a client."""
     log_dir = str(tmp_path_factory.mktemp("logs"))
     with LocalSwarm("", [], env={"OMP_NUM_THREADS": "1"}, log_dir=log_dir) as local:
         common = ["--announce-period", "30", "--lr", str(LR), "--update-every", str(UPDATE_EVERY)]
         ffn = local.add_experts(
-            "--experts", "ffn.[0:2].[0:4]", "--hidden", str(FFN), "--max-batch-tokens", str(MAX_ROWS), *common,
+            "--experts", "ffn.[0:2].[0:4]", "--experts", "mx.[0:2].[0:4]", "--hidden", str(FFN), "--max-batch-tokens", str(MAX_ROWS), *common,
             wait=False,
         )  # fmt: skip
         tf = local.add_experts(
@@ -219,6 +228,117 @@ def test_restarted_peer_serves_its_trained_experts_and_is_found_again(swarm, tmp
 
     second.terminate(30)  # a clean exit withdraws the experts: gone long before their records expire (60 s)
     assert wait_until(lambda: get_experts(dht, ["rst.0", "rst.1"]) == {"rst.0": (), "rst.1": ()}, timeout=10)
+
+
+def _local_mixture(proj, grid_size, k: int, x_BD: torch.Tensor, live: dict[str, torch.nn.Module]):
+    """A mixture layer's output computed here: the softmax over the brute-force top ``k`` of the summed scores of
+    the ``live`` experts."""
+    s0, s1 = proj(x_BD).split(grid_size, dim=-1)
+    outputs = []
+    for b in range(x_BD.shape[0]):
+        score = {uid: s0[b, int(uid.split(".")[1])] + s1[b, int(uid.split(".")[2])] for uid in live}
+        best = sorted(live, key=lambda uid: -float(score[uid].detach()))[:k]
+        weights = torch.stack([score[uid] for uid in best]).softmax(0)
+        outputs.append(sum(w * live[uid](x_BD[b : b + 1])[0] for w, uid in zip(weights, best, strict=True)))
+    return torch.stack(outputs)
+
+
+def test_mixture_equals_the_same_gate_and_experts_computed_locally(swarm):
+    torch.manual_seed(3)
+    layer = RemoteMixtureOfExperts(
+        swarm.runtime, in_features=FFN, grid_size=(2, 4), uid_prefix="mx.", k_best=3
+    )
+    x = torch.randn(6, FFN, requires_grad=True)
+    y = layer(x)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    proj = copy.deepcopy(layer.proj)
+    proj.zero_grad()
+    experts = {uid: create_expert("ffn", FFN, uid) for uid in expand_grid("mx.[0:2].[0:4]")}
+    x_local = x.detach().clone().requires_grad_(True)
+    y_local = _local_mixture(proj, (2, 4), 3, x_local, experts)
+    y_local.backward(grad)
+    torch.testing.assert_close(y, y_local, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, x_local.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.proj.weight.grad, proj.weight.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_mixture_cuts_slow_experts_avoids_failed_peers_and_never_returns_nan(swarm):
+    """A peer whose experts (rows 2, 3 of the grid) answer 3 s late, then are killed: late experts are cut after
+    ``timeout_after_k_min``; a sample whose experts all failed raises, instead of mixing NaN; the layer then avoids
+    the failed peer's experts (still in the DHT) and chooses among the others."""
+    slow = _expert_peer(
+        swarm.local,
+        [
+            "--experts",
+            "mx.[2:4].[0:4]",
+            "--hidden",
+            str(FFN),
+            "--update-every",
+            "1000000",
+            "--added-latency",
+            "3",
+        ],
+    )
+    dht = swarm.runtime.dht
+    assert wait_until(lambda: all(get_experts(dht, ["mx.2.0", "mx.0.0"]).values()), timeout=30)
+    experts = {uid: create_expert("ffn", FFN, uid) for uid in expand_grid("mx.[0:2].[0:4]")}
+
+    def layer(**kwargs) -> RemoteMixtureOfExperts:
+        layer = RemoteMixtureOfExperts(
+            swarm.runtime,
+            in_features=FFN,
+            grid_size=(4, 4),
+            uid_prefix="mx.",
+            k_best=4,
+            forward_timeout=10,
+            **kwargs,
+        )
+        with (
+            torch.no_grad()
+        ):  # the first coordinate's scores: 5 * x[0] * (-1, -1, 1, 1); x[0] > 0 picks rows 2, 3
+            layer.proj.weight[:4].zero_()
+            layer.proj.weight[:4, 0] = torch.tensor([-5.0, -5.0, 5.0, 5.0])
+            layer.proj.bias[:4].zero_()
+        return layer
+
+    torch.manual_seed(4)
+    mixed = torch.randn(4, FFN)
+    mixed[:, 0] = 0.0  # every sample's experts on both peers
+    cutting = layer(timeout_after_k_min=0.5)
+    t0 = time.monotonic()
+    y = cutting(mixed)
+    assert time.monotonic() - t0 < 2.5  # the slow peer's answers (3 s) were not waited for
+    # what the others answered, mixed by the softmax over their scores alone
+    with torch.no_grad():
+        s0, s1 = cutting.proj(mixed).split((4, 4), dim=-1)
+    for b in range(4):
+        top4 = sorted(
+            ((i, j) for i in range(4) for j in range(4)), key=lambda c: -float(s0[b, c[0]] + s1[b, c[1]])
+        )[:4]
+        alive = [(i, j) for i, j in top4 if i < 2]
+        weights = torch.stack([s0[b, i] + s1[b, j] for i, j in alive]).softmax(0)
+        expected = sum(
+            w * experts[f"mx.{i}.{j}"](mixed[b : b + 1])[0] for w, (i, j) in zip(weights, alive, strict=True)
+        )
+        torch.testing.assert_close(y[b], expected, atol=1e-5, rtol=1e-5)
+
+    os.killpg(slow.process.pid, signal.SIGKILL)
+    slow.process.wait(10)
+    x = torch.randn(3, FFN)
+    x[:, 0] = torch.tensor([1.0, -1.0, 1.0])  # samples 0 and 2: every expert on the dead peer
+    plain = layer()
+    with pytest.raises(RoutingError, match=re.escape("samples [0, 2] got fewer than k_min=1 expert answers")):
+        plain(x)
+    # the layer avoids the dead peer's experts from now on: all samples get answers, and gradients, none NaN
+    y = plain(x)
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(plain.proj.weight.grad).all()
+    # controls: a layer that does not avoid failed peers keeps choosing the dead one's experts (their records live
+    # on), and the softmax without the per-sample check mixes a sample whose experts all failed into NaN
+    with pytest.raises(RoutingError):
+        layer(avoid_seconds=0.0)(x)
+    assert torch.full((1, 4), float("-inf")).softmax(1).isnan().all()
 
 
 def test_expert_types_and_grids():

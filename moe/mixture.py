@@ -1,0 +1,220 @@
+"""RemoteMixtureOfExperts: a mixture-of-experts layer whose experts live on peers (Learning@home, Ryabinin & Gusev,
+NeurIPS 2020, arXiv 2002.04013).
+
+Shape legend: B batch, D in_features (the experts' width), G grid dimensions, K experts chosen per sample, N rows
+sent to experts over all calls.
+
+    layer = RemoteMixtureOfExperts(runtime, in_features=512, grid_size=(8, 8), uid_prefix="ffn.", k_best=4)
+    y_BD = layer(x_BD)     # backward trains the gate here and, through the peers, the experts that answered
+
+For each sample, a linear gate scores every coordinate of every grid dimension (``proj``: D -> sum(grid_size));
+an expert's score is the sum of its coordinates' scores (product-key gating), and beam search over the grid in the
+DHT (``MoEBeamSearcher``) finds the ``k_best`` live experts with the best scores. The calls are grouped into one
+request per peer (each expert on the rows of the samples that chose it; ``remote_expert.call_peers``), all peers
+in parallel. Once every sample has ``k_min`` answers, the layer waits at most ``timeout_after_k_min`` more for the
+others; whatever has not answered by then, or failed, is left out: per sample, the softmax of the scores runs over
+the experts that answered, and the output is their weighted sum.
+
+What it does where hivemind 1.1.12's layer (``hivemind.moe.client.moe.RemoteMixtureOfExperts``) does not:
+
+- one request per peer per batch, not one per (sample, expert) pair;
+- ``k_min`` holds per sample: a sample with fewer answers raises ``RoutingError`` naming it, instead of mixing an
+  all-masked softmax into NaN (hivemind checks the count over the whole batch);
+- after a failed or late call, the peer's experts are avoided for ``avoid_seconds`` (they would be chosen again until
+  their records expire): beam search leaves the peer out, as if it declared nothing.
+
+Backward sends, in parallel, each answered call's output gradient to its expert (which accumulates it and steps
+its own optimizer, ``peer.experts``); a peer that fails then gives no input gradient for its calls (logged), and
+is avoided as well.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Sequence
+
+import torch
+from hivemind.p2p import PeerID
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from swarm_peer.errors import RoutingError, ValidationError
+from swarm_peer.moe.beam_search import Expert, MoEBeamSearcher
+from swarm_peer.moe.remote_expert import Runtime, call_peers
+from swarm_peer.protocols import rpc
+
+__all__ = ["RemoteMixtureOfExperts"]
+
+logger = logging.getLogger(__name__)
+
+
+class RemoteMixtureOfExperts(nn.Module):
+    """A mixture of ``k_best`` of the experts on a grid ``uid_prefix`` + ``grid_size``, hosted by peers.
+
+    ``runtime``: a ``swarm_peer.client.SwarmRuntime`` (its DHT finds the experts, its P2P handle calls them).
+    ``forward_timeout`` bounds a forward's calls (default ``runtime.settings.request_timeout``),
+    ``backward_timeout`` a backward's (default: the same). ``beam_size``: see ``MoEBeamSearcher``.
+
+    ``forward`` takes x_BD and returns y_BD. Raises ``RoutingError`` if a sample got fewer than ``k_min`` answers
+    (too few live experts, or too many failed), ``TimeoutError`` if the DHT does not answer the search.
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        in_features: int,
+        grid_size: Sequence[int],
+        uid_prefix: str,
+        k_best: int,
+        k_min: int = 1,
+        timeout_after_k_min: float = 1.0,
+        forward_timeout: float | None = None,
+        backward_timeout: float | None = None,
+        avoid_seconds: float = 30.0,
+        beam_size: int | None = None,
+    ):
+        super().__init__()
+        if not 1 <= k_min <= k_best:
+            raise ValidationError(f"need 1 <= k_min <= k_best, got k_min={k_min}, k_best={k_best}")
+        self.runtime = runtime
+        self.searcher = MoEBeamSearcher(runtime.dht, uid_prefix, grid_size)
+        self.grid_size, self.k_best, self.k_min, self.beam_size = tuple(grid_size), k_best, k_min, beam_size
+        self.proj = nn.Linear(in_features, sum(self.grid_size))
+        self.timeout_after_k_min, self.avoid_seconds = timeout_after_k_min, avoid_seconds
+        timeout = runtime.settings.request_timeout
+        self.forward_timeout = timeout if forward_timeout is None else forward_timeout
+        self.backward_timeout = self.forward_timeout if backward_timeout is None else backward_timeout
+        self.avoided: dict[
+            PeerID, float
+        ] = {}  # peer -> time.monotonic() until which its experts are not called
+
+    def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
+        if x_BD.ndim != 2 or x_BD.shape[1] != self.proj.in_features:
+            raise ValidationError(f"inputs must be (batch, {self.proj.in_features}), got {list(x_BD.shape)}")
+        B = x_BD.shape[0]
+        scores_BG = self.proj(x_BD).split(self.grid_size, dim=-1)
+        chosen = self._choose(scores_BG)
+
+        short = [b for b, experts in enumerate(chosen) if len(experts) < self.k_min]
+        if short:
+            raise RoutingError(f"samples {short[:8]} have fewer than k_min={self.k_min} live experts to call")
+        # one call per (peer, expert), on the rows of the samples that chose it
+        call_of: dict[tuple[PeerID, str], int] = {}
+        rows_of_call: list[list[int]] = []
+        slot_call: list[
+            list[tuple[int, int]]
+        ] = []  # per sample, per chosen expert: (call, row within the call)
+        for b, experts in enumerate(chosen):
+            slot_call.append([])
+            for expert, peer in experts:
+                call = call_of.setdefault((peer, expert.uid), len(call_of))
+                if call == len(rows_of_call):
+                    rows_of_call.append([])
+                slot_call[b].append((call, len(rows_of_call[call])))
+                rows_of_call[call].append(b)
+        keys = list(call_of)
+        inputs = [x_BD[rows] for rows in rows_of_call]
+        # a leaf that requires grad, so that backward reaches the experts even when x_BD needs no gradient
+        backward_hook = torch.empty(0, requires_grad=torch.is_grad_enabled())
+        *outputs, answered_C = _MixtureCalls.apply(self, keys, rows_of_call, B, backward_hook, *inputs)
+
+        K = self.k_best
+        offsets = torch.tensor([0] + [len(rows) for rows in rows_of_call]).cumsum(0)
+        flat_ND = torch.cat(
+            [*outputs, x_BD.new_zeros(1, x_BD.shape[1])]
+        )  # the last row stands for "no expert"
+        index_BK = torch.full((B, K), len(flat_ND) - 1, dtype=torch.long)
+        alive_BK = torch.zeros(B, K, dtype=torch.bool)
+        coords_BKG = torch.zeros(B, K, len(self.grid_size), dtype=torch.long)
+        for b, slots in enumerate(slot_call):
+            for i, ((call, row), (expert, _)) in enumerate(zip(slots, chosen[b], strict=True)):
+                coords_BKG[b, i] = torch.tensor(expert.coords)
+                if answered_C[call]:
+                    index_BK[b, i], alive_BK[b, i] = offsets[call] + row, True
+        short = (alive_BK.sum(1) < self.k_min).nonzero().flatten().tolist()
+        if short:
+            raise RoutingError(
+                f"samples {short[:8]} got fewer than k_min={self.k_min} expert answers "
+                f"({int(answered_C.sum())} of {len(keys)} calls answered)"
+            )
+        logits_BK = sum(scores.gather(1, coords_BKG[:, :, d]) for d, scores in enumerate(scores_BG))
+        weights_BK = logits_BK.masked_fill(~alive_BK, float("-inf")).softmax(dim=1)
+        return (weights_BK.unsqueeze(-1) * flat_ND[index_BK]).sum(1)
+
+    def _choose(self, scores_BG) -> list[list[tuple[Expert, PeerID]]]:
+        """Per sample, up to ``k_best`` live experts, best first, each with the peer to call (a random one of its
+        hosts that is not avoided)."""
+        now = time.monotonic()
+        self.avoided = {peer: until for peer, until in self.avoided.items() if until > now}
+        found = self.searcher.find_best_experts(
+            scores_BG, self.k_best, beam_size=self.beam_size, exclude=self.avoided
+        )
+        return [[(expert, random.choice(expert.peers)) for expert in experts] for experts in found]
+
+    def avoid(self, peers) -> None:
+        until = time.monotonic() + self.avoid_seconds
+        for peer in peers:
+            self.avoided[peer] = until
+
+
+class _MixtureCalls(torch.autograd.Function):
+    """The experts' outputs for each call (zeros for a call that failed), and which calls answered."""
+
+    @staticmethod
+    def forward(ctx, layer: RemoteMixtureOfExperts, calls, rows_of_call, batch_size: int, _hook, *inputs):
+        def enough(answers: list) -> bool:
+            count = [0] * batch_size
+            for answer, rows in zip(answers, rows_of_call, strict=True):
+                if answer is not None:
+                    for b in rows:
+                        count[b] += 1
+            return min(count) >= layer.k_min
+
+        tensors = [[x.detach()] for x in inputs]
+        timeout = layer.forward_timeout
+        answers, failures = layer.runtime.run(
+            call_peers(
+                layer.runtime.p2p,
+                rpc.EXPERT_FORWARD,
+                calls,
+                tensors,
+                timeout,
+                enough=enough,
+                grace=layer.timeout_after_k_min,
+            ),
+            timeout + 1,
+        )
+        if failures:
+            logger.info("Expert calls failed: %s", "; ".join(map(str, failures.values())))
+            layer.avoid(failures)
+        answered = [answer is not None for answer in answers]
+        ctx.layer, ctx.calls, ctx.answered = layer, calls, answered
+        ctx.save_for_backward(*inputs)
+        ctx.set_materialize_grads(False)
+        answered_C = torch.tensor(answered, dtype=torch.bool)
+        ctx.mark_non_differentiable(answered_C)
+        outputs = [y if y is not None else torch.zeros_like(x) for y, x in zip(answers, inputs, strict=True)]
+        return (*outputs, answered_C)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        inputs, layer = ctx.saved_tensors, ctx.layer
+        sent = [i for i, g in enumerate(grads[:-1]) if g is not None and ctx.answered[i]]
+        grad_inputs: list[torch.Tensor | None] = [None] * len(inputs)
+        if sent:
+            calls = [ctx.calls[i] for i in sent]
+            tensors = [[inputs[i].detach(), grads[i]] for i in sent]
+            timeout = layer.backward_timeout
+            answers, failures = layer.runtime.run(
+                call_peers(layer.runtime.p2p, rpc.EXPERT_BACKWARD, calls, tensors, timeout), timeout + 1
+            )
+            if failures:
+                logger.warning("Expert backward calls failed: %s", "; ".join(map(str, failures.values())))
+                layer.avoid(failures)
+            for i, grad in zip(sent, answers, strict=True):
+                grad_inputs[i] = grad
+        return (None, None, None, None, None, *grad_inputs)
