@@ -2,7 +2,8 @@
 
     SwarmError
     ├── ValidationError        a request, record, file or argument is malformed (the caller's fault; never retried)
-    ├── RoutingError           no chain of live peers covers the requested blocks (within the lookup deadline)
+    ├── RoutingError           no chain of live peers covers the requested blocks (within the lookup deadline),
+    │                          or a mixture-of-experts sample got fewer than k_min expert answers
     ├── SessionError           an inference session is closed or used out of order (by this client)
     └── PeerError              a remote peer failed or refused a call (or could not be reached)
         ├── BusyError          out of capacity now (cache, inbound bytes, streams): another peer, or later
@@ -49,7 +50,7 @@ class ValidationError(SwarmError, ValueError):
 
 
 class RoutingError(SwarmError):
-    """No chain of live peers covers the requested blocks."""
+    """No chain of live peers covers the requested blocks, or too few experts answered a mixture's sample."""
 
 
 class SessionError(SwarmError):
