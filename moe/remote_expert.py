@@ -22,7 +22,7 @@ for a peer that could not be reached). Carrying on without the experts that fail
 not this one's.
 
 ``runtime`` is a ``swarm_peer.client.SwarmRuntime`` (its P2P handle and event loop); this module does not import
-the client, so any object with ``p2p``, ``run(coro, timeout)`` and ``settings.request_timeout`` serves.
+the client, so any object with ``p2p``, ``dht``, ``run(coro, timeout)`` and ``settings.request_timeout`` serves.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+import hivemind
 import torch
 from hivemind.p2p import P2P, PeerID
 from torch import nn
@@ -45,7 +46,10 @@ _TYPES = swarm_pb2.ExpertRequest, swarm_pb2.ExpertResponse
 
 
 class Runtime(Protocol):
+    """What this module and ``mixture`` use of a ``SwarmRuntime``."""
+
     p2p: P2P
+    dht: hivemind.DHT  # for beam search (``mixture``)
     settings: Any  # .request_timeout: seconds
 
     def run(self, coro, timeout: float | None = None): ...

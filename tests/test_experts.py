@@ -7,6 +7,7 @@ experts built locally (``create_expert``: every expert of a uid starts from the 
 
 from __future__ import annotations
 
+import collections
 import copy
 import os
 import re
@@ -32,6 +33,7 @@ from swarm_peer.moe import (
     register_expert_type,
 )
 from swarm_peer.peer.experts import HostedExpert
+from swarm_peer.protocols import rpc
 from swarm_peer.settings import ClientSettings, ExpertSettings, NetworkSettings
 
 from .conftest import run_cli, wait_until
@@ -243,15 +245,35 @@ def _local_mixture(proj, grid_size, k: int, x_BD: torch.Tensor, live: dict[str, 
     return torch.stack(outputs)
 
 
+class CountingP2P:
+    """The client's P2P handle, counting the RPCs it makes by name (a seam: ``call_experts`` and the layer take any
+    runtime with ``p2p``, ``dht``, ``run`` and ``settings``)."""
+
+    def __init__(self, p2p):
+        self.p2p, self.calls = p2p, collections.Counter()
+
+    async def call_protobuf_handler(self, peer_id, name, *args, **kwargs):
+        self.calls[name] += 1
+        return await self.p2p.call_protobuf_handler(peer_id, name, *args, **kwargs)
+
+    async def iterate_protobuf_handler(self, peer_id, name, *args, **kwargs):
+        self.calls[name] += 1
+        return await self.p2p.iterate_protobuf_handler(peer_id, name, *args, **kwargs)
+
+
 def test_mixture_equals_the_same_gate_and_experts_computed_locally(swarm):
+    """6 samples x 3 experts of 8, all on one peer: one forward request and one backward request in all."""
     torch.manual_seed(3)
-    layer = RemoteMixtureOfExperts(
-        swarm.runtime, in_features=FFN, grid_size=(2, 4), uid_prefix="mx.", k_best=3
+    p2p = CountingP2P(swarm.runtime.p2p)
+    runtime = SimpleNamespace(
+        p2p=p2p, dht=swarm.runtime.dht, run=swarm.runtime.run, settings=swarm.runtime.settings
     )
+    layer = RemoteMixtureOfExperts(runtime, in_features=FFN, grid_size=(2, 4), uid_prefix="mx.", k_best=3)
     x = torch.randn(6, FFN, requires_grad=True)
     y = layer(x)
     grad = torch.randn_like(y)
     y.backward(grad)
+    assert p2p.calls == {rpc.EXPERT_FORWARD: 1, rpc.EXPERT_BACKWARD: 1}
     proj = copy.deepcopy(layer.proj)
     proj.zero_grad()
     experts = {uid: create_expert("ffn", FFN, uid) for uid in expand_grid("mx.[0:2].[0:4]")}
