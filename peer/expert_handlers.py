@@ -80,24 +80,32 @@ class ExpertHandlers(Handlers):
 
     def _declared(self, experts: list[HostedExpert], per_call: int):
         """Checks each tensor at its first part (``codec.TensorAssembler``): the rank and width of its expert's
-        inputs, floating-point, and the request's rows against ``--max-batch-tokens``."""
+        inputs, floating-point, the request's rows against ``--max-batch-tokens``, and a gradient's shape against
+        its inputs'."""
         dims, D = self.experts.type.input_dims, self.experts.settings.hidden
-        rows_left = [self.settings.max_batch_tokens]
+        rows_left, last_inputs = [self.settings.max_batch_tokens], [()]
 
         def check(index: int, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
-            uid, what = experts[index // per_call].uid, "gradients" if index % per_call else "inputs"
+            uid = experts[index // per_call].uid
+            if index % per_call:  # the gradient of the inputs just before it
+                if shape != last_inputs[0] or not dtype.is_floating_point:
+                    raise ValidationError(
+                        f"gradients of {uid} must be floating-point of the inputs' shape {list(last_inputs[0])}, "
+                        f"got {dtype} {list(shape)}"
+                    )
+                return
             if len(shape) != dims or shape[-1] != D or 0 in shape or not dtype.is_floating_point:
                 expected = "(batch, D)" if dims == 2 else "(batch, tokens, D)"
                 raise ValidationError(
-                    f"{what} of {uid} must be floating-point {expected.replace('D', str(D))}, got {dtype} "
+                    f"inputs of {uid} must be floating-point {expected.replace('D', str(D))}, got {dtype} "
                     f"{list(shape)}"
                 )
-            if index % per_call == 0:
-                rows_left[0] -= math.prod(shape[:-1])
-                if rows_left[0] < 0:
-                    raise ValidationError(
-                        f"the request's inputs exceed this peer's limit of {self.settings.max_batch_tokens} rows"
-                    )
+            rows_left[0] -= math.prod(shape[:-1])
+            if rows_left[0] < 0:
+                raise ValidationError(
+                    f"the request's inputs exceed this peer's limit of {self.settings.max_batch_tokens} rows"
+                )
+            last_inputs[0] = shape
 
         return check
 

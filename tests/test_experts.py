@@ -33,7 +33,7 @@ from swarm_peer.moe import (
     register_expert_type,
 )
 from swarm_peer.peer.experts import HostedExpert
-from swarm_peer.protocols import rpc
+from swarm_peer.protocols import rpc, swarm_pb2
 from swarm_peer.settings import ClientSettings, ExpertSettings, NetworkSettings
 
 from .conftest import run_cli, wait_until
@@ -167,6 +167,13 @@ def test_bad_requests_are_refused_and_the_peer_keeps_serving(swarm):
             call_experts(swarm.runtime, calls, inputs)
         still_serves()
 
+    # a gradient of another shape than its inputs, refused from its declared shape
+    with pytest.raises(
+        ValidationError, match=re.escape("of the inputs' shape [2, 16], got torch.float32 [3, 16]")
+    ):
+        rpc_call(swarm, rpc.EXPERT_BACKWARD, [uid], [probe, torch.randn(3, FFN)])
+    still_serves()
+
     # NaN gradients, in requests that together bring more samples than an update: all refused, nothing accumulated
     for _ in range(2):
         y = call_experts(
@@ -180,6 +187,13 @@ def test_bad_requests_are_refused_and_the_peer_keeps_serving(swarm):
     unchecked = _local("ffn", FFN, uid)
     unchecked.backward(torch.randn(UPDATE_EVERY, FFN), torch.full((UPDATE_EVERY, FFN), float("nan")))
     assert unchecked.steps == 1 and unchecked.forward(probe).isnan().all()
+
+
+def rpc_call(swarm, name: str, uids: list[str], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A raw expert RPC to the ``ffn`` peer, for requests ``call_experts`` would never make."""
+    types = swarm_pb2.ExpertRequest, swarm_pb2.ExpertResponse
+    call = rpc.call_with_tensors(swarm.runtime.p2p, swarm.ffn, name, types, tensors, len(uids), uids=uids)
+    return swarm.runtime.run(call)
 
 
 def _expert_peer(local: LocalSwarm, args: list[str]):
