@@ -300,6 +300,8 @@ def join(
         raise click.UsageError(
             "give MODEL to serve its blocks, or --experts PATTERN to host experts (not both)"
         )
+    if expert_patterns and (blocks or num_blocks or kwargs["adapters"]):
+        raise click.UsageError("--blocks, --num-blocks and --adapters are for blocks, not --experts")
     experts = _expert_settings(expert_patterns, hidden, checkpoint_dir, kwargs)
 
     from transformers.utils import logging as transformers_logging

@@ -398,6 +398,12 @@ def test_expert_types_and_grids():
 
 
 def test_join_hosts_blocks_or_experts():
-    for args in (["join"], ["join", "some-model", "--experts", "ffn.[0:2]", "--hidden", "8"]):
+    for args, message in (
+        (["join"], "give MODEL to serve its blocks, or --experts"),
+        (
+            ["join", "--experts", "ffn.[0:2]", "--hidden", "8", "--blocks", "0:2"],
+            "are for blocks, not --experts",
+        ),
+    ):
         result = run_cli(*args, timeout=60)
-        assert result.returncode == 2 and "give MODEL to serve its blocks, or --experts" in result.stderr
+        assert result.returncode == 2 and message in result.stderr
