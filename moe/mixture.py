@@ -21,7 +21,8 @@ What it does where hivemind 1.1.12's layer (``hivemind.moe.client.moe.RemoteMixt
 - ``k_min`` holds per sample: a sample with fewer answers raises ``RoutingError`` naming it, instead of mixing an
   all-masked softmax into NaN (hivemind checks the count over the whole batch);
 - after a failed or late call, the peer's experts are avoided for ``avoid_seconds`` (they would be chosen again until
-  their records expire): beam search leaves the peer out, as if it declared nothing.
+  their records expire): beam search leaves the peer out, as if it declared nothing. A forward that left samples
+  short because peers failed runs once more without those peers.
 
 Backward sends, in parallel, each answered call's output gradient to its expert (which accumulates it and steps
 its own optimizer, ``peer.experts``); a peer that fails then gives no input gradient for its calls (logged), and
@@ -58,7 +59,8 @@ class RemoteMixtureOfExperts(nn.Module):
     ``backward_timeout`` a backward's (default: the same). ``beam_size``: see ``MoEBeamSearcher``.
 
     ``forward`` takes x_BD and returns y_BD. Raises ``RoutingError`` if a sample got fewer than ``k_min`` answers
-    (too few live experts, or too many failed), ``TimeoutError`` if the DHT does not answer the search.
+    (too few live experts, or too many failed, again after a second try without the peers that failed the first),
+    ``TimeoutError`` if the DHT does not answer the search.
     """
 
     def __init__(
@@ -92,6 +94,17 @@ class RemoteMixtureOfExperts(nn.Module):
         ] = {}  # peer -> time.monotonic() until which its experts are not called
 
     def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
+        avoided = set(self.avoided)
+        try:
+            return self._forward(x_BD)
+        except RoutingError:
+            if not set(self.avoided) - avoided:
+                raise
+            # peers failed during this call, and some samples were left short: once more, without them
+            logger.info("Calling the experts again without the peers that failed")
+            return self._forward(x_BD)
+
+    def _forward(self, x_BD: torch.Tensor) -> torch.Tensor:
         if x_BD.ndim != 2 or x_BD.shape[1] != self.proj.in_features:
             raise ValidationError(f"inputs must be (batch, {self.proj.in_features}), got {list(x_BD.shape)}")
         B = x_BD.shape[0]

@@ -301,8 +301,8 @@ def test_mixture_equals_the_same_gate_and_experts_computed_locally(swarm):
 
 def test_mixture_cuts_slow_experts_avoids_failed_peers_and_never_returns_nan(swarm):
     """A peer whose experts (rows 2, 3 of the grid) answer 3 s late, then are killed: late experts are cut after
-    ``timeout_after_k_min``; a sample whose experts all failed raises, instead of mixing NaN; the layer then avoids
-    the failed peer's experts (still in the DHT) and chooses among the others."""
+    ``timeout_after_k_min``; samples whose experts all failed are computed again without the failed peer, which the
+    layer avoids from then on (its records are still in the DHT); without that, they raise, never mix NaN."""
     slow = _expert_peer(
         swarm.local,
         [
@@ -363,18 +363,26 @@ def test_mixture_cuts_slow_experts_avoids_failed_peers_and_never_returns_nan(swa
     slow.process.wait(10)
     x = torch.randn(3, FFN)
     x[:, 0] = torch.tensor([1.0, -1.0, 1.0])  # samples 0 and 2: every expert on the dead peer
+    # samples 0 and 2 are left without answers: the layer searches again without the dead peer, and all samples get
+    # answers, and gradients, none NaN; the dead peer is avoided from then on
     plain = layer()
-    with pytest.raises(RoutingError, match=re.escape("samples [0, 2] got fewer than k_min=1 expert answers")):
-        plain(x)
-    # the layer avoids the dead peer's experts from now on: all samples get answers, and gradients, none NaN
     y = plain(x)
     y.sum().backward()
     assert torch.isfinite(y).all() and torch.isfinite(plain.proj.weight.grad).all()
-    # controls: a layer that does not avoid failed peers keeps choosing the dead one's experts (their records live
-    # on), and the softmax without the per-sample check mixes a sample whose experts all failed into NaN
-    with pytest.raises(RoutingError):
+    assert list(plain.avoided) == [PeerID.from_base58(slow.peer_id)]
+    # control: a layer that does not avoid failed peers keeps choosing the dead one's experts (their records live on)
+    # and its short samples raise, instead of mixing an all-failed softmax into NaN (which the softmax alone would)
+    with pytest.raises(RoutingError, match=re.escape("samples [0, 2] got fewer than k_min=1 expert answers")):
         layer(avoid_seconds=0.0)(x)
     assert torch.full((1, 4), float("-inf")).softmax(1).isnan().all()
+    # a grid whose experts were all on the dead peer: a clear error, before and after the second search
+    only_dead = RemoteMixtureOfExperts(
+        swarm.runtime, in_features=FFN, grid_size=(4,), uid_prefix="mx.2.", k_best=2
+    )
+    with pytest.raises(
+        RoutingError, match=re.escape("samples [0, 1, 2] have fewer than k_min=1 live experts")
+    ):
+        only_dead(x)
 
 
 def test_expert_types_and_grids():
