@@ -242,8 +242,15 @@ def test_restarted_peer_serves_its_trained_experts_and_is_found_again(swarm, tmp
     found = MoEBeamSearcher(dht, "rst.", grid_size=(2,)).find_best_experts([torch.tensor([[0.0, 1.0]])], k=2)
     assert [(e.uid, e.peers) for e in found[0]] == [("rst.1", (peer,)), ("rst.0", (peer,))]
 
+    _forward_backward(runtime, [(peer, "rst.1")], [x1[:2]], [g1[:2]])  # 2 samples: accumulated, not stepped
+    expert.backward(x1[:2], g1[:2])
     second.terminate(30)  # a clean exit withdraws the experts: gone long before their records expire (60 s)
     assert wait_until(lambda: get_experts(dht, ["rst.0", "rst.1"]) == {"rst.0": (), "rst.1": ()}, timeout=10)
+    # and saves what changed since the last save: the gradient accumulated by the last call
+    saved = torch.load(tmp_path / "experts" / "rst.1.pt", weights_only=True)
+    assert (saved["steps"], saved["samples"]) == (2, 2)
+    for name, param in expert.module.named_parameters():
+        torch.testing.assert_close(saved["grads"][name], param.grad)
 
 
 def _local_mixture(proj, grid_size, k: int, x_BD: torch.Tensor, live: dict[str, torch.nn.Module]):
