@@ -20,11 +20,8 @@ import time
 import torch
 from torch import nn
 
-from swarm_peer.cli.local_swarm import EXPERTS_READY_PREFIX, LocalSwarm
-from swarm_peer.client import SwarmRuntime
-from swarm_peer.dht import get_experts
+from swarm_peer.cli.local_swarm import LocalSwarm
 from swarm_peer.moe import RemoteMixtureOfExperts, create_expert
-from swarm_peer.settings import ClientSettings, NetworkSettings
 
 
 class LocalMixture(nn.Module):
@@ -71,32 +68,21 @@ def main() -> None:
     args = parser.parse_args()
     grid = (args.peers, args.experts_per_peer)
     with LocalSwarm("", []) as swarm:
-        peers = [
-            swarm.add_experts(
-                "--experts", f"ffn.{p}.[0:{args.experts_per_peer}]", "--hidden", str(args.hidden),
-                "--update-every", str(10**9), wait=False,
+        swarm.add_expert_peers(
+            *(
+                ["--experts", f"ffn.{p}.[0:{args.experts_per_peer}]", "--hidden", str(args.hidden),
+                 "--update-every", str(10**9)]
+                for p in range(args.peers)
             )
-            for p in range(args.peers)
-        ]  # fmt: skip
-        for peer in peers:
-            peer.wait_ready(300, prefix=EXPERTS_READY_PREFIX)
-        network = NetworkSettings(initial_peers=tuple(swarm.initial_peers), client_mode=True)
-        runtime = SwarmRuntime(ClientSettings(network=network))
-        try:
+        )  # fmt: skip
+        with swarm.runtime(experts=[f"ffn.{p}.0" for p in range(args.peers)]) as runtime:
             torch.manual_seed(0)
             remote = RemoteMixtureOfExperts(
                 runtime, in_features=args.hidden, grid_size=grid, uid_prefix="ffn.", k_best=args.k
             )
             local = LocalMixture(remote.proj, grid, args.k, args.hidden)
             x = torch.randn(args.batch, args.hidden)
-            deadline, firsts = time.monotonic() + 60, [f"ffn.{p}.0" for p in range(args.peers)]
-            while not all(get_experts(runtime.dht, firsts).values()):
-                if time.monotonic() > deadline:
-                    raise SystemExit("the experts did not show up in the DHT within 60 s")
-                time.sleep(0.5)
             remote_s, local_s = timed(remote, x, args.repeats), timed(local, x, args.repeats)
-        finally:
-            runtime.shutdown()
     experts = args.peers * args.experts_per_peer
     print("| k of experts | peers | hidden | batch | remote s | in-process s | ratio |")
     print("|---|---|---|---|---|---|---|")

@@ -23,17 +23,14 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from swarm_peer.cli.local_swarm import EXPERTS_READY_PREFIX, LocalSwarm
-from swarm_peer.client import SwarmRuntime
-from swarm_peer.dht import get_experts
+from swarm_peer.cli.local_swarm import LocalSwarm
 from swarm_peer.moe import RemoteMixtureOfExperts
-from swarm_peer.settings import ClientSettings, NetworkSettings
 
 GRID, WIDTH = (8, 8), 32
 
 
 class Classifier(nn.Module):
-    def __init__(self, runtime: SwarmRuntime):
+    def __init__(self, runtime):
         super().__init__()
         self.embed, self.norm, self.head = nn.Linear(64, WIDTH), nn.LayerNorm(WIDTH), nn.Linear(WIDTH, 10)
         self.moe = RemoteMixtureOfExperts(
@@ -61,21 +58,14 @@ def main() -> None:
 
     rows = [GRID[0] * p // args.peers for p in range(args.peers + 1)]
     with LocalSwarm("", [], env={"OMP_NUM_THREADS": "1"}) as swarm:
-        peers = [
-            swarm.add_experts(
-                "--experts", f"ffn.[{a}:{b}].[0:{GRID[1]}]", "--hidden", str(WIDTH), "--update-every", "4",
-                "--lr", "1e-3", wait=False,
+        peers = swarm.add_expert_peers(
+            *(
+                ["--experts", f"ffn.[{a}:{b}].[0:{GRID[1]}]", "--hidden", str(WIDTH), "--update-every", "4",
+                 "--lr", "1e-3"]
+                for a, b in zip(rows, rows[1:], strict=False)
             )
-            for a, b in zip(rows, rows[1:], strict=False)
-        ]  # fmt: skip
-        for peer in peers:
-            peer.wait_ready(300, prefix=EXPERTS_READY_PREFIX)
-        network = NetworkSettings(initial_peers=tuple(swarm.initial_peers), client_mode=True)
-        runtime = SwarmRuntime(ClientSettings(network=network))
-        try:
-            firsts = [f"ffn.{a}.0" for a in rows[:-1]]
-            while not all(get_experts(runtime.dht, firsts).values()):
-                time.sleep(0.5)
+        )  # fmt: skip
+        with swarm.runtime(experts=[f"ffn.{a}.0" for a in rows[:-1]]) as runtime:
             if args.kill_one:
                 os.killpg(peers[0].process.pid, signal.SIGKILL)
                 print(f"killed {peers[0].name} (experts ffn.[{rows[0]}:{rows[1]}].*)")
@@ -96,8 +86,6 @@ def main() -> None:
             print(
                 f"accuracy {accuracy:.3f} after {args.steps} steps ({args.steps * args.batch / seconds:.0f} samples/s)"
             )
-        finally:
-            runtime.shutdown()
 
 
 if __name__ == "__main__":

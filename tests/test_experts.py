@@ -20,8 +20,7 @@ import pytest
 import torch
 from hivemind.p2p import PeerID
 
-from swarm_peer.cli.local_swarm import EXPERTS_READY_PREFIX, LocalSwarm
-from swarm_peer.client import SwarmRuntime
+from swarm_peer.cli.local_swarm import LocalSwarm
 from swarm_peer.dht import get_experts
 from swarm_peer.errors import MissingBlocksError, RoutingError, ValidationError
 from swarm_peer.moe import (
@@ -34,7 +33,7 @@ from swarm_peer.moe import (
 )
 from swarm_peer.peer.experts import HostedExpert
 from swarm_peer.protocols import rpc, swarm_pb2
-from swarm_peer.settings import ClientSettings, ExpertSettings, NetworkSettings
+from swarm_peer.settings import ExpertSettings
 
 from .conftest import run_cli, wait_until
 
@@ -48,28 +47,20 @@ def swarm(tmp_path_factory) -> Iterator[SimpleNamespace]:
     """A bootstrap node, a peer of 16 ``ffn`` experts (grids ``ffn`` and ``mx``, the mixture layer's), a peer of 2
     ``transformer`` experts, and a client."""
     log_dir = str(tmp_path_factory.mktemp("logs"))
-    with LocalSwarm("", [], env={"OMP_NUM_THREADS": "1"}, log_dir=log_dir) as local:
+    with LocalSwarm("", [], env={"OMP_NUM_THREADS": "1"}, log_dir=log_dir, start_timeout=START) as local:
         common = ["--announce-period", "30", "--lr", str(LR), "--update-every", str(UPDATE_EVERY)]
-        ffn = local.add_experts(
-            "--experts", "ffn.[0:2].[0:4]", "--experts", "mx.[0:2].[0:4]", "--hidden", str(FFN), "--max-batch-tokens", str(MAX_ROWS), *common,
-            wait=False,
+        ffn, tf = local.add_expert_peers(
+            ["--experts", "ffn.[0:2].[0:4]", "--experts", "mx.[0:2].[0:4]", "--hidden", str(FFN),
+             "--max-batch-tokens", str(MAX_ROWS), *common],
+            ["--experts", "tf.[0:2]", "--expert-type", "transformer", "--hidden", str(TF), *common],
         )  # fmt: skip
-        tf = local.add_experts(
-            "--experts", "tf.[0:2]", "--expert-type", "transformer", "--hidden", str(TF), *common, wait=False
-        )
-        for peer in (ffn, tf):
-            peer.wait_ready(START, prefix=EXPERTS_READY_PREFIX)
-        network = NetworkSettings(initial_peers=tuple(local.initial_peers), client_mode=True)
-        runtime = SwarmRuntime(ClientSettings(network=network, request_timeout=30))
-        try:
+        with local.runtime(request_timeout=30) as runtime:
             yield SimpleNamespace(
                 local=local,
                 runtime=runtime,
                 ffn=PeerID.from_base58(ffn.peer_id),
                 tf=PeerID.from_base58(tf.peer_id),
             )
-        finally:
-            runtime.shutdown()
 
 
 def _local(expert_type: str, hidden: int, uid: str) -> HostedExpert:
@@ -196,12 +187,6 @@ def rpc_call(swarm, name: str, uids: list[str], tensors: list[torch.Tensor]) -> 
     return swarm.runtime.run(call)
 
 
-def _expert_peer(local: LocalSwarm, args: list[str]):
-    peer = local.add_experts(*args, wait=False)
-    peer.wait_ready(START, prefix=EXPERTS_READY_PREFIX)
-    return peer
-
-
 def test_restarted_peer_serves_its_trained_experts_and_is_found_again(swarm, tmp_path):
     """kill -9 after an update, restart with the same --identity and --checkpoint-dir: the same peer id is found
     through the DHT and serves the trained weights, and its next update continues the optimizer's state."""
@@ -211,7 +196,7 @@ def test_restarted_peer_serves_its_trained_experts_and_is_found_again(swarm, tmp
         "--identity", str(tmp_path / "peer.key"), "--checkpoint-dir", str(tmp_path / "experts"),
         "--checkpoint-period", "0", "--announce-period", "30",
     ]  # fmt: skip
-    first = _expert_peer(swarm.local, args)
+    first = swarm.local.add_expert_peers(args)[0]
     peer = PeerID.from_base58(first.peer_id)
     assert wait_until(lambda: get_experts(dht, ["rst.1"])["rst.1"] == (peer,), timeout=30)
 
@@ -227,7 +212,7 @@ def test_restarted_peer_serves_its_trained_experts_and_is_found_again(swarm, tmp
     # control for the withdrawal below: a killed peer's records stay until they expire
     assert get_experts(dht, ["rst.1"])["rst.1"] == (peer,)
 
-    second = _expert_peer(swarm.local, args)
+    second = swarm.local.add_expert_peers(args)[0]
     assert second.peer_id == first.peer_id
     (y,) = call_experts(runtime, [(peer, "rst.1")], [probe])
     torch.testing.assert_close(y, expert.forward(probe), atol=1e-6, rtol=1e-6)
@@ -310,8 +295,7 @@ def test_mixture_cuts_slow_experts_avoids_failed_peers_and_never_returns_nan(swa
     """A peer whose experts (rows 2, 3 of the grid) answer 3 s late, then are killed: late experts are cut after
     ``timeout_after_k_min``; samples whose experts all failed are computed again without the failed peer, which the
     layer avoids from then on (its records are still in the DHT); without that, they raise, never mix NaN."""
-    slow = _expert_peer(
-        swarm.local,
+    (slow,) = swarm.local.add_expert_peers(
         [
             "--experts",
             "mx.[2:4].[0:4]",
@@ -321,7 +305,7 @@ def test_mixture_cuts_slow_experts_avoids_failed_peers_and_never_returns_nan(swa
             "1000000",
             "--added-latency",
             "3",
-        ],
+        ]
     )
     dht = swarm.runtime.dht
     assert wait_until(lambda: all(get_experts(dht, ["mx.2.0", "mx.0.0"]).values()), timeout=30)
