@@ -300,8 +300,10 @@ def join(
         raise click.UsageError(
             "give MODEL to serve its blocks, or --experts PATTERN to host experts (not both)"
         )
-    if expert_patterns and (blocks or num_blocks or kwargs["adapters"]):
-        raise click.UsageError("--blocks, --num-blocks and --adapters are for blocks, not --experts")
+    if expert_patterns and (blocks or num_blocks or kwargs["adapters"] or dtype != "float32"):
+        raise click.UsageError(
+            "--blocks, --num-blocks, --adapters and --dtype are for blocks: experts train in float32"
+        )
     experts = _expert_settings(expert_patterns, hidden, checkpoint_dir, kwargs)
 
     from transformers.utils import logging as transformers_logging

@@ -401,7 +401,7 @@ def test_join_hosts_blocks_or_experts():
         (["join"], "give MODEL to serve its blocks, or --experts"),
         (
             ["join", "--experts", "ffn.[0:2]", "--hidden", "8", "--blocks", "0:2"],
-            "are for blocks, not --experts",
+            "are for blocks: experts train in float32",
         ),
     ):
         result = run_cli(*args, timeout=60)
