@@ -7,7 +7,8 @@ Model: Linear(64 -> 32), then x + RemoteMixtureOfExperts(x) (an 8 x 8 grid of ``
 best 4 of them per sample), LayerNorm, Linear(32 -> 10). The peers (``swarm-peer join --experts``) split the grid's
 rows; the experts learn on their peers from the gradients this trainer sends back (their own AdamW, after
 ``--update-every`` samples), the rest of the model here (Adam). ``--kill-one`` kills one peer (kill -9) before the
-first step: its experts fail, the layer leaves them out, and training goes on with the others.
+first step: its experts fail, the layer leaves them out, and training goes on with the others. It stops with an
+error at the first loss that is not finite, and if any weight of the model is not finite at the end.
 """
 
 from __future__ import annotations
@@ -30,11 +31,17 @@ GRID, WIDTH = (8, 8), 32
 
 
 class Classifier(nn.Module):
-    def __init__(self, runtime):
+    def __init__(self, runtime, avoid_seconds: float):
         super().__init__()
         self.embed, self.norm, self.head = nn.Linear(64, WIDTH), nn.LayerNorm(WIDTH), nn.Linear(WIDTH, 10)
         self.moe = RemoteMixtureOfExperts(
-            runtime, in_features=WIDTH, grid_size=GRID, uid_prefix="ffn.", k_best=4, timeout_after_k_min=1.0
+            runtime,
+            in_features=WIDTH,
+            grid_size=GRID,
+            uid_prefix="ffn.",
+            k_best=4,
+            timeout_after_k_min=1.0,
+            avoid_seconds=avoid_seconds,
         )
 
     def forward(self, pixels_B64: torch.Tensor) -> torch.Tensor:
@@ -48,6 +55,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--kill-one", action="store_true", help="kill -9 one peer before training")
+    parser.add_argument(
+        "--avoid-seconds", type=float, default=30.0, help="how long the layer avoids a peer after it failed"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     pixels, labels = load_digits(return_X_y=True)
@@ -69,18 +79,22 @@ def main() -> None:
             if args.kill_one:
                 os.killpg(peers[0].process.pid, signal.SIGKILL)
                 print(f"killed {peers[0].name} (experts ffn.[{rows[0]}:{rows[1]}].*)")
-            model = Classifier(runtime)
+            model = Classifier(runtime, args.avoid_seconds)
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
             t0 = time.perf_counter()
             for step in range(args.steps):
                 batch = torch.randint(0, len(x_train), (args.batch,))
                 loss = F.cross_entropy(model(x_train[batch]), y_train[batch])
+                if not torch.isfinite(loss):
+                    raise SystemExit(f"step {step}: the loss is {loss.item()}")
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
                 if step % 100 == 0:
                     print(f"step {step}: loss {loss.item():.3f}")
             seconds = time.perf_counter() - t0
+            if not all(torch.isfinite(p).all() for p in model.parameters()):
+                raise SystemExit("some of the model's weights are not finite")
             with torch.no_grad():
                 accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
             print(
