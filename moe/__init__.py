@@ -21,7 +21,7 @@ from swarm_peer.moe.experts import (
     expert_type,
     register_expert_type,
 )
-from swarm_peer.moe.mixture import RemoteMixtureOfExperts
+from swarm_peer.moe.mixture import RemoteMixtureOfExperts, RemoteSwitchMixtureOfExperts
 from swarm_peer.moe.remote_expert import RemoteExpert, call_experts
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "MoEBeamSearcher",
     "RemoteExpert",
     "RemoteMixtureOfExperts",
+    "RemoteSwitchMixtureOfExperts",
     "TransformerExpert",
     "call_experts",
     "create_expert",

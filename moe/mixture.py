@@ -32,6 +32,7 @@ is avoided as well.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -46,7 +47,7 @@ from swarm_peer.moe.beam_search import Expert, MoEBeamSearcher
 from swarm_peer.moe.remote_expert import Runtime, call_peers
 from swarm_peer.protocols import rpc
 
-__all__ = ["RemoteMixtureOfExperts"]
+__all__ = ["RemoteMixtureOfExperts", "RemoteSwitchMixtureOfExperts"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,8 @@ class RemoteMixtureOfExperts(nn.Module):
     ``forward_timeout`` bounds a forward's calls (default ``runtime.settings.request_timeout``),
     ``backward_timeout`` a backward's (default: the same). ``beam_size``: see ``MoEBeamSearcher``.
 
-    ``forward`` takes x_BD and returns y_BD. Raises ``RoutingError`` if a sample got fewer than ``k_min`` answers
+    ``forward`` takes x_BD and returns y_BD, and leaves the batch's load-balancing loss in ``balancing_loss``
+    (``_balancing_loss``; differentiable, to add to the training loss if wanted). Raises ``RoutingError`` if a sample got fewer than ``k_min`` answers
     (too few live experts, or too many failed, again after a second try without the peers that failed the first),
     ``TimeoutError`` if the DHT does not answer the search.
     """
@@ -117,9 +119,8 @@ class RemoteMixtureOfExperts(nn.Module):
         # one call per (peer, expert), on the rows of the samples that chose it
         call_of: dict[tuple[PeerID, str], int] = {}
         rows_of_call: list[list[int]] = []
-        slot_call: list[
-            list[tuple[int, int]]
-        ] = []  # per sample, per chosen expert: (call, row within the call)
+        # per sample, per chosen expert: (call, row within the call)
+        slot_call: list[list[tuple[int, int]]] = []
         for b, experts in enumerate(chosen):
             slot_call.append([])
             for expert, peer in experts:
@@ -136,15 +137,15 @@ class RemoteMixtureOfExperts(nn.Module):
 
         K = self.k_best
         offsets = torch.tensor([0] + [len(rows) for rows in rows_of_call]).cumsum(0)
-        flat_ND = torch.cat(
-            [*outputs, x_BD.new_zeros(1, x_BD.shape[1])]
-        )  # the last row stands for "no expert"
+        # the last row stands for "no expert"
+        flat_ND = torch.cat([*outputs, x_BD.new_zeros(1, x_BD.shape[1])])
         index_BK = torch.full((B, K), len(flat_ND) - 1, dtype=torch.long)
         alive_BK = torch.zeros(B, K, dtype=torch.bool)
+        chosen_BK = torch.zeros(B, K, dtype=torch.bool)
         coords_BKG = torch.zeros(B, K, len(self.grid_size), dtype=torch.long)
         for b, slots in enumerate(slot_call):
             for i, ((call, row), (expert, _)) in enumerate(zip(slots, chosen[b], strict=True)):
-                coords_BKG[b, i] = torch.tensor(expert.coords)
+                coords_BKG[b, i], chosen_BK[b, i] = torch.tensor(expert.coords), True
                 if answered_C[call]:
                     index_BK[b, i], alive_BK[b, i] = offsets[call] + row, True
         short = (alive_BK.sum(1) < self.k_min).nonzero().flatten().tolist()
@@ -153,9 +154,25 @@ class RemoteMixtureOfExperts(nn.Module):
                 f"samples {short[:8]} got fewer than k_min={self.k_min} expert answers "
                 f"({int(answered_C.sum())} of {len(keys)} calls answered)"
             )
-        logits_BK = sum(scores.gather(1, coords_BKG[:, :, d]) for d, scores in enumerate(scores_BG))
-        weights_BK = logits_BK.masked_fill(~alive_BK, float("-inf")).softmax(dim=1)
+        probs_BG = [scores.softmax(dim=-1) for scores in scores_BG]
+        self.balancing_loss = self._balancing_loss(probs_BG, coords_BKG[chosen_BK])
+        weights_BK = self._weights(scores_BG, probs_BG, coords_BKG, alive_BK)
         return (weights_BK.unsqueeze(-1) * flat_ND[index_BK]).sum(1)
+
+    def _weights(self, scores_BG, probs_BG, coords_BKG, alive_BK) -> torch.Tensor:
+        """Each chosen expert's weight in its sample's output: the softmax of the scores of those that answered."""
+        logits_BK = sum(scores.gather(1, coords_BKG[:, :, d]) for d, scores in enumerate(scores_BG))
+        return logits_BK.masked_fill(~alive_BK, float("-inf")).softmax(dim=1)
+
+    def _balancing_loss(self, probs_BG, coords_MG: torch.Tensor) -> torch.Tensor:
+        """Switch Transformer's load-balancing loss (Fedus et al. 2021) over the grid, for the M chosen (sample,
+        expert) slots: ``N * sum_e f_e * P_e``, N the grid's experts, f_e the share of the slots that chose e, P_e
+        the gate's mean probability of e over the batch, a softmax over the whole grid: with product keys, the
+        product of one softmax per dimension. 1 when both are uniform; only P_e carries a gradient."""
+        experts_UG, counts_U = coords_MG.unique(dim=0, return_counts=True)
+        probs_BU = math.prod(probs.index_select(1, experts_UG[:, d]) for d, probs in enumerate(probs_BG))
+        share_U = counts_U / len(coords_MG)
+        return math.prod(self.grid_size) * (share_U * probs_BU.mean(0)).sum()
 
     def _choose(self, scores_BG) -> list[list[tuple[Expert, PeerID]]]:
         """Per sample, up to ``k_best`` live experts, best first, each with the peer to call (a random one of its
@@ -171,6 +188,20 @@ class RemoteMixtureOfExperts(nn.Module):
         until = time.monotonic() + self.avoid_seconds
         for peer in peers:
             self.avoided[peer] = until
+
+
+class RemoteSwitchMixtureOfExperts(RemoteMixtureOfExperts):
+    """The switch-style variant (Switch Transformer, Fedus et al. 2021): each sample goes to its one best live expert,
+    whose output is weighted by the gate's probability of that expert over the whole grid, so the gate learns from
+    the output as well; add ``balancing_loss`` (times a small factor, e.g. 0.01) to the training loss to spread the
+    samples over the experts. Arguments as ``RemoteMixtureOfExperts``, but for ``k_best`` and ``k_min`` (both 1)."""
+
+    def __init__(self, runtime: Runtime, **kwargs):
+        super().__init__(runtime, k_best=1, k_min=1, **kwargs)
+
+    def _weights(self, scores_BG, probs_BG, coords_BKG, alive_BK) -> torch.Tensor:
+        probs_BK = math.prod(probs.gather(1, coords_BKG[:, :, d]) for d, probs in enumerate(probs_BG))
+        return probs_BK.masked_fill(~alive_BK, 0.0)
 
 
 class _MixtureCalls(torch.autograd.Function):

@@ -26,6 +26,7 @@ from swarm_peer.errors import MissingBlocksError, RoutingError, ValidationError
 from swarm_peer.moe import (
     MoEBeamSearcher,
     RemoteMixtureOfExperts,
+    RemoteSwitchMixtureOfExperts,
     call_experts,
     create_expert,
     expand_grid,
@@ -39,7 +40,8 @@ from .conftest import run_cli, wait_until
 
 START = 120.0  # seconds a peer may take to start, on 2 busy cores
 FFN, TF = 16, 32  # widths of the shared peers' experts
-LR, UPDATE_EVERY, MAX_ROWS = 1e-2, 8, 64
+# an update after 16 samples: the mixture tests' backward calls together bring fewer to any ``mx`` expert
+LR, UPDATE_EVERY, MAX_ROWS = 1e-2, 16, 64
 
 
 @pytest.fixture(scope="module")
@@ -114,15 +116,15 @@ def test_expert_steps_after_update_every_samples_as_a_local_adamw(swarm):
     initial = copy.deepcopy(expert.module)
     torch.manual_seed(1)
     probe = torch.randn(5, FFN)
-    # 5 samples: fewer than UPDATE_EVERY, the expert has not stepped yet
-    x1, g1 = torch.randn(5, FFN), torch.randn(5, FFN)
+    # 10 samples: fewer than UPDATE_EVERY, the expert has not stepped yet
+    x1, g1 = torch.randn(10, FFN), torch.randn(10, FFN)
     _forward_backward(swarm.runtime, [(swarm.ffn, uid)], [x1], [g1])
     expert.backward(x1, g1)
     assert expert.steps == 0
     (before,) = call_experts(swarm.runtime, [(swarm.ffn, uid)], [probe])
     torch.testing.assert_close(before, initial(probe).detach(), atol=1e-6, rtol=1e-6)
-    # 5 more: 10 >= UPDATE_EVERY, one AdamW step on the sum of both calls' gradients
-    x2, g2 = torch.randn(5, FFN), torch.randn(5, FFN)
+    # 10 more: 20 >= UPDATE_EVERY, one AdamW step on the sum of both calls' gradients
+    x2, g2 = torch.randn(10, FFN), torch.randn(10, FFN)
     _forward_backward(swarm.runtime, [(swarm.ffn, uid)], [x2], [g2])
     expert.backward(x2, g2)
     assert expert.steps == 1
@@ -287,6 +289,54 @@ def test_mixture_equals_the_same_gate_and_experts_computed_locally(swarm):
     y_local = _local_mixture(proj, (2, 4), 3, x_local, experts)
     y_local.backward(grad)
     torch.testing.assert_close(y, y_local, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        s0, s1 = proj(x_local).split((2, 4), dim=-1)
+        score = lambda b, uid: float(s0[b, int(uid.split(".")[1])] + s1[b, int(uid.split(".")[2])])  # noqa: E731
+        chosen = [sorted(experts, key=lambda uid: -score(b, uid))[:3] for b in range(6)]
+        loss_local = _local_balancing_loss(proj, (2, 4), x_local, chosen)
+    torch.testing.assert_close(layer.balancing_loss.detach(), loss_local, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(x.grad, x_local.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.proj.weight.grad, proj.weight.grad, atol=1e-5, rtol=1e-5)
+
+
+def _local_balancing_loss(proj, grid_size, x_BD: torch.Tensor, chosen: list[list[str]]) -> torch.Tensor:
+    """Switch's load-balancing loss computed densely: N * sum_e f_e * P_e, P_e a softmax over every expert."""
+    s0, s1 = proj(x_BD).split(grid_size, dim=-1)
+    probs_BE = (s0[:, :, None] + s1[:, None, :]).flatten(1).softmax(-1)  # e = i * grid_size[1] + j
+    slots = [uid for uids in chosen for uid in uids]
+    share_E = torch.zeros(probs_BE.shape[1])
+    for uid in slots:
+        _, i, j = uid.split(".")
+        share_E[int(i) * grid_size[1] + int(j)] += 1 / len(slots)
+    return probs_BE.shape[1] * (share_E * probs_BE.mean(0)).sum()
+
+
+def test_switch_mixture_equals_a_local_switch_layer(swarm):
+    """Top-1 routing, weighted by the gate's probability over the whole grid; the balancing loss trains the gate."""
+    torch.manual_seed(5)
+    layer = RemoteSwitchMixtureOfExperts(swarm.runtime, in_features=FFN, grid_size=(2, 4), uid_prefix="mx.")
+    x = torch.randn(6, FFN, requires_grad=True)
+    y = layer(x)
+    grad = torch.randn_like(y)
+    ((y * grad).sum() + layer.balancing_loss).backward()
+
+    proj = copy.deepcopy(layer.proj)
+    proj.zero_grad()
+    x_local = x.detach().clone().requires_grad_(True)
+    s0, s1 = proj(x_local).split((2, 4), dim=-1)
+    probs_B8 = (s0[:, :, None] + s1[:, None, :]).flatten(1).softmax(-1)
+    best = probs_B8.argmax(-1).tolist()
+    uids = [f"mx.{e // 4}.{e % 4}" for e in best]
+    y_local = torch.stack(
+        [
+            probs_B8[b, e] * create_expert("ffn", FFN, uid)(x_local[b : b + 1])[0]
+            for b, (e, uid) in enumerate(zip(best, uids, strict=True))
+        ]
+    )
+    loss_local = _local_balancing_loss(proj, (2, 4), x_local, [[uid] for uid in uids])
+    ((y_local * grad).sum() + loss_local).backward()
+    torch.testing.assert_close(y, y_local, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.balancing_loss, loss_local, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(x.grad, x_local.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(layer.proj.weight.grad, proj.weight.grad, atol=1e-5, rtol=1e-5)
 
