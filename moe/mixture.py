@@ -2,7 +2,7 @@
 NeurIPS 2020, arXiv 2002.04013).
 
 Shape legend: B batch, D in_features (the experts' width), G grid dimensions, K experts chosen per sample, N rows
-sent to experts over all calls.
+sent to experts over all calls, M chosen (sample, expert) slots, U distinct experts among them.
 
     layer = RemoteMixtureOfExperts(runtime, in_features=512, grid_size=(8, 8), uid_prefix="ffn.", k_best=4)
     y_BD = layer(x_BD)     # backward trains the gate here and, through the peers, the experts that answered
@@ -60,9 +60,9 @@ class RemoteMixtureOfExperts(nn.Module):
     ``backward_timeout`` a backward's (default: the same). ``beam_size``: see ``MoEBeamSearcher``.
 
     ``forward`` takes x_BD and returns y_BD, and leaves the batch's load-balancing loss in ``balancing_loss``
-    (``_balancing_loss``; differentiable, to add to the training loss if wanted). Raises ``RoutingError`` if a sample got fewer than ``k_min`` answers
-    (too few live experts, or too many failed, again after a second try without the peers that failed the first),
-    ``TimeoutError`` if the DHT does not answer the search.
+    (``_balancing_loss``; differentiable, to add to the training loss if wanted). Raises ``RoutingError`` if a
+    sample got fewer than ``k_min`` answers (too few live experts, or too many failed, again after a second try
+    without the peers that failed the first), ``TimeoutError`` if the DHT does not answer the search.
     """
 
     def __init__(
@@ -91,9 +91,9 @@ class RemoteMixtureOfExperts(nn.Module):
         timeout = runtime.settings.request_timeout
         self.forward_timeout = timeout if forward_timeout is None else forward_timeout
         self.backward_timeout = self.forward_timeout if backward_timeout is None else backward_timeout
-        self.avoided: dict[
-            PeerID, float
-        ] = {}  # peer -> time.monotonic() until which its experts are not called
+        # peer -> time.monotonic() until which its experts are not called
+        self.avoided: dict[PeerID, float] = {}
+        self.balancing_loss: torch.Tensor | None = None  # of the last forward
 
     def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
         avoided = set(self.avoided)
