@@ -24,6 +24,7 @@ from pathlib import Path
 __all__ = ["LocalSwarm", "SwarmProcess"]
 
 READY_PREFIX = "Serving blocks"
+EXPERTS_READY_PREFIX = "Serving experts"
 
 
 @dataclass
@@ -52,9 +53,10 @@ class SwarmProcess:
             if predicate(line):
                 return line
 
-    def wait_ready(self, timeout: float) -> str:
-        """Waits for a peer's "Serving blocks A:B of MODEL as PEER_ID" line; keeps it as ``ready_line``."""
-        self.ready_line = self.wait_line(lambda line: line.startswith(READY_PREFIX), timeout)
+    def wait_ready(self, timeout: float, prefix: str = READY_PREFIX) -> str:
+        """Waits for a peer's "Serving blocks A:B of MODEL as PEER_ID" line (or another ``prefix``: "Serving
+        experts ..."); keeps it as ``ready_line``."""
+        self.ready_line = self.wait_line(lambda line: line.startswith(prefix), timeout)
         return self.ready_line
 
     @property
@@ -155,6 +157,46 @@ class LocalSwarm:
         self.peers.append(peer)
         if wait:
             peer.wait_ready(self.start_timeout)
+        return peer
+
+    def add_expert_peers(self, *peer_args: list[str]) -> list[SwarmProcess]:
+        """Starts one experts peer per list of ``join`` arguments, all at once (``add_experts``), and waits for all."""
+        peers = [self.add_experts(*args, wait=False) for args in peer_args]
+        for peer in peers:
+            peer.wait_ready(self.start_timeout, prefix=EXPERTS_READY_PREFIX)
+        return peers
+
+    @contextlib.contextmanager
+    def runtime(self, experts: list[str] | tuple[str, ...] = (), timeout: float = 60.0, **settings):
+        """A client ``SwarmRuntime`` of this swarm (``ClientSettings(**settings)``), once each uid of ``experts`` has a
+        host in the DHT (``RuntimeError`` after ``timeout`` seconds); shut down on exit."""
+        from swarm_peer.client import SwarmRuntime
+        from swarm_peer.dht import get_experts
+        from swarm_peer.settings import ClientSettings, NetworkSettings
+
+        network = NetworkSettings(initial_peers=tuple(self.initial_peers), client_mode=True)
+        runtime = SwarmRuntime(ClientSettings(network=network, **settings))
+        try:
+            deadline = time.monotonic() + timeout
+            while experts and not all(get_experts(runtime.dht, experts).values()):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"experts {experts} were not all found in the DHT within {timeout:.0f} s"
+                    )
+                time.sleep(0.2)
+            yield runtime
+        finally:
+            runtime.shutdown()
+
+    def add_experts(self, *args: str, wait: bool = True) -> SwarmProcess:
+        """Starts a peer that hosts experts: ``join --initial-peers ... ARGS`` (``--experts PATTERN --hidden D``...),
+        and waits for its "Serving experts ... as PEER_ID" line."""
+        peer = self._spawn(
+            f"experts {len(self.peers)}", ["join", "--initial-peers", *self.initial_peers, *args]
+        )
+        self.peers.append(peer)
+        if wait:
+            peer.wait_ready(self.start_timeout, prefix=EXPERTS_READY_PREFIX)
         return peer
 
     def _spawn(self, name: str, args: list[str]) -> SwarmProcess:

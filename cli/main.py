@@ -2,6 +2,7 @@
 
     swarm-peer dht --host 127.0.0.1 --port 31337 --identity boot.key
     swarm-peer join MODEL --initial-peers MADDR --blocks 0:15 [--device cpu] [--dtype float32]
+    swarm-peer join --experts 'ffn.[0:8].[0:8]' --expert-type ffn --hidden 512 --initial-peers MADDR [--lr 1e-3]
     swarm-peer generate MODEL --initial-peers MADDR --max-new-tokens 40 "The capital of France is"
     swarm-peer finetune MODEL --initial-peers MADDR --data FILE.txt --output DIR [--mode lora|ptune|deep_ptune]
     swarm-peer train MODEL --data FILE.txt --run-id RUN --initial-peers MADDR [--inner-steps 50] [--min-peers K]
@@ -194,8 +195,58 @@ def _check_announce_period(ctx, param, value: float) -> float:
     return value
 
 
+def _expert_option(field: str, type=_COUNT, **extra):
+    """A ``join`` option of the experts a peer hosts, with its default and help from ``ExpertSettings``."""
+    return _settings_option("ExpertSettings", field, type, **extra)
+
+
+_EXPERT_FIELDS = (
+    "expert_type",
+    "expert_modules",
+    "seed",
+    "lr",
+    "weight_decay",
+    "update_every",
+    "checkpoint_period",
+)
+
+
+def _expert_settings(patterns: tuple[str, ...], hidden: int | None, checkpoint_dir: str | None, kwargs: dict):
+    """The ``ExpertSettings`` of ``join --experts PATTERN ...`` (None without ``--experts``)."""
+    from swarm_peer.moe.experts import expand_grid
+    from swarm_peer.settings import ExpertSettings
+
+    fields = {field: kwargs.pop(field) for field in _EXPERT_FIELDS}
+    if not patterns:
+        if hidden is not None or checkpoint_dir is not None:
+            raise click.UsageError("--hidden and --checkpoint-dir go with --experts")
+        return None
+    if hidden is None:
+        raise click.UsageError("--experts needs --hidden (the experts' width)")
+    uids = tuple(dict.fromkeys(uid for pattern in patterns for uid in expand_grid(pattern)))
+    return ExpertSettings(uids=uids, hidden=hidden, checkpoint_dir=checkpoint_dir, **fields)
+
+
 @cli.command()
-@click.argument("model")
+@click.argument("model", required=False)
+@click.option(
+    "--experts",
+    "expert_patterns",
+    multiple=True,
+    metavar="PATTERN",
+    help="host trainable experts instead of blocks: a grid of uids, e.g. 'ffn.[0:8].[0:8]' (repeatable)",
+)
+@_expert_option("expert_type", type=str)
+@click.option("--hidden", type=click.IntRange(1, 65536), help="the experts' input and output width")
+@_expert_option("expert_modules", type=str, multiple=True, metavar="MODULE")
+@_expert_option("lr", type=click.FloatRange(min=0, min_open=True))
+@_expert_option("weight_decay", type=click.FloatRange(min=0))
+@_expert_option("update_every")
+@_expert_option("seed", type=int)
+@click.option(
+    "--checkpoint-dir", type=click.Path(file_okay=False), help="the experts' state: saved and restored"
+)
+@_expert_option("checkpoint_period", type=click.FloatRange(min=0))
 @click.option("--blocks", callback=_parse_blocks, help="span START:END of blocks to serve, e.g. 0:15")
 @click.option(
     "--num-blocks", type=click.IntRange(min=1), help="serve this many blocks where the swarm is weakest"
@@ -232,6 +283,9 @@ def _check_announce_period(ctx, param, value: float) -> float:
 @_network_options
 def join(
     model,
+    expert_patterns,
+    hidden,
+    checkpoint_dir,
     blocks,
     num_blocks,
     device,
@@ -241,10 +295,20 @@ def join(
     compute_threads,
     **kwargs,
 ):
-    """Serve blocks of MODEL (a checkpoint dir, or 'smollm2') to the swarm."""
+    """Serve blocks of MODEL (a checkpoint dir, or 'smollm2') to the swarm, or trainable experts (--experts)."""
+    if (model is None) == (not expert_patterns):
+        raise click.UsageError(
+            "give MODEL to serve its blocks, or --experts PATTERN to host experts (not both)"
+        )
+    if expert_patterns and (blocks or num_blocks or kwargs["adapters"] or dtype != "float32"):
+        raise click.UsageError(
+            "--blocks, --num-blocks, --adapters and --dtype are for blocks: experts train in float32"
+        )
+    experts = _expert_settings(expert_patterns, hidden, checkpoint_dir, kwargs)
+
     from transformers.utils import logging as transformers_logging
 
-    from swarm_peer.peer.server import Peer
+    from swarm_peer.peer.server import ExpertPeer, Peer
     from swarm_peer.settings import PeerSettings
 
     transformers_logging.disable_progress_bar()  # a bar per span loaded: the peer logs one line instead
@@ -255,6 +319,7 @@ def join(
         kwargs["rebalance_period"] = None  # never move
     settings = PeerSettings(
         model=model,
+        experts=experts,
         blocks=blocks,
         num_blocks=num_blocks,
         device=device,
@@ -265,6 +330,15 @@ def join(
         compute_threads=compute_threads,
         network=_network_settings(kwargs),
     )
+    if experts is not None:
+        expert_peer = ExpertPeer(settings)
+        patterns = " ".join(expert_patterns)
+        expert_peer.run(
+            on_ready=lambda: click.echo(
+                f"Serving experts {patterns} ({len(experts.uids)} {experts.expert_type}) as {expert_peer.dht.peer_id}"
+            )
+        )
+        return
     peer = Peer(settings)
     peer.run(
         on_ready=lambda: click.echo(

@@ -19,7 +19,6 @@ import logging
 import random
 
 import torch
-from hivemind.utils.asyncio import as_aiter
 from torch import nn
 
 from swarm_peer.client.health import Retries
@@ -27,7 +26,7 @@ from swarm_peer.client.lora import RemoteLora
 from swarm_peer.client.routing import Hop, Router
 from swarm_peer.client.runtime import SwarmRuntime
 from swarm_peer.errors import MissingWeightsError, ValidationError
-from swarm_peer.protocols import codec, extras, rpc, swarm_pb2
+from swarm_peer.protocols import extras, rpc, swarm_pb2
 from swarm_peer.protocols.extras import Extras
 
 __all__ = ["RemoteSequential", "CallExtras", "call_span"]
@@ -50,32 +49,19 @@ async def call_span(
     ``graph_id``: a forward asks the peer to keep its graph under this id; the backward names it again."""
     span = swarm_pb2.Span(model_id=model_id, start_block=hop.start, end_block=hop.end)
     timeout_ms = int(runtime.settings.request_timeout * 1000)
-    requests = [
-        swarm_pb2.ForwardRequest(
-            span=span, tensors=parts, extras=message, graph_id=graph_id, timeout_ms=timeout_ms
-        )
-        if i == 0
-        else swarm_pb2.ForwardRequest(tensors=parts)
-        for i, parts in enumerate(codec.pack(tensors))
-    ]
-    try:
-        assembler = codec.TensorAssembler(expected=expected)
-        if len(requests) == 1:
-            response = await runtime.p2p.call_protobuf_handler(
-                hop.peer_id, name, requests[0], swarm_pb2.ForwardResponse
-            )
-            rpc.check(response, hop.peer_id)
-            assembler.feed(response.tensors)
-        else:
-            responses = await runtime.p2p.iterate_protobuf_handler(
-                hop.peer_id, rpc.streamed(name), as_aiter(*requests), swarm_pb2.ForwardResponse
-            )
-            async for response in responses:
-                rpc.check(response, hop.peer_id)
-                assembler.feed(response.tensors)
-        return assembler.tensors()
-    except Exception as e:
-        raise rpc.remote_error(e, hop.peer_id) from None
+    types = swarm_pb2.ForwardRequest, swarm_pb2.ForwardResponse
+    return await rpc.call_with_tensors(
+        runtime.p2p,
+        hop.peer_id,
+        name,
+        types,
+        tensors,
+        expected,
+        span=span,
+        extras=message,
+        graph_id=graph_id,
+        timeout_ms=timeout_ms,
+    )
 
 
 class CallExtras:

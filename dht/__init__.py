@@ -23,6 +23,7 @@ bans under ``BANS_KEY`` (``ban_record``). Experts on a grid live under their uid
 
 from swarm_peer.dht.announce import (
     Announcer,
+    ExpertAnnouncer,
     RunAnnouncer,
     declare_bans,
     declare_experts,
@@ -115,6 +116,7 @@ __all__ = [
     "RUN_ID_PATTERN",
     "SCHEMA_VERSION",
     "Announcer",
+    "ExpertAnnouncer",
     "BanInfo",
     "Listing",
     "ModelInfo",

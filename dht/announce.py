@@ -25,6 +25,8 @@ A volunteer of a training run is listed the same way, under ``RUNS_KEY`` (``run_
 and so are the experts a peer hosts, on a grid, with every prefix level (``expert_record``)::
 
     declare_experts(dht, ["ffn.3.7", "ffn.3.5"], get_dht_time() + 60)
+    with ExpertAnnouncer(dht, lambda: hosted_uids, period=30):                 # keep them up; withdrawn on exit
+        ...
 
 and the peers a volunteer of a verified run bans, under ``BANS_KEY`` (``ban_record``)::
 
@@ -55,10 +57,18 @@ from swarm_peer.dht.records import MAX_ANNOUNCE_PERIOD, MAX_RECORD_TTL, ServerIn
 from swarm_peer.dht.run_record import RUNS, RUNS_KEY, RunInfo, run_to_dht_value
 from swarm_peer.errors import ValidationError
 
-__all__ = ["Announcer", "RunAnnouncer", "declare_bans", "declare_experts", "declare_run", "declare_span"]
+__all__ = [
+    "Announcer",
+    "ExpertAnnouncer",
+    "RunAnnouncer",
+    "declare_bans",
+    "declare_experts",
+    "declare_run",
+    "declare_span",
+]
 
 logger = logging.getLogger(__name__)
-Info = TypeVar("Info", ServerInfo, RunInfo)
+Info = TypeVar("Info", ServerInfo, RunInfo, tuple[str, ...])
 
 _EXPIRATION_STEP = 1e-3  # seconds; a replacing record must expire strictly later than the one it replaces
 _BANS_PER_REQUEST = 12  # ~200 bytes each with the longest reason: a request stays well under 4 KiB
@@ -501,11 +511,12 @@ async def _store_experts(
     records: tuple[tuple[str, int], ...],
     subkey: bytes,
     expiration_time: float,
+    online: bool,
 ) -> dict[str, bool] | None:
     """In the DHT process: store the expert records ``records`` ((uid, depth), ``expert_record.expert_entry``) in
     one ``store_many``; {key: all its records stored}, None on timeout. Records are built here, so that the request
     over the pipe stays small."""
-    entries = [expert_entry(uid, depth, subkey) for uid, depth in records]
+    entries = [expert_entry(uid, depth, subkey, online) for uid, depth in records]
     keys, subkeys, values = (list(column) for column in zip(*entries, strict=True))
     try:
         stored = await asyncio.wait_for(
@@ -520,11 +531,18 @@ async def _store_experts(
 
 
 def declare_experts(
-    dht: hivemind.DHT, uids: Sequence[str], expiration_time: float, *, timeout: float = DEFAULT_TIMEOUT
+    dht: hivemind.DHT,
+    uids: Sequence[str],
+    expiration_time: float,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    online: bool = True,
 ) -> bool:
     """Declare that this peer hosts the experts ``uids`` (``"ffn.3.7"``: a grid's name, then coordinates) until
     ``expiration_time``: under each uid's key and every prefix level's (``expert_record``), so that beam search
-    (``swarm_peer.moe``) finds them.
+    (``swarm_peer.moe``) finds them. ``online=False`` withdraws them instead: the same records, marked off, replace
+    the live ones (they must expire later), and lookups skip them. A prefix record stands for all of this peer's
+    uids under that prefix and next coordinate: withdraw them together.
 
     Requests carry at most ``_EXPERT_BYTES_PER_REQUEST`` bytes of uids each (a request to the DHT process stays
     under 4 KiB), each bounded by ``timeout``; records shared by several uids are written once. ``expiration_time``
@@ -547,6 +565,7 @@ def declare_experts(
             records=tuple(chunk),
             subkey=subkey,
             expiration_time=float(expiration_time),
+            online=online,
         )
         if stored is None:
             logger.warning("Declaring %d expert records timed out after %.1f s", len(chunk), timeout)
@@ -556,6 +575,35 @@ def declare_experts(
             logger.warning("The DHT did not store the expert records under %s", ", ".join(refused))
             ok = False
     return ok
+
+
+class ExpertAnnouncer(_PeriodicAnnouncer[tuple[str, ...]]):
+    """A daemon thread that keeps this peer's experts declared in the DHT (``declare_experts``), as ``Announcer``
+    keeps a span: every ``period`` seconds (and at once after ``update()``) it declares ``uids()`` with an expiration
+    of ``2 * period`` from now; ``stop()`` withdraws them (records marked off, which lookups skip) and joins.
+    Usable as a context manager::
+
+        with ExpertAnnouncer(dht, lambda: ("ffn.0.3", "ffn.5.1"), period=30):
+            serve()
+    """
+
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        uids: Callable[[], Sequence[str]],
+        period: float = 30.0,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+    ):
+        super().__init__(dht, lambda: tuple(uids()), period, timeout=timeout, what="experts")
+        self._online = True
+
+    def _final_info(self, uids: tuple[str, ...]) -> tuple[str, ...]:
+        self._online = False
+        return uids
+
+    def _declare(self, uids: tuple[str, ...], expiration_time: float) -> None:
+        declare_experts(self.dht, uids, expiration_time, timeout=self.timeout, online=self._online)
 
 
 class RunAnnouncer(_PeriodicAnnouncer[RunInfo]):

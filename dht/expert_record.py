@@ -9,7 +9,9 @@ and every prefix that leads to it (``declare_experts``), each in a subkey it own
     "ffn.3."          b"7@QmPeer...[owner:ssh-rsa AAAA...]"          {"t": "swarm.expert", "v": 1, "u": "ffn.3.7", "d": 1}
     "ffn.3.7"         b"QmPeer...[owner:ssh-rsa AAAA...]"            {"t": "swarm.expert", "v": 1, "u": "ffn.3.7", "d": 2}
 
-``d`` (depth) is the number of coordinates in the key: a prefix key (``expert_key(uid, d)``, ending in ``.``) holds,
+``d`` (depth) is the number of coordinates in the key;
+``"off": True`` marks the entries of a peer that stopped hosting the uid (``declare_experts(..., online=False)``): it
+replaces the peer's live entry, lookups skip it, and it expires like any record. a prefix key (``expert_key(uid, d)``, ending in ``.``) holds,
 per peer, one entry per next coordinate it hosts an expert under, and the uid key (``d`` = the grid's dimensions)
 names the peers that host that expert. Beam search reads a prefix key to learn which next coordinates are alive,
 without listing the grid (``swarm_peer.moe.beam_search``). A peer hosting ``ffn.3.7`` and ``ffn.3.5`` writes the
@@ -80,6 +82,7 @@ class ExpertEntry(NamedTuple):
     depth: int
     peer_id: PeerID
     coord: int | None
+    online: bool = True
 
 
 def _parse_uid(uid: Any) -> tuple[str, tuple[int, ...]]:
@@ -127,15 +130,19 @@ def expert_key_id(key: str) -> bytes:
     return DHTID.generate(source=key).to_bytes()
 
 
-def expert_to_dht_value(uid: str, depth: int) -> dict[str, Any]:
-    """The wire record of ``uid`` under ``expert_key(uid, depth)`` (see the module docstring)."""
+def expert_to_dht_value(uid: str, depth: int, online: bool = True) -> dict[str, Any]:
+    """The wire record of ``uid`` under ``expert_key(uid, depth)`` (see the module docstring); ``online=False``: the
+    record that withdraws it."""
     expert_key(uid, depth)  # validates both
-    return {"t": EXPERT_RECORD_TAG, "v": EXPERT_SCHEMA_VERSION, "u": uid, "d": depth}
+    value = {"t": EXPERT_RECORD_TAG, "v": EXPERT_SCHEMA_VERSION, "u": uid, "d": depth}
+    return value if online else {**value, "off": True}
 
 
-def expert_entry(uid: str, depth: int, peer_subkey: bytes) -> tuple[str, bytes, dict[str, Any]]:
+def expert_entry(
+    uid: str, depth: int, peer_subkey: bytes, online: bool = True
+) -> tuple[str, bytes, dict[str, Any]]:
     """(key, subkey, value) of the record a peer with ``peer_subkey`` stores under ``uid``'s key at ``depth``."""
-    key, value = expert_key(uid, depth), expert_to_dht_value(uid, depth)
+    key, value = expert_key(uid, depth), expert_to_dht_value(uid, depth, online)
     coords = validate_expert_uid(uid)
     subkey = peer_subkey if depth == len(coords) else f"{coords[depth]}@".encode() + peer_subkey
     return key, subkey, value
@@ -185,7 +192,10 @@ def check_expert_entry(subkey: object, value: Any) -> tuple[str, ExpertEntry | N
         raise ValidationError(f"subkey claims peer {peer_id} but is owned by another key")
     if version != EXPERT_SCHEMA_VERSION:
         return key, None
-    return key, ExpertEntry(uid, depth, peer_id, coord)
+    offline = value.get("off", False)
+    if type(offline) is not bool:
+        raise ValidationError(f"'off' of an expert record must be a bool, got {offline!r:.20}")
+    return key, ExpertEntry(uid, depth, peer_id, coord, not offline)
 
 
 def parse_expert_entry(key: str, subkey: object, value: Any) -> ExpertEntry:

@@ -144,6 +144,8 @@ async def _get_expert_entries(
             except ValidationError as e:
                 logger.debug("Ignored an entry under %s: %s", key, e)
                 continue
+            if not expert.online:
+                continue  # the peer withdrew it
             peers.setdefault(expert.coord, []).append(expert.peer_id)
         entries[key] = {coord: tuple(sorted(set(ids), key=PeerID.to_base58)) for coord, ids in peers.items()}
     return entries
@@ -171,8 +173,8 @@ def _expert_lookup(
 def get_experts(
     dht: hivemind.DHT, uids: Sequence[str], *, timeout: float | None = None
 ) -> dict[str, tuple[PeerID, ...]]:
-    """The peers that declare each of ``uids`` (``declare_experts``) and whose records have not expired, as
-    {uid: peer ids, sorted}; uids nobody hosts map to ``()``.
+    """The peers that declare each of ``uids`` (``declare_experts``) and whose records have neither expired nor been
+    withdrawn, as {uid: peer ids, sorted}; uids nobody hosts map to ``()``.
 
     Entries are kept only if they are well-formed expert records for that very uid, in a subkey owned by the peer
     it names; anything else is skipped with a debug log. Raises ``TimeoutError`` if the DHT does not answer within

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import NamedTuple
 
 import hivemind
@@ -100,16 +100,23 @@ class MoEBeamSearcher:
         return self.uid_prefix + "".join(f"{coord}." for coord in coords)
 
     def find_best_experts(
-        self, scores_BG: Sequence[torch.Tensor], k: int, *, beam_size: int | None = None
+        self,
+        scores_BG: Sequence[torch.Tensor],
+        k: int,
+        *,
+        beam_size: int | None = None,
+        exclude: Collection[PeerID] = (),
     ) -> list[list[Expert]]:
         """Per sample, up to ``k`` live experts with the highest scores, best first (see the module docstring).
 
         ``scores_BG``: one tensor [B, grid_size[d]] per grid dimension (no gradient flows through the search).
+        ``exclude``: peers to leave out, as if they declared nothing (e.g. peers that just failed a call).
         ``beam_size`` (default ``k``, at least ``k``) is how many prefixes each sample keeps per dimension. A sample
         gets fewer than ``k`` experts only if fewer are live. Raises ``ValidationError`` for scores of the wrong shape
         or a bad ``k``, ``TimeoutError`` if the DHT does not answer a request in time.
         """
         beam_size = k if beam_size is None else beam_size
+        exclude = frozenset(exclude)
         if type(k) is not int or k < 1 or type(beam_size) is not int or beam_size < k:
             raise ValidationError(f"need ints 1 <= k <= beam_size, got k={k!r}, beam_size={beam_size!r}")
         if len(scores_BG) != len(self.grid_size):
@@ -130,6 +137,11 @@ class MoEBeamSearcher:
         for d, size in enumerate(self.grid_size):
             prefixes = {coords: self._prefix(coords) for beam in beams for _, coords in beam}
             found = get_expert_successors(self.dht, list(prefixes.values()), timeout=self.timeout)
+            if exclude:  # a coordinate only excluded peers declare is dead to this search
+                found = {
+                    prefix: {c: live for c, peers in coords.items() if (live := _without(peers, exclude))}
+                    for prefix, coords in found.items()
+                }
             last = d == len(self.grid_size) - 1
             for b, beam in enumerate(beams):
                 candidates = (
@@ -149,3 +161,7 @@ class MoEBeamSearcher:
             [Expert(self.uid(coords), coords, score, hosts[coords]) for score, coords in beam]
             for beam in beams
         ]
+
+
+def _without(peers: tuple[PeerID, ...], exclude: frozenset[PeerID]) -> tuple[PeerID, ...]:
+    return tuple(peer for peer in peers if peer not in exclude)

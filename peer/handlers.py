@@ -1,5 +1,8 @@
 """The peer's RPC handlers: validate every request, then compute on the one compute thread.
 
+``Handlers`` is what every kind of hosting peer serves through (one RPC server and its limits, one compute thread,
+the info RPC); ``BlockHandlers`` serves a span of blocks, ``peer.expert_handlers.ExpertHandlers`` a set of experts.
+
 Shape legend: B batch, T new tokens, S tokens seen so far including the new ones, D hidden size.
 
 - ``swarm.v1.info``: the peer's ``ServerInfo`` as JSON.
@@ -54,7 +57,7 @@ from swarm_peer.protocols.serving import Call, Ledger, Limits, Requests, RpcServ
 from swarm_peer.settings import PeerSettings
 from swarm_peer.threads import compute_threads
 
-__all__ = ["BlockHandlers"]
+__all__ = ["BlockHandlers", "Handlers", "check_float"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +68,85 @@ _INLINE_SECONDS = 0.05
 _INLINE_CHECK_VALUES = 1 << 16  # a request with more hidden values than this is checked off the event loop
 
 
-class BlockHandlers:
+class Handlers:
+    """What every hosting peer's handlers share (blocks here, experts in ``peer.expert_handlers``): one
+    ``RpcServer`` (limits, inbound budget), one compute thread (``_compute``), the info RPC."""
+
+    def __init__(self, settings: PeerSettings, info_json: Callable[[], bytes]):
+        self.settings, self.info_json = settings, info_json
+        self.server = RpcServer(
+            Limits(max_streams=settings.max_streams, inbound_bytes=int(settings.max_inbound_mb * 2**20))
+        )
+        self.p2p: P2P | None = None
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self.in_flight = 0
+        # calls handed to the compute thread, and those it finished (even for callers that stopped waiting)
+        self._submitted = self._finished = 0
+
+    @property
+    def busy(self) -> bool:
+        """Whether work is in flight (a leaving peer waits for it, up to its grace period)."""
+        return self.in_flight > 0
+
+    async def register(self, p2p: P2P) -> None:
+        self.p2p = p2p
+        await p2p.add_protobuf_handler(rpc.INFO, self.rpc_info, swarm_pb2.InfoRequest)
+
+    async def _emulated_latency(self) -> None:
+        if self.settings.added_latency:
+            await asyncio.sleep(self.settings.added_latency)
+
+    async def rpc_info(self, request: swarm_pb2.InfoRequest, context: P2PContext) -> swarm_pb2.InfoResponse:
+        await self._emulated_latency()
+        return swarm_pb2.InfoResponse(info_json=self.info_json())
+
+    @staticmethod
+    async def _first(requests: Requests, call: Call):
+        """The first message of a stateless call (its deadline, ``timeout_ms``, taken into account)."""
+        first = await requests.next()
+        if first is None:
+            raise ValidationError("empty request stream")
+        if first.timeout_ms:
+            call.set_deadline(first.timeout_ms / 1000)
+        return first
+
+    @staticmethod
+    async def _tensors(requests: Requests, first, expected: int, check) -> list[torch.Tensor]:
+        """The ``expected`` tensors of a stateless call: those of ``first``, then of the messages after it, each
+        checked at its first part (``codec.TensorAssembler``)."""
+        assembler = codec.TensorAssembler(expected=expected, check=check)
+        assembler.feed(first.tensors)
+        while not assembler.complete:
+            more = await requests.next()
+            if more is None:
+                raise ValidationError("the request stream ended before its tensors were complete")
+            assembler.feed(more.tensors)
+        return assembler.tensors()
+
+    async def _compute(self, fn, *args, inline: bool = False):
+        """``fn(*args)`` on the compute thread; with ``inline``, on this (the event loop's) thread when the compute
+        thread is idle. Either way no two computations overlap: adapter hooks and the blocks' renumbering stay
+        private to one request. The loop waits meanwhile, so only short steps are run inline."""
+        if inline and self._submitted == self._finished:
+            return fn(*args)
+        self.in_flight += 1
+        self._submitted += 1  # written by this thread only; _finished by the compute thread only
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, self._counted, fn, *args)
+        finally:
+            self.in_flight -= 1
+
+    def _counted(self, fn, *args):
+        try:
+            return fn(*args)
+        finally:
+            self._finished += 1
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+class BlockHandlers(Handlers):
     """Serves one ``BlockSpan`` of model ``model_id`` over hivemind P2P."""
 
     def __init__(
@@ -79,27 +160,23 @@ class BlockHandlers:
     ):
         """``decode_threads``: torch threads for single-token inference steps (``throughput.decode_threads``);
         None leaves torch's setting."""
-        self.span, self.model_id, self.settings, self.info_json = span, model_id, settings, info_json
+        super().__init__(settings, info_json)
+        self.span, self.model_id = span, model_id
         self.decode_threads = decode_threads
         self.budget = CacheBudget(int(settings.cache_mb * 2**20), settings.client_cache_share)
-        self.server = RpcServer(
-            Limits(max_streams=settings.max_streams, inbound_bytes=int(settings.max_inbound_mb * 2**20))
-        )
         self.loras = adapters.LoraCache(int(settings.lora_cache_mb * 2**20))
         self.graphs = GraphCache(int(settings.graph_cache_mb * 2**20))
         self.inboxes = push.Inboxes()
-        self.p2p: P2P | None = None
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
-        self.in_flight = 0
-        # calls handed to the compute thread, and those it finished (even for callers that stopped waiting)
-        self._submitted = self._finished = 0
         self.open_sessions = 0
         self._handover_at = 0.0  # after a move, sessions on the old span are handed back from this time on
 
+    @property
+    def busy(self) -> bool:
+        return self.in_flight > 0 or self.open_sessions > 0
+
     async def register(self, p2p: P2P) -> None:
-        self.p2p = p2p
+        await super().register(p2p)
         server, settings = self.server, self.settings
-        await p2p.add_protobuf_handler(rpc.INFO, self.rpc_info, swarm_pb2.InfoRequest)
         stateless = swarm_pb2.ForwardRequest, swarm_pb2.ForwardResponse
         for name, handler in ((rpc.FORWARD, self.rpc_forward), (rpc.BACKWARD, self.rpc_backward)):
             await server.add(p2p, name, handler, stateless, settings.max_request_seconds, unary=True)
@@ -116,14 +193,6 @@ class BlockHandlers:
         self._handover_at = time.monotonic() + drain_seconds
         self.span = span
 
-    async def _emulated_latency(self) -> None:
-        if self.settings.added_latency:
-            await asyncio.sleep(self.settings.added_latency)
-
-    async def rpc_info(self, request: swarm_pb2.InfoRequest, context: P2PContext) -> swarm_pb2.InfoResponse:
-        await self._emulated_latency()
-        return swarm_pb2.InfoResponse(info_json=self.info_json())
-
     def rpc_forward(self, requests: Requests, call: Call):
         return self._stateless(requests, call, backward=False)
 
@@ -134,33 +203,20 @@ class BlockHandlers:
         return push.serve_pushes(self.inboxes, requests, call, self.settings.session_timeout)
 
     async def _stateless(self, requests: Requests, call: Call, backward: bool):
-        first = await requests.next()
-        if first is None:
-            raise ValidationError("empty request stream")
-        if first.timeout_ms:
-            call.set_deadline(first.timeout_ms / 1000)
+        first = await self._first(requests, call)
         span, a, b = self._check_span(first.span)
         await self._emulated_latency()
         message = first.extras if first.HasField("extras") else None
         own = 4 if backward else 3
-        assembler = codec.TensorAssembler(
-            expected=own + extras.tensor_count(message),
-            check=self._declared(own, max_mask_tokens=self.settings.max_batch_tokens),
-        )
-        assembler.feed(first.tensors)
-        while not assembler.complete:
-            more = await requests.next()
-            if more is None:
-                raise ValidationError("the request stream ended before its tensors were complete")
-            assembler.feed(more.tensors)
-        tensors = assembler.tensors()
+        check = self._declared(own, max_mask_tokens=self.settings.max_batch_tokens)
+        tensors = await self._tensors(requests, first, own + extras.tensor_count(message), check)
         hidden_BTD, mask_BS, positions_BT = await self._checked(tensors[:3], past=0, batch_size=None)
         B, T, _ = hidden_BTD.shape
         applied = await self._extras(span, a, b, message, tensors[own:], call, B, max_prompt_tokens=T)
         key = (str(call.remote_id), first.graph_id) if first.graph_id else None
         inputs = (hidden_BTD, mask_BS, positions_BT)
         if backward:
-            grad_BTD = _check_float("grad_outputs", tensors[3], hidden_BTD.shape)
+            grad_BTD = check_float("grad_outputs", tensors[3], hidden_BTD.shape)
             results = await self._compute(self._backward, span, inputs, grad_BTD, a, b, applied, key)
         else:
             keep = key is not None and self.graphs.max_bytes > 0
@@ -427,25 +483,6 @@ class BlockHandlers:
         with torch.inference_mode(), compute_threads(threads), applied.applying(span, a, b, past=past):
             return span.forward(hidden_BTD, mask_BS, positions_BT, a, b, cache).to(hidden_BTD.dtype)
 
-    async def _compute(self, fn, *args, inline: bool = False):
-        """``fn(*args)`` on the compute thread; with ``inline``, on this (the event loop's) thread when the compute
-        thread is idle. Either way no two computations overlap: adapter hooks and the blocks' renumbering stay
-        private to one request. The loop waits meanwhile, so only short steps are run inline."""
-        if inline and self._submitted == self._finished:
-            return fn(*args)
-        self.in_flight += 1
-        self._submitted += 1  # written by this thread only; _finished by the compute thread only
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, self._counted, fn, *args)
-        finally:
-            self.in_flight -= 1
-
-    def _counted(self, fn, *args):
-        try:
-            return fn(*args)
-        finally:
-            self._finished += 1
-
     def _check_span(self, request: swarm_pb2.Span) -> tuple[BlockSpan, int, int]:
         """The span that serves the requested blocks (the current one; the caller keeps it for the request)."""
         if request.model_id != self.model_id:
@@ -473,7 +510,7 @@ class BlockHandlers:
             raise ValidationError(
                 f"hidden states must be (batch, tokens, {self.span.hidden_size}), got {list(hidden_BTD.shape)}"
             )
-        hidden_BTD = _check_float("hidden states", hidden_BTD, hidden_BTD.shape)
+        hidden_BTD = check_float("hidden states", hidden_BTD, hidden_BTD.shape)
         B, T, _ = hidden_BTD.shape
         if batch_size is not None and B != batch_size:
             raise ValidationError(f"this session was opened for batch size {batch_size}, got {B}")
@@ -500,7 +537,7 @@ class BlockHandlers:
 
     def shutdown(self) -> None:
         self.budget.close()
-        self.executor.shutdown(wait=True, cancel_futures=True)
+        super().shutdown()
 
 
 @dataclass(frozen=True)
@@ -561,7 +598,8 @@ def _linears(span: BlockSpan) -> tuple[int, int]:
     return len(linears), max((max(m.in_features, m.out_features) for m in linears), default=span.hidden_size)
 
 
-def _check_float(what: str, tensor: torch.Tensor, shape) -> torch.Tensor:
+def check_float(what: str, tensor: torch.Tensor, shape) -> torch.Tensor:
+    """``tensor`` if it is a floating-point tensor of ``shape`` with finite values; ``ValidationError`` if not."""
     if not tensor.is_floating_point():
         raise ValidationError(f"{what} must be a floating-point tensor, got {tensor.dtype}")
     if tensor.shape != shape:

@@ -1,4 +1,5 @@
-"""A hosting peer's life: join the DHT, load a span of blocks, serve RPCs, announce, leave cleanly.
+"""A hosting peer's life: join the DHT, load a span of blocks (``Peer``) or build a set of experts (``ExpertPeer``),
+serve RPCs, announce, leave cleanly (``Hosting``, what both share).
 
 Order matters (DESIGN.md, "what is known to bite"): the DHT forks its own process, so it is created first, from
 the main thread, before torch starts threads. Then the blocks are loaded, the handlers registered on a replica
@@ -15,37 +16,102 @@ On SIGTERM or SIGINT the peer announces OFFLINE (clients stop routing to it), re
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import logging
 import os
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 
 import hivemind
 import torch
 import uvloop
 
 import swarm_peer
-from swarm_peer.dht import Announcer, ServerInfo, ServerState, create_dht, get_block_servers
+from swarm_peer.dht import Announcer, ExpertAnnouncer, ServerInfo, ServerState, create_dht, get_block_servers
 from swarm_peer.dht.records import MAX_CACHE_MB, MAX_CACHE_TOKENS
 from swarm_peer.errors import ValidationError
 from swarm_peer.models import Checkpoint, attention_shape, resolve_checkpoint
 from swarm_peer.peer import balance
 from swarm_peer.peer.balance import spans_from_servers
 from swarm_peer.peer.blocks import DTYPES, BlockSpan
-from swarm_peer.peer.handlers import BlockHandlers
+from swarm_peer.peer.expert_handlers import ExpertHandlers
+from swarm_peer.peer.experts import HostedExperts
+from swarm_peer.peer.handlers import BlockHandlers, Handlers
 from swarm_peer.peer.throughput import announced, cached_probe, decode_threads
 from swarm_peer.settings import PeerSettings
 
-__all__ = ["Peer", "blocks_that_fit"]
+__all__ = ["ExpertPeer", "Hosting", "Peer", "blocks_that_fit"]
 
 logger = logging.getLogger(__name__)
 
 
-class Peer:
-    """``Peer(settings).run()`` serves until SIGTERM/SIGINT or ``stop()``."""
+class Hosting:
+    """What every hosting peer does, blocks or experts: serve its handlers on a replica of the DHT's P2P daemon, keep
+    its announcer running, and leave cleanly. ``run()`` serves until SIGTERM/SIGINT or ``stop()``.
+
+    A subclass sets ``dht`` (created first), ``handlers`` (``peer.handlers.Handlers``), ``announcer``, ``settings``
+    and ``_stop`` (an ``asyncio.Event``), and says what happens once it serves (``_started``: log, and background
+    coroutines to run) and when it leaves (``_leaving``, at once; ``_finish``, after in-flight work, on the compute
+    thread).
+    """
+
+    dht: hivemind.DHT
+    handlers: Handlers
+    announcer: Announcer | ExpertAnnouncer
+    settings: PeerSettings
+
+    def run(self, on_ready: Callable[[], None] | None = None) -> None:
+        """Serves until SIGTERM/SIGINT; ``on_ready`` is called once the peer is announced."""
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(self._serve(on_ready))
+
+    async def _serve(self, on_ready: Callable[[], None] | None) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        p2p = await self.dht.replicate_p2p()
+        await self.handlers.register(p2p)
+        background = [asyncio.create_task(coro) for coro in self._started(p2p.peer_id)]
+        self.announcer.start()
+        if on_ready is not None:
+            on_ready()
+        try:
+            await self._stop.wait()
+        finally:
+            for task in background:
+                task.cancel()
+            await self._leave()
+
+    def _started(self, peer_id) -> list[Coroutine]:
+        return []
+
+    def _leaving(self) -> None:
+        pass
+
+    def _finish(self) -> None:
+        pass
+
+    async def _leave(self) -> None:
+        logger.info("Leaving: announcing offline and finishing in-flight work")
+        self._leaving()
+        loop = asyncio.get_running_loop()  # these wait for threads and processes: not on the loop
+        await loop.run_in_executor(None, self.announcer.stop)
+        deadline = time.monotonic() + self.settings.shutdown_grace
+        while self.handlers.busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await self.handlers._compute(self._finish)
+        await loop.run_in_executor(None, self.handlers.shutdown)
+        await loop.run_in_executor(None, self.dht.shutdown)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class Peer(Hosting):
+    """A peer that hosts a span of blocks: ``Peer(settings).run()`` serves until SIGTERM/SIGINT or ``stop()``."""
 
     def __init__(self, settings: PeerSettings):
         self.settings = settings
@@ -151,38 +217,17 @@ class Peer:
             }
         ).encode()
 
-    def run(self, on_ready: Callable[[], None] | None = None) -> None:
-        """Serves until SIGTERM/SIGINT; ``on_ready`` is called once the span is announced."""
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(self._serve(on_ready))
-
-    async def _serve(self, on_ready: Callable[[], None] | None) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
-        p2p = await self.dht.replicate_p2p()
-        await self.handlers.register(p2p)
+    def _started(self, peer_id) -> list[Coroutine]:
         self.state = ServerState.ONLINE
-        self.announcer.start()
         logger.info(
             "Serving blocks %d:%d of %s (%s) as %s",
             self.span.start,
             self.span.end,
             self.model_name,
             self.model_id,
-            p2p.peer_id,
+            peer_id,
         )
-        if on_ready is not None:
-            on_ready()
-        rebalancing = (
-            asyncio.create_task(self._rebalance_forever()) if self.settings.rebalance_period else None
-        )
-        try:
-            await self._stop.wait()
-        finally:
-            if rebalancing is not None:
-                rebalancing.cancel()
-            await self._leave()
+        return [self._rebalance_forever()] if self.settings.rebalance_period else []
 
     async def _rebalance_forever(self) -> None:
         """Every ``rebalance_period`` seconds on average (randomized, so peers do not decide in lockstep), plans a
@@ -255,20 +300,72 @@ class Peer:
             return None  # our own record is not visible yet
         return balance.plan_move(me, spans, total, quality=self.settings.balance_quality)
 
-    async def _leave(self) -> None:
-        logger.info("Leaving: announcing offline and finishing in-flight work")
+    def _leaving(self) -> None:
         self.state = ServerState.OFFLINE
         self.handlers.budget.close()
-        await asyncio.get_running_loop().run_in_executor(None, self.announcer.stop)
-        deadline = time.monotonic() + self.settings.shutdown_grace
-        while (self.handlers.in_flight or self.handlers.open_sessions) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        loop = asyncio.get_running_loop()  # both wait for threads and processes: not on the loop
-        await loop.run_in_executor(None, self.handlers.shutdown)
-        await loop.run_in_executor(None, self.dht.shutdown)
 
-    def stop(self) -> None:
-        self._stop.set()
+
+class ExpertPeer(Hosting):
+    """A peer that hosts trainable experts (``settings.experts``; ``peer.experts``, ``peer.expert_handlers``):
+    ``ExpertPeer(settings).run()`` serves until SIGTERM/SIGINT or ``stop()``.
+
+    It imports ``settings.experts.expert_modules`` (which may register expert types), builds or restores its experts, and
+    keeps them declared on their grid in the DHT (``ExpertAnnouncer``: every prefix level, signed); on leaving it
+    withdraws them, finishes in-flight calls and saves the experts that changed. With a checkpoint directory, it
+    also saves them every ``checkpoint_period`` seconds.
+    """
+
+    def __init__(self, settings: PeerSettings):
+        self.settings = settings
+        experts = settings.experts
+        self.dht: hivemind.DHT = create_dht(**settings.network.model_dump())
+        if settings.compute_threads:
+            torch.set_num_threads(settings.compute_threads)
+        for module in experts.expert_modules:
+            importlib.import_module(module)
+        t0 = time.perf_counter()
+        self.experts = HostedExperts(experts, device=settings.device)
+        logger.info(
+            "Built %d %s experts of width %d in %.1f s",
+            len(self.experts),
+            experts.expert_type,
+            experts.hidden,
+            time.perf_counter() - t0,
+        )
+        self.handlers = ExpertHandlers(self.experts, settings, self._info_json)
+        self.announcer = ExpertAnnouncer(self.dht, lambda: experts.uids, period=settings.announce_period)
+        self._stop = asyncio.Event()
+
+    def _info_json(self) -> bytes:
+        experts = self.settings.experts
+        return json.dumps(
+            {
+                "peer_id": self.dht.peer_id.to_base58(),
+                "expert_type": experts.expert_type,
+                "hidden": experts.hidden,
+                "experts": list(experts.uids),
+                "version": swarm_peer.__version__,
+                "public_name": self.settings.public_name,
+            }
+        ).encode()
+
+    def _started(self, peer_id) -> list[Coroutine]:
+        logger.info("Serving %d experts as %s", len(self.experts), peer_id)
+        period = self.settings.experts.checkpoint_period
+        return [self._save_forever(period)] if self.experts.checkpoint_dir and period else []
+
+    async def _save_forever(self, period: float) -> None:
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.handlers._compute(self.experts.save)
+            except Exception:
+                logger.warning("Saving the experts failed; trying again in %.0f s", period, exc_info=True)
+
+    def _finish(self) -> None:
+        saved = self.experts.save()
+        if saved:
+            logger.info("Saved %d experts to %s", saved, self.experts.checkpoint_dir)
 
 
 def blocks_that_fit(checkpoint: Checkpoint, settings: PeerSettings) -> int:

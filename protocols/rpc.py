@@ -9,6 +9,9 @@ with no answer at all (the peer died, the connection broke, no answer in time) b
 
 from __future__ import annotations
 
+from hivemind.p2p import P2P, PeerID
+from hivemind.utils.asyncio import as_aiter
+
 from swarm_peer.errors import (
     BusyError,
     DeadlineError,
@@ -20,7 +23,7 @@ from swarm_peer.errors import (
     UnknownSessionError,
     ValidationError,
 )
-from swarm_peer.protocols import swarm_pb2
+from swarm_peer.protocols import codec, swarm_pb2
 
 __all__ = [
     "INFO",
@@ -28,12 +31,15 @@ __all__ = [
     "BACKWARD",
     "INFERENCE",
     "PUSH",
+    "EXPERT_FORWARD",
+    "EXPERT_BACKWARD",
     "SESSION_ID_BYTES",
     "streamed",
     "error_message",
     "check",
     "remote_failure",
     "remote_error",
+    "call_with_tensors",
 ]
 
 INFO = "swarm.v1.info"
@@ -41,6 +47,8 @@ FORWARD = "swarm.v1.forward"
 BACKWARD = "swarm.v1.backward"
 INFERENCE = "swarm.v1.inference"
 PUSH = "swarm.v1.push"  # a hop hands its output straight to the next hop's session
+EXPERT_FORWARD = "swarm.v1.expert_forward"  # several experts of a peer, each on its batch, in one request
+EXPERT_BACKWARD = "swarm.v1.expert_backward"
 SESSION_ID_BYTES = (
     16  # InferenceOpen.session_id: random, known to the client, the session's peer and the hop before
 )
@@ -102,3 +110,35 @@ def remote_error(error: BaseException, peer: object) -> SwarmError:
     if isinstance(error, TimeoutError):
         return DeadlineError(f"peer {peer} did not answer in time")
     return PeerError(f"peer {peer}: {str(error) or type(error).__name__}")
+
+
+async def call_with_tensors(
+    p2p: P2P, peer_id: PeerID, name: str, types: tuple[type, type], tensors, expected: int, **first_fields
+) -> list:
+    """Calls RPC ``name`` of ``peer_id`` with ``tensors`` (packed into parts, ``codec.pack``) and returns the
+    ``expected`` tensors of its answer. ``types``: the request and response messages; ``first_fields`` go into the
+    first request message only. A request that fits one message goes unary, a larger one to ``streamed(name)``.
+
+    Raises the peer's typed error (``check``), or ``remote_error``'s mapping of a call that failed on the way.
+    """
+    request_type, response_type = types
+    requests = [
+        request_type(tensors=parts, **(first_fields if i == 0 else {}))
+        for i, parts in enumerate(codec.pack(tensors))
+    ]
+    try:
+        assembler = codec.TensorAssembler(expected=expected)
+        if len(requests) == 1:
+            response = await p2p.call_protobuf_handler(peer_id, name, requests[0], response_type)
+            check(response, peer_id)
+            assembler.feed(response.tensors)
+        else:
+            responses = await p2p.iterate_protobuf_handler(
+                peer_id, streamed(name), as_aiter(*requests), response_type
+            )
+            async for response in responses:
+                check(response, peer_id)
+                assembler.feed(response.tensors)
+        return assembler.tensors()
+    except Exception as e:
+        raise remote_error(e, peer_id) from None

@@ -2,11 +2,12 @@
 
     SwarmError
     ├── ValidationError        a request, record, file or argument is malformed (the caller's fault; never retried)
-    ├── RoutingError           no chain of live peers covers the requested blocks (within the lookup deadline)
+    ├── RoutingError           no chain of live peers covers the requested blocks (within the lookup deadline),
+    │                          or a mixture-of-experts sample got fewer than k_min expert answers
     ├── SessionError           an inference session is closed or used out of order (by this client)
     └── PeerError              a remote peer failed or refused a call (or could not be reached)
         ├── BusyError          out of capacity now (cache, inbound bytes, streams): another peer, or later
-        ├── MissingBlocksError the peer does not serve the requested blocks (any more): the client's view is stale
+        ├── MissingBlocksError the peer does not serve the requested blocks or experts (any more): the client's view is stale
         ├── DeadlineError      the call or session ran past its deadline or idle timeout
         ├── UnknownSessionError no open session on the peer takes this push
         ├── MissingWeightsError the peer no longer holds the client's LoRA weights; send them again
@@ -49,7 +50,7 @@ class ValidationError(SwarmError, ValueError):
 
 
 class RoutingError(SwarmError):
-    """No chain of live peers covers the requested blocks."""
+    """No chain of live peers covers the requested blocks, or too few experts answered a mixture's sample."""
 
 
 class SessionError(SwarmError):
@@ -70,7 +71,8 @@ class BusyError(PeerError):
 
 
 class MissingBlocksError(PeerError):
-    """The peer does not serve the requested blocks (it moved, or the client's view of the swarm is stale)."""
+    """The peer does not serve the requested blocks or experts (it moved, or the client's view of the swarm is
+    stale)."""
 
     ban = False
 

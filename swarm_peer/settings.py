@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["NetworkSettings", "PeerSettings", "ClientSettings", "TrainSettings"]
+__all__ = ["NetworkSettings", "ExpertSettings", "PeerSettings", "ClientSettings", "TrainSettings"]
 
 
 class _Settings(BaseModel):
@@ -38,10 +38,40 @@ class NetworkSettings(_Settings):
     )
 
 
-class PeerSettings(_Settings):
-    """A peer that hosts a span of a model's blocks."""
+class ExpertSettings(_Settings):
+    """The trainable experts a peer hosts (``swarm_peer.moe``): each has its own AdamW optimizer."""
 
-    model: str = Field(description="checkpoint directory, or 'smollm2' for the bundled demo model")
+    uids: tuple[str, ...] = Field(min_length=1, description="the experts' uids on their grid, e.g. 'ffn.3.7'")
+    expert_type: str = Field(
+        "ffn", description="a registered expert type: ffn, transformer, or one registered by --expert-modules"
+    )
+    hidden: int = Field(ge=1, le=65536, description="the experts' input and output width")
+    expert_modules: tuple[str, ...] = Field(
+        (), description="Python modules to import first, which register more expert types"
+    )
+    seed: int = Field(0, description="seed of the experts' initial weights (with each one's uid)")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate of every expert")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay of every expert")
+    update_every: int = Field(
+        64,
+        ge=1,
+        description="an expert steps its optimizer once backward calls have brought this many samples",
+    )
+    checkpoint_dir: str | None = Field(
+        None, description="directory of the experts' weights and optimizer states, restored at start"
+    )
+    checkpoint_period: float = Field(
+        60.0, ge=0, description="seconds between saves of the experts that changed; 0 = after every update"
+    )
+
+
+class PeerSettings(_Settings):
+    """A peer that hosts a span of a model's blocks, or a set of experts (``experts``)."""
+
+    model: str | None = Field(
+        None, description="checkpoint directory, or 'smollm2' for the bundled demo model (None: experts only)"
+    )
+    experts: ExpertSettings | None = Field(None, description="the experts to host instead of blocks")
     model_name: str | None = Field(
         None,
         max_length=64,
@@ -60,7 +90,11 @@ class PeerSettings(_Settings):
     client_cache_share: float = Field(
         0.5, gt=0, le=1, description="most of the KV-cache budget that one client may hold, over its sessions"
     )
-    max_batch_tokens: int = Field(8192, ge=1, description="largest batch * new tokens in one request")
+    max_batch_tokens: int = Field(
+        8192,
+        ge=1,
+        description="largest batch * new tokens in one request (all its expert calls together, for experts)",
+    )
     max_length: int = Field(2048, ge=1, description="longest sequence an inference session may reach")
     session_timeout: float = Field(
         120.0, gt=0, description="seconds an inference session may stay idle before it is closed"
@@ -120,6 +154,14 @@ class PeerSettings(_Settings):
         None, ge=1, description="torch threads for compute; None = torch's default"
     )
     network: NetworkSettings = Field(default_factory=NetworkSettings)
+
+    @model_validator(mode="after")
+    def _blocks_or_experts(self) -> PeerSettings:
+        if (self.model is None) == (self.experts is None):
+            raise ValueError(
+                "a peer hosts either a model's blocks (MODEL) or experts (--experts), and one of them"
+            )
+        return self
 
     @field_validator("throughput")
     @classmethod

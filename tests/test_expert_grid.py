@@ -126,6 +126,7 @@ def test_validator_accepts_declarations_and_refuses_malformed_records():
         "uid out of bounds": ({**value, "u": f"ffn.3.{MAX_GRID_SIZE}"}, key_id, b"3@" + peer.subkey),
         "uid of bad grammar": ({**value, "u": "ffn.3.07"}, key_id, subkey),
         "bad version": ({**value, "v": 0}, key_id, subkey),
+        "withdrawal flag not a bool": ({**value, "off": 1}, key_id, subkey),
         "over the size cap": ({**value, "junk": "x" * MAX_VALUE_BYTES}, key_id, subkey),
         # the subkey names another peer than the key that signs it
         "impersonation": (value, key_id, b"7@" + peer_subkey(other.peer_id, peer.signer.local_public_key)),
@@ -133,6 +134,7 @@ def test_validator_accepts_declarations_and_refuses_malformed_records():
     for why, (bad_value, bad_key, bad_subkey) in refused.items():
         assert not peer.accepted(bad_value, bad_key, bad_subkey), why
     assert not peer.accepted(value, key_id, subkey, ttl=MAX_RECORD_TTL + 30), "expires too late"
+    assert peer.accepted(expert_entry(uid, 1, peer.subkey, online=False)[2], key_id, subkey), "withdrawal"
     # a newer schema version with a well-formed envelope is relayed (mixed-version swarms)
     assert peer.accepted({**value, "v": 2, "new": 1}, key_id, subkey)
 
@@ -160,6 +162,21 @@ def test_declare_then_look_up_from_another_node(dht_swarm):
         declare_experts(one, ["look.1.02"], get_dht_time() + TTL)
     with pytest.raises(ValidationError):
         declare_experts(one, ["look.1.2"], get_dht_time() + MAX_RECORD_TTL + 30)
+
+
+def test_withdrawn_experts_are_not_looked_up(dht_swarm):
+    one, two, boot = dht_swarm.one, dht_swarm.two, dht_swarm.boot
+    uids = ["wd.0.1", "wd.0.2"]
+    expiration = get_dht_time() + TTL
+    assert declare_experts(one, uids, expiration) and declare_experts(two, ["wd.0.2"], expiration)
+    both = tuple(sorted([local_peer_id(one), local_peer_id(two)], key=lambda p: p.to_base58()))
+    assert get_experts(boot, uids) == {"wd.0.1": (local_peer_id(one),), "wd.0.2": both}  # control
+    assert declare_experts(one, uids, expiration + 1, online=False)  # later than what it replaces
+    assert get_experts(boot, uids) == {"wd.0.1": (), "wd.0.2": (local_peer_id(two),)}
+    assert get_expert_successors(boot, ["wd.", "wd.0."]) == {
+        "wd.": {0: (local_peer_id(two),)},
+        "wd.0.": {2: (local_peer_id(two),)},
+    }
 
 
 def test_a_peer_cannot_write_into_another_peers_entries(dht_swarm):
@@ -237,6 +254,17 @@ def test_expired_and_undeclared_experts_are_never_returned(dht_swarm):
         [f"gone.1.{j}" for j in sorted(range(4), key=lambda j: -float(scores_BG[1][b, j]))] for b in range(2)
     ]
     assert get_experts(dht_swarm.boot, ["gone.0.0"]) == {"gone.0.0": ()}
+
+
+def test_beam_search_leaves_out_excluded_peers(dht_swarm):
+    one, two = dht_swarm.one, dht_swarm.two
+    hosts = split_declare([one, two], ["ex.0.0", "ex.0.1", "ex.1.0"])  # one: ex.0.0, ex.1.0; two: ex.0.1
+    scores_BG = [torch.tensor([[0.0, 9.0]]), torch.tensor([[1.0, 0.0]])]
+    searcher = MoEBeamSearcher(dht_swarm.boot, "ex.", (2, 2))
+    assert [e.uid for e in searcher.find_best_experts(scores_BG, k=3)[0]] == ["ex.1.0", "ex.0.0", "ex.0.1"]
+    # without one, row 1 (only one declares it) is dead, and so is ex.0.0
+    found = searcher.find_best_experts(scores_BG, k=3, exclude=[hosts["ex.0.0"]])
+    assert [(e.uid, e.peers) for e in found[0]] == [("ex.0.1", (hosts["ex.0.1"],))]
 
 
 def test_searcher_refuses_bad_arguments(dht_swarm):

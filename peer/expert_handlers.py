@@ -1,0 +1,133 @@
+"""The RPCs of a peer that hosts experts: a batch for each of several experts in one request.
+
+Shape legend: B batch (samples of one call), T tokens of a sample, D hidden size. An expert of type ``ffn`` takes
+inputs_BD, a ``transformer`` expert inputs_BTD (``moe.experts``).
+
+- ``swarm.v1.expert_forward``: uids (one per call), then tensors inputs_0, inputs_1, ... -> outputs_0, outputs_1, ...
+- ``swarm.v1.expert_backward``: uids, then inputs_0, grad_outputs_0, inputs_1, grad_outputs_1, ... ->
+  grad_inputs_0, grad_inputs_1, ...; each call adds to its expert's accumulated gradients, which step its optimizer
+  after ``--update-every`` samples (``peer.experts``).
+
+So a trainer sends one request per peer per batch, whatever the number of samples and experts it asks of that peer
+(hivemind 1.1.12's layer sends one per (sample, expert) pair). Both are served through the same ``RpcServer`` as the
+blocks' RPCs (``peer.handlers.Handlers``: frame, byte, stream and deadline limits, typed errors) and computed on
+the same single compute thread. Each tensor's dtype and shape is checked at its first part, before the rest is read:
+floating-point, of its expert's rank and width, all calls of a request together at most ``--max-batch-tokens`` rows
+(samples, or samples x tokens). An unknown uid is refused as ``MissingBlocksError`` (not served here), NaN or
+infinite values, or gradients of another shape, as ``ValidationError``; the peer keeps serving everyone else.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from hivemind.p2p import P2P
+
+from swarm_peer.errors import ValidationError
+from swarm_peer.peer.experts import HostedExpert, HostedExperts
+from swarm_peer.peer.handlers import Handlers, check_float
+from swarm_peer.protocols import codec, rpc, swarm_pb2
+from swarm_peer.protocols.serving import Call, Requests
+from swarm_peer.settings import PeerSettings
+
+__all__ = ["ExpertHandlers", "MAX_CALLS"]
+
+MAX_CALLS = 1024  # expert calls in one request
+
+
+class ExpertHandlers(Handlers):
+    """Serves the experts of ``experts`` over hivemind P2P."""
+
+    def __init__(self, experts: HostedExperts, settings: PeerSettings, info_json: Callable[[], bytes]):
+        super().__init__(settings, info_json)
+        self.experts = experts
+
+    async def register(self, p2p: P2P) -> None:
+        await super().register(p2p)
+        types = swarm_pb2.ExpertRequest, swarm_pb2.ExpertResponse
+        seconds = self.settings.max_request_seconds
+        for name, handler in (
+            (rpc.EXPERT_FORWARD, self.rpc_forward),
+            (rpc.EXPERT_BACKWARD, self.rpc_backward),
+        ):
+            await self.server.add(p2p, name, handler, types, seconds, unary=True)
+            await self.server.add(p2p, rpc.streamed(name), handler, types, seconds)
+
+    def rpc_forward(self, requests: Requests, call: Call):
+        return self._calls(requests, call, backward=False)
+
+    def rpc_backward(self, requests: Requests, call: Call):
+        return self._calls(requests, call, backward=True)
+
+    async def _calls(self, requests: Requests, call: Call, backward: bool):
+        first = await self._first(requests, call)
+        if not 1 <= len(first.uids) <= MAX_CALLS:
+            raise ValidationError(f"a request calls 1 to {MAX_CALLS} experts, got {len(first.uids)}")
+        experts = [self.experts[uid] for uid in first.uids]  # MissingBlocksError for one not served here
+        await self._emulated_latency()
+        per_call = 2 if backward else 1
+        check = self._declared(experts, per_call)
+        tensors = await self._tensors(requests, first, per_call * len(experts), check)
+        if backward:
+            results = await self._compute(self._backward, experts, tensors[0::2], tensors[1::2])
+        else:
+            results = await self._compute(self._forward, experts, tensors)
+        call.ledger.close()  # the request's bytes are spent; the answer is ours
+        for parts in codec.pack(results):
+            yield swarm_pb2.ExpertResponse(tensors=parts)
+
+    def _declared(self, experts: list[HostedExpert], per_call: int):
+        """Checks each tensor at its first part (``codec.TensorAssembler``): the rank and width of its expert's
+        inputs, floating-point, the request's rows against ``--max-batch-tokens``, and a gradient's shape against
+        its inputs'."""
+        dims, D = self.experts.type.input_dims, self.experts.settings.hidden
+        rows_left, last_inputs = [self.settings.max_batch_tokens], [()]
+
+        def check(index: int, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+            uid = experts[index // per_call].uid
+            if index % per_call:  # the gradient of the inputs just before it
+                if shape != last_inputs[0] or not dtype.is_floating_point:
+                    raise ValidationError(
+                        f"gradients of {uid} must be floating-point of the inputs' shape {list(last_inputs[0])}, "
+                        f"got {dtype} {list(shape)}"
+                    )
+                return
+            if len(shape) != dims or shape[-1] != D or 0 in shape or not dtype.is_floating_point:
+                expected = "(batch, D)" if dims == 2 else "(batch, tokens, D)"
+                raise ValidationError(
+                    f"inputs of {uid} must be floating-point {expected.replace('D', str(D))}, got {dtype} "
+                    f"{list(shape)}"
+                )
+            rows_left[0] -= math.prod(shape[:-1])
+            if rows_left[0] < 0:
+                raise ValidationError(
+                    f"the request's inputs exceed this peer's limit of {self.settings.max_batch_tokens} rows"
+                )
+            last_inputs[0] = shape
+
+        return check
+
+    def _forward(self, experts: list[HostedExpert], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        calls = list(zip(experts, inputs, strict=True))
+        for e, x in calls:
+            check_float(f"inputs of {e.uid}", x, x.shape)
+        device = self.experts.device
+        return [e.forward(x.to(device, torch.float32)).to("cpu", x.dtype) for e, x in calls]
+
+    def _backward(
+        self, experts: list[HostedExpert], inputs: list[torch.Tensor], grads: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        calls = list(zip(experts, inputs, grads, strict=True))
+        for e, x, g in calls:  # every call checked before any expert accumulates a gradient
+            check_float(f"inputs of {e.uid}", x, x.shape)
+            check_float(f"gradients of {e.uid}", g, x.shape)
+        device, steps = self.experts.device, sum(e.steps for e in experts)
+        results = [
+            e.backward(x.to(device, torch.float32), g.to(device, torch.float32)).to("cpu", x.dtype)
+            for e, x, g in calls
+        ]
+        if self.experts.settings.checkpoint_period == 0 and sum(e.steps for e in experts) != steps:
+            self.experts.save()
+        return results
