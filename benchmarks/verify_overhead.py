@@ -44,7 +44,13 @@ def _round(averagers, dhts, inputs, verify: bool, rate: float) -> tuple[float, f
             member = MemberRound.from_transcript(result.transcript, local_identity(dhts[i]), inputs[i], got)
             ranks = _ranks(result, dhts)  # member m of the round is peer ranks[m] here
             verdict = run_round(
-                dhts[i], "bench", member, rate=rate, recompute=lambda m: inputs[ranks[m]], timeout=60
+                dhts[i],
+                "bench",
+                member,
+                rate=rate,
+                recompute=lambda m: inputs[ranks[m]],
+                evidence=(averagers[i].keep_evidence, averagers[i].fetch_evidence),  # as the trainer does
+                timeout=60,
             )
             banned[i] = len(verdict)
         checked[i] = time.perf_counter()
