@@ -208,6 +208,7 @@ _EXPERT_FIELDS = (
     "weight_decay",
     "update_every",
     "checkpoint_period",
+    "fail_rate",
 )
 
 
@@ -247,6 +248,7 @@ def _expert_settings(patterns: tuple[str, ...], hidden: int | None, checkpoint_d
     "--checkpoint-dir", type=click.Path(file_okay=False), help="the experts' state: saved and restored"
 )
 @_expert_option("checkpoint_period", type=click.FloatRange(min=0))
+@_expert_option("fail_rate", type=click.FloatRange(0, 1), hidden=True)
 @click.option("--blocks", callback=_parse_blocks, help="span START:END of blocks to serve, e.g. 0:15")
 @click.option(
     "--num-blocks", type=click.IntRange(min=1), help="serve this many blocks where the swarm is weakest"

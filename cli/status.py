@@ -71,7 +71,6 @@ from rich.table import Table
 from rich.text import Text
 
 from swarm_peer.cli.network import check_initial_peers, join_swarm
-from swarm_peer.client.runtime import SwarmRuntime
 from swarm_peer.dht import (
     RunInfo,
     ServerInfo,
@@ -85,6 +84,7 @@ from swarm_peer.dht import (
 )
 from swarm_peer.errors import ValidationError
 from swarm_peer.models import DEMO_MODEL, resolve_checkpoint
+from swarm_peer.protocols.runtime import SwarmRuntime
 from swarm_peer.settings import ClientSettings, NetworkSettings
 
 __all__ = [

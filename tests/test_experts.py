@@ -299,6 +299,27 @@ def test_mixture_equals_the_same_gate_and_experts_computed_locally(swarm):
     torch.testing.assert_close(layer.proj.weight.grad, proj.weight.grad, atol=1e-5, rtol=1e-5)
 
 
+def test_mixture_made_from_initial_peers_alone(swarm):
+    """Issue #21's call: the layer joins the swarm from its multiaddrs (a connection shared by the layers given the
+    same ones) and computes what the same gate and experts compute here. Forward only: no expert learns from it."""
+    initial_peers = swarm.local.initial_peers
+    kwargs = dict(
+        in_features=FFN, grid_size=(2, 4), uid_prefix="mx.", k_best=3, k_min=1, timeout_after_k_min=1.0
+    )
+    layer = RemoteMixtureOfExperts(**kwargs, initial_peers=initial_peers)
+    assert RemoteSwitchMixtureOfExperts(**kwargs, initial_peers=initial_peers).runtime is layer.runtime
+    assert layer.runtime is not swarm.runtime and layer.runtime.settings.network.client_mode
+    torch.manual_seed(6)
+    x = torch.randn(5, FFN)
+    with torch.no_grad():
+        y = layer(x)
+        experts = {uid: create_expert("ffn", FFN, uid) for uid in expand_grid("mx.[0:2].[0:4]")}
+        torch.testing.assert_close(y, _local_mixture(layer.proj, (2, 4), 3, x, experts), atol=1e-5, rtol=1e-5)
+    for runtime, peers in ((None, ()), (swarm.runtime, initial_peers)):
+        with pytest.raises(ValidationError, match="give the swarm's initial_peers, or a runtime"):
+            RemoteMixtureOfExperts(runtime, **kwargs, initial_peers=peers)
+
+
 def _local_balancing_loss(proj, grid_size, x_BD: torch.Tensor, chosen: list[list[str]]) -> torch.Tensor:
     """Switch's load-balancing loss computed densely: N * sum_e f_e * P_e, P_e a softmax over every expert."""
     s0, s1 = proj(x_BD).split(grid_size, dim=-1)
@@ -416,6 +437,12 @@ def test_mixture_cuts_slow_experts_avoids_failed_peers_and_never_returns_nan(swa
     with pytest.raises(RoutingError, match=re.escape("samples [0, 2] got fewer than k_min=1 expert answers")):
         layer(avoid_seconds=0.0)(x)
     assert torch.full((1, 4), float("-inf")).softmax(1).isnan().all()
+    # with k_min=0, the same samples get zeros (what a residual connection passes through) and zero gradients
+    x.requires_grad_(True)
+    y = layer(avoid_seconds=0.0, k_min=0)(x)
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all() and y[1].abs().sum() > 0 and x.grad[1].abs().sum() > 0
+    assert (y[[0, 2]] == 0).all() and (x.grad[[0, 2]] == 0).all()
     # a grid whose experts were all on the dead peer: a clear error, before and after the second search
     only_dead = RemoteMixtureOfExperts(
         swarm.runtime, in_features=FFN, grid_size=(4,), uid_prefix="mx.2.", k_best=2
