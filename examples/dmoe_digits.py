@@ -107,8 +107,9 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         if not all(torch.isfinite(p).all() for p in model.parameters()):
             raise SystemExit("some of the model's weights are not finite")
-        with torch.no_grad():
-            accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
+        with torch.no_grad():  # in batches as in training, so that failures hit the test set as they hit training
+            logits = torch.cat([model(x) for x in x_test.split(args.batch)])
+            accuracy = (logits.argmax(1) == y_test).float().mean().item()
         requests = model.moe.requests
         sent = requests["forward"] + requests["backward"]
         failed = requests["forward_failed"] + requests["backward_failed"]

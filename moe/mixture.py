@@ -105,7 +105,8 @@ class RemoteMixtureOfExperts(nn.Module):
         if (runtime is None) == (not initial_peers):
             raise ValidationError("give the swarm's initial_peers, or a runtime (not both)")
         if runtime is None:
-            network = NetworkSettings(initial_peers=tuple(initial_peers), client_mode=True)
+            peers = (initial_peers,) if isinstance(initial_peers, str) else tuple(initial_peers)
+            network = NetworkSettings(initial_peers=peers, client_mode=True)
             runtime = SwarmRuntime.shared(ClientSettings(network=network))
         self.runtime = runtime
         self.searcher = MoEBeamSearcher(runtime.dht, uid_prefix, grid_size)

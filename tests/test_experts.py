@@ -36,7 +36,7 @@ from swarm_peer.peer.experts import HostedExpert
 from swarm_peer.protocols import rpc, swarm_pb2
 from swarm_peer.settings import ExpertSettings
 
-from .conftest import run_cli, wait_until
+from .conftest import run_cli, table_row, wait_until
 
 START = 120.0  # seconds a peer may take to start, on 2 busy cores
 FFN, TF = 16, 32  # widths of the shared peers' experts
@@ -451,6 +451,32 @@ def test_mixture_cuts_slow_experts_avoids_failed_peers_and_never_returns_nan(swa
         RoutingError, match=re.escape("samples [0, 1, 2] have fewer than k_min=1 live experts")
     ):
         only_dead(x)
+
+
+def test_status_lists_the_peers_of_expert_grids(swarm):
+    """``swarm-peer status --experts``: per pattern, how many of its experts have a host that answers, and a row per
+    host; a peer killed with kill -9 still has records, but is shown UNREACHABLE and serves nothing (exit 1)."""
+    (dead,) = swarm.local.add_expert_peers(["--experts", "st.[0:2]", "--hidden", "4"])
+    assert wait_until(lambda: all(get_experts(swarm.runtime.dht, ["st.0", "st.1"]).values()), timeout=30)
+    os.killpg(dead.process.pid, signal.SIGKILL)
+    dead.process.wait(10)
+    peers = ["--initial-peers", *swarm.local.initial_peers, "--timeout", "30"]
+    result = run_cli("status", "--experts", "ffn.[0:2].[0:4]", "--experts", "st.[0:3]", *peers, timeout=90)
+    assert result.returncode == 1, result.stderr
+    assert table_row(result.stdout, "ffn.[0:2].[0:4]").split()[1:] == [
+        "8",
+        "8",
+        "ffn.0.0",
+        "ffn.1.3",
+        "served",
+    ]
+    ffn = swarm.ffn.to_base58()[:6]
+    assert table_row(result.stdout, ffn, "ffn.0.0").split()[1:] == ["8", "ffn.0.0", "ffn.1.3", "ONLINE"]
+    assert table_row(result.stdout, "st.[0:3]").split()[1:] == ["0", "3", "—", "—", "GAPS"]
+    assert table_row(result.stdout, dead.peer_id[:6]).split()[1:] == ["2", "st.0", "st.1", "UNREACHABLE"]
+    assert "st.[0:3]: some experts have no host that answers" in result.stderr
+    result = run_cli("status", "--experts", "ffn.[0:2].[0:4]", *peers, timeout=90)
+    assert result.returncode == 0, result.stderr
 
 
 def test_expert_types_and_grids():
