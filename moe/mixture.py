@@ -24,8 +24,7 @@ What it does where hivemind 1.1.12's layer (``hivemind.moe.client.moe.RemoteMixt
   output is zeros, with zero gradients;
 - after a failed or late call, the peer's experts are avoided for ``avoid_seconds`` (they would be chosen again until
   their records expire): beam search leaves the peer out, as if it declared nothing (not after a refusal that says
-  the peer is only busy). A forward that left samples
-  short because peers failed runs once more without those peers.
+  the peer is only busy). A forward that left samples short because peers failed runs once more without those peers.
 
 Backward sends, in parallel, each answered call's output gradient to its expert (which accumulates it and steps
 its own optimizer, ``peer.experts``); a peer that fails then gives no input gradient for its calls (logged), and

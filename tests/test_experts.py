@@ -303,11 +303,10 @@ def test_mixture_made_from_initial_peers_alone(swarm):
     """Issue #21's call: the layer joins the swarm from its multiaddrs (a connection shared by the layers given the
     same ones) and computes what the same gate and experts compute here. Forward only: no expert learns from it."""
     initial_peers = swarm.local.initial_peers
-    kwargs = dict(
-        in_features=FFN, grid_size=(2, 4), uid_prefix="mx.", k_best=3, k_min=1, timeout_after_k_min=1.0
-    )
+    grid = dict(in_features=FFN, grid_size=(2, 4), uid_prefix="mx.")
+    kwargs = dict(grid, k_best=3, k_min=1, timeout_after_k_min=1.0)
     layer = RemoteMixtureOfExperts(**kwargs, initial_peers=initial_peers)
-    assert RemoteSwitchMixtureOfExperts(**kwargs, initial_peers=initial_peers).runtime is layer.runtime
+    assert RemoteSwitchMixtureOfExperts(**grid, initial_peers=initial_peers).runtime is layer.runtime
     assert layer.runtime is not swarm.runtime and layer.runtime.settings.network.client_mode
     torch.manual_seed(6)
     x = torch.randn(5, FFN)
