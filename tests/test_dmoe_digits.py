@@ -51,23 +51,33 @@ def test_digits_train_with_a_killed_expert_peer():
     assert "got fewer than k_min=1 expert answers" in result.stderr
 
 
-# Calibrated here (2 peers, batch 32, 150 steps, lr 3e-3, k_min 0; 2 shared CPU cores): FILLED IN BELOW
-TRAINING = ("--steps", "150", "--batch", "32", "--lr", "3e-3", "--k-min", "0")
+# 2 peers, batch 32, lr 3e-3, k_min 0: a sample none of whose experts answered passes through the residual alone
+TRAINING = ("--steps", "100", "--batch", "32", "--lr", "3e-3", "--k-min", "0")
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(400)
 def test_digits_train_through_failed_expert_calls():
+    """Every peer refuses 10%, then 50% of its requests (``--fail-rate``): the accuracy stays within 2 points of the
+    run without failures.
+
+    Calibrated once here (2 shared CPU cores, a CI run beside; ~110 s for the four runs): after 100 steps, 0.959
+    without failures, 0.957 at 10% (46 of 409 requests failed), 0.952 at 50% (166 of 330); after 80 steps 0.956,
+    0.946, 0.952 (too close to the bound); after 150 steps 0.954, 0.957, 0.956 -- and 0.948 with every request
+    refused: on digits the residual path alone (a linear classifier through a LayerNorm) scores nearly as well, so
+    accuracy cannot tell a working mixture from a dead one; what shows that the failures are real is the share of
+    failed requests and the control below.
+    """
     accuracy = {}
     for rate in (0.0, 0.1, 0.5):
         accuracy[rate], failed, sent = _trained(_example(*TRAINING, "--fail-rate", str(rate)))
-        # the seam is real: about that share of the requests failed (requests are drawn independently per peer)
-        assert abs(failed / sent - rate) < 0.06, (rate, failed, sent)
+        print(f"fail rate {rate}: accuracy {accuracy[rate]:.3f}, {failed} of {sent} requests failed")
+        # the seam is real: about that share of the requests failed (drawn independently per request)
+        assert abs(failed / sent - rate) < 0.08, (rate, failed, sent)
     assert accuracy[0.0] >= 0.9, accuracy
     assert accuracy[0.1] >= accuracy[0.0] - 0.02, accuracy
     assert accuracy[0.5] >= accuracy[0.0] - 0.02, accuracy
-    # control: with k_min=1 the same failures leave some sample of some batch without answers, twice, and the
-    # layer stops with a clear error (the samples are short, not NaN)
+    # control: with k_min=1 the same failures soon leave a sample of a batch without answers twice in a row, and the
+    # layer stops with a clear error (a short sample, never NaN)
     result = _example(*TRAINING[:-2], "--k-min", "1", "--fail-rate", "0.5")
-    assert result.returncode != 0 and "got fewer than k_min=1 expert answers" in result.stderr, result.stderr[
-        -3000:
-    ]
+    assert result.returncode != 0, result.stdout
+    assert "got fewer than k_min=1 expert answers" in result.stderr, result.stderr[-3000:]
