@@ -22,7 +22,15 @@ from hivemind.p2p import PeerID
 
 from swarm_peer.cli.local_swarm import LocalSwarm
 from swarm_peer.dht import get_experts
-from swarm_peer.errors import MissingBlocksError, RoutingError, ValidationError
+from swarm_peer.errors import (
+    BusyError,
+    DeadlineError,
+    InternalError,
+    MissingBlocksError,
+    PeerError,
+    RoutingError,
+    ValidationError,
+)
 from swarm_peer.moe import (
     MoEBeamSearcher,
     RemoteMixtureOfExperts,
@@ -476,6 +484,27 @@ def test_status_lists_the_peers_of_expert_grids(swarm):
     assert "st.[0:3]: some experts have no host that answers" in result.stderr
     result = run_cli("status", "--experts", "ffn.[0:2].[0:4]", *peers, timeout=90)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_layer_avoids_failing_peers_not_busy_ones():
+    """What a peer's failure says decides whether the layer leaves it out of the next searches (``PeerError.ban``,
+    and a peer that no longer serves the expert), as the client decides bans. No swarm: the layer's runtime is any
+    object with ``dht`` and ``settings``, and ``avoid`` takes the failures of a call."""
+    runtime = SimpleNamespace(dht=None, settings=SimpleNamespace(request_timeout=5.0))
+    layer = RemoteMixtureOfExperts(runtime, in_features=4, grid_size=(2,), uid_prefix="x.", k_best=1, k_min=0)
+    layer.avoid(
+        {
+            "busy": BusyError("busy"),
+            "bug": InternalError("a bug of its own"),
+            "dead": PeerError("connection lost"),
+            "late": DeadlineError("late"),
+            "gone": MissingBlocksError("not served here"),
+            "odd": ValidationError("malformed answer"),
+        }
+    )
+    assert sorted(layer.avoided) == ["dead", "gone", "late", "odd"]
+    with pytest.raises(ValidationError, match="need 0 <= k_min <= k_best"):
+        RemoteMixtureOfExperts(runtime, in_features=4, grid_size=(2,), uid_prefix="x.", k_best=1, k_min=2)
 
 
 def test_expert_types_and_grids():
