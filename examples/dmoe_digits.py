@@ -107,7 +107,8 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         if not all(torch.isfinite(p).all() for p in model.parameters()):
             raise SystemExit("some of the model's weights are not finite")
-        with torch.no_grad():  # in batches as in training, so that failures hit the test set as they hit training
+        # in batches as in training, so that failures hit the test set as they hit training
+        with torch.no_grad():
             logits = torch.cat([model(x) for x in x_test.split(args.batch)])
             accuracy = (logits.argmax(1) == y_test).float().mean().item()
         requests = model.moe.requests
