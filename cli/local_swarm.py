@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["LocalSwarm", "SwarmProcess"]
+__all__ = ["LocalSwarm", "SwarmProcess", "wait_for_experts"]
 
 READY_PREFIX = "Serving blocks"
 EXPERTS_READY_PREFIX = "Serving experts"
@@ -170,20 +170,13 @@ class LocalSwarm:
     def runtime(self, experts: list[str] | tuple[str, ...] = (), timeout: float = 60.0, **settings):
         """A client ``SwarmRuntime`` of this swarm (``ClientSettings(**settings)``), once each uid of ``experts`` has a
         host in the DHT (``RuntimeError`` after ``timeout`` seconds); shut down on exit."""
-        from swarm_peer.client import SwarmRuntime
-        from swarm_peer.dht import get_experts
+        from swarm_peer.protocols.runtime import SwarmRuntime
         from swarm_peer.settings import ClientSettings, NetworkSettings
 
         network = NetworkSettings(initial_peers=tuple(self.initial_peers), client_mode=True)
         runtime = SwarmRuntime(ClientSettings(network=network, **settings))
         try:
-            deadline = time.monotonic() + timeout
-            while experts and not all(get_experts(runtime.dht, experts).values()):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"experts {experts} were not all found in the DHT within {timeout:.0f} s"
-                    )
-                time.sleep(0.2)
+            wait_for_experts(runtime.dht, experts, timeout)
             yield runtime
         finally:
             runtime.shutdown()
@@ -236,6 +229,17 @@ class LocalSwarm:
             proc.terminate(timeout)
         self.processes.clear()
         self.peers.clear()
+
+
+def wait_for_experts(dht, uids: list[str] | tuple[str, ...], timeout: float = 60.0) -> None:
+    """Returns once each of ``uids`` has a host in ``dht``; ``RuntimeError`` after ``timeout`` seconds."""
+    from swarm_peer.dht import get_experts
+
+    deadline = time.monotonic() + timeout
+    while uids and not all(get_experts(dht, uids).values()):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"experts {uids} were not all found in the DHT within {timeout:.0f} s")
+        time.sleep(0.2)
 
 
 def _pump(stream, lines: queue.Queue) -> None:

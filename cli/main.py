@@ -208,6 +208,7 @@ _EXPERT_FIELDS = (
     "weight_decay",
     "update_every",
     "checkpoint_period",
+    "fail_rate",
 )
 
 
@@ -247,6 +248,7 @@ def _expert_settings(patterns: tuple[str, ...], hidden: int | None, checkpoint_d
     "--checkpoint-dir", type=click.Path(file_okay=False), help="the experts' state: saved and restored"
 )
 @_expert_option("checkpoint_period", type=click.FloatRange(min=0))
+@_expert_option("fail_rate", type=click.FloatRange(0, 1), hidden=True)
 @click.option("--blocks", callback=_parse_blocks, help="span START:END of blocks to serve, e.g. 0:15")
 @click.option(
     "--num-blocks", type=click.IntRange(min=1), help="serve this many blocks where the swarm is weakest"
@@ -536,13 +538,27 @@ def _setting_error(error: dict) -> str:
     show_default=True,
     help="seconds to wait for the swarm when joining and per lookup",
 )
+@click.option(
+    "--experts",
+    "expert_patterns",
+    multiple=True,
+    metavar="PATTERN",
+    help="show who hosts the experts of a grid instead, e.g. 'ffn.[0:8].[0:8]' (repeatable)",
+)
 @_network_options
-def status(model, timeout, **kwargs):
+def status(model, timeout, expert_patterns, **kwargs):
     """Who serves which blocks of MODEL (default: every model, then the training runs and the peers verified runs
-    ban); exit 1 on a gap."""
+    ban), or which experts of a grid (--experts); exit 1 on a gap."""
+    network = _network_settings(kwargs, client_mode=True, need_peers=True)
+    if expert_patterns:
+        if model is not None:
+            raise click.UsageError("give MODEL or --experts, not both")
+        from swarm_peer.cli.status import run_expert_status
+
+        sys.exit(run_expert_status(expert_patterns, network, timeout=timeout))
     from swarm_peer.cli.status import run_status
 
-    sys.exit(run_status(model, _network_settings(kwargs, client_mode=True, need_peers=True), timeout=timeout))
+    sys.exit(run_status(model, network, timeout=timeout))
 
 
 @cli.command("export-client")

@@ -48,6 +48,19 @@ blocks (records that claim more are refused by every node), and at most ``MAX_RU
 most ``MAX_RUN_PEERS`` volunteers and ``MAX_BANS`` bans each. What the deadline cuts off is named in a warning;
 a swarm that does not list its runs in time still gets its models shown, with a warning that the runs are unknown.
 
+``--experts PATTERN`` (repeatable) shows a grid of experts instead (``swarm-peer join --experts``): a row per pattern
+(how many of its experts have a host that answers), then a row per peer that declares some of them (how many, the
+first and last, whether it answers)::
+
+     expert grid / peer   experts   of     first     last      state
+     ──────────────────────────────────────────────────────────────────────
+     ffn.[0:8].[0:8]          48    64   ffn.0.0   ffn.5.7   GAPS
+       QmXuFb…paGnYH          32         ffn.0.0   ffn.3.7   ONLINE
+       Qma65r…9xNcCd          16         ffn.4.0   ffn.5.7   UNREACHABLE
+
+with exit status 1 if some expert of a pattern has no host that answers. A pattern names at most
+``MAX_STATUS_EXPERTS`` experts.
+
 Exit status: 0 when every shown model has a reachable ONLINE peer on every block, 1 otherwise (a model cut off
 by the deadline or the cap included) or when neither a model nor a training run is found. Training runs never
 change the exit status: a swarm that only trains exits 0.
@@ -71,7 +84,6 @@ from rich.table import Table
 from rich.text import Text
 
 from swarm_peer.cli.network import check_initial_peers, join_swarm
-from swarm_peer.client.runtime import SwarmRuntime
 from swarm_peer.dht import (
     RunInfo,
     ServerInfo,
@@ -85,6 +97,7 @@ from swarm_peer.dht import (
 )
 from swarm_peer.errors import ValidationError
 from swarm_peer.models import DEMO_MODEL, resolve_checkpoint
+from swarm_peer.protocols.runtime import SwarmRuntime
 from swarm_peer.settings import ClientSettings, NetworkSettings
 
 __all__ = [
@@ -97,7 +110,10 @@ __all__ = [
     "ModelStatus",
     "coverage_bar",
     "model_status",
+    "MAX_STATUS_EXPERTS",
     "render_bans",
+    "render_experts",
+    "run_expert_status",
     "render_runs",
     "render_status",
     "resolve_model",
@@ -112,6 +128,7 @@ MAX_MODELS = 16  # models looked up when no MODEL is given (anyone can list mode
 MAX_RUNS = 16  # training runs shown, those with most volunteers (anyone can list runs: not trusted)
 MAX_RUN_PEERS = 32  # volunteer rows shown per run, the furthest first
 MAX_BANS = 32  # ban rows shown per run, the most declared first
+MAX_STATUS_EXPERTS = 4096  # experts of one ``--experts`` pattern looked up (each a DHT key)
 PING_TIMEOUT = 2.0  # seconds an ONLINE peer has to answer its info RPC before it is shown UNREACHABLE
 _NON_TERMINAL_WIDTH = 240  # piped output: wide enough that rich never folds a row
 _STATE_STYLES = {ServerState.ONLINE: "green", ServerState.JOINING: "yellow", ServerState.OFFLINE: "dim red"}
@@ -504,3 +521,105 @@ def _unreachable(
     finally:
         runtime.shutdown()
     return frozenset(peer_id for peer_id, rtt in rtts.items() if rtt is None)
+
+
+@dataclass(frozen=True)
+class GridStatus:
+    """The experts of one pattern: who hosts each, and which hosts did not answer a ping."""
+
+    pattern: str
+    hosts: dict[str, tuple[PeerID, ...]]  # uid -> peers that declare it, in the pattern's order
+    unreachable: frozenset[PeerID]
+
+    @property
+    def served(self) -> list[str]:
+        """The uids with a host that answers."""
+        return [uid for uid, peers in self.hosts.items() if set(peers) - self.unreachable]
+
+
+def render_experts(grids: list[GridStatus], console: Console) -> None:
+    """Print one table: per pattern how many of its experts are served, then one row per peer that declares some."""
+    table = Table(box=box.SIMPLE_HEAD, header_style="bold")
+    for name, justify in (
+        ("expert grid / peer", "left"), ("experts", "right"), ("of", "right"), ("first", "left"),
+        ("last", "left"), ("state", "left"),
+    ):  # fmt: skip
+        table.add_column(name, justify=justify, no_wrap=True)
+    for grid in grids:
+        served = grid.served
+        table.add_row(
+            Text(grid.pattern, style="bold"),
+            str(len(served)),
+            str(len(grid.hosts)),
+            served[0] if served else "—",
+            served[-1] if served else "—",
+            Text("served", style="green")
+            if len(served) == len(grid.hosts)
+            else Text("GAPS", style="bold red"),
+        )
+        by_peer: dict[PeerID, list[str]] = {}
+        for uid, peers in grid.hosts.items():
+            for peer_id in peers:
+                by_peer.setdefault(peer_id, []).append(uid)
+        for peer_id, uids in sorted(by_peer.items(), key=lambda item: (-len(item[1]), str(item[0]))):
+            down = peer_id in grid.unreachable
+            table.add_row(
+                "  " + _short(peer_id),
+                str(len(uids)),
+                "",
+                uids[0],
+                uids[-1],
+                Text("UNREACHABLE", style=_UNREACHABLE_STYLE) if down else Text("ONLINE", style="green"),
+            )
+        table.add_section()
+    console.print(table)
+
+
+def run_expert_status(
+    patterns: tuple[str, ...], network: NetworkSettings, *, timeout: float, console: Console | None = None
+) -> int:
+    """Print who hosts the experts of each pattern (see the module docstring); return the exit status: 1 if some
+    expert has no host that answers. ``timeout`` bounds the whole command. Raises ``click.UsageError`` for a bad
+    pattern, ``click.ClickException`` when the swarm cannot be joined or does not answer."""
+    from swarm_peer.dht import get_experts
+    from swarm_peer.moe.experts import expand_grid
+
+    deadline = _Deadline(timeout)
+    try:
+        uids_of = {pattern: expand_grid(pattern) for pattern in patterns}
+    except ValidationError as e:
+        raise click.UsageError(str(e)) from None
+    for pattern, uids in uids_of.items():
+        if len(uids) > MAX_STATUS_EXPERTS:
+            raise click.UsageError(
+                f"{pattern} names {len(uids)} experts; status looks up {MAX_STATUS_EXPERTS}"
+            )
+    dht = join_swarm(network, deadline.left())
+    try:
+        hosts = {
+            pattern: get_experts(dht, uids, timeout=deadline.left(reserve=PING_TIMEOUT))
+            for pattern, uids in uids_of.items()
+        }
+        peers = {peer_id for found in hosts.values() for host in found.values() for peer_id in host}
+        unreachable: frozenset[PeerID] = frozenset()
+        if peers:
+            runtime = SwarmRuntime(ClientSettings(network=network), dht=dht)
+            try:
+                rtts = runtime.ping(peers, timeout=min(PING_TIMEOUT, deadline.left()))
+            finally:
+                runtime.shutdown()
+            unreachable = frozenset(peer_id for peer_id, rtt in rtts.items() if rtt is None)
+    except TimeoutError as e:
+        raise click.ClickException(f"the swarm did not answer: {e}") from None
+    finally:
+        dht.shutdown()
+    grids = [GridStatus(pattern, hosts[pattern], unreachable) for pattern in patterns]
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            console.width = _NON_TERMINAL_WIDTH
+    render_experts(grids, console)
+    short = [grid.pattern for grid in grids if len(grid.served) < len(grid.hosts)]
+    for pattern in short:
+        logger.warning("%s: some experts have no host that answers", pattern)
+    return 1 if short else 0

@@ -3,8 +3,8 @@
 from swarm_peer.client.model import DistributedModelForCausalLM, RemoteCache, RemoteModel
 from swarm_peer.client.remote import RemoteSequential
 from swarm_peer.client.routing import Hop, Router
-from swarm_peer.client.runtime import SwarmRuntime
 from swarm_peer.client.session import InferenceSession
+from swarm_peer.protocols.runtime import SwarmRuntime
 
 __all__ = [
     "DistributedModelForCausalLM",

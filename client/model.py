@@ -39,11 +39,11 @@ from swarm_peer.client.lora import RemoteLora, block_linears
 from swarm_peer.client.prompts import PromptTuning
 from swarm_peer.client.remote import CallExtras, RemoteSequential
 from swarm_peer.client.routing import Router
-from swarm_peer.client.runtime import SwarmRuntime
 from swarm_peer.client.session import InferenceSession
 from swarm_peer.compat import CACHE
 from swarm_peer.errors import ValidationError
 from swarm_peer.models import Checkpoint, resolve_checkpoint
+from swarm_peer.protocols.runtime import SwarmRuntime
 from swarm_peer.settings import ClientSettings, NetworkSettings
 from swarm_peer.threads import compute_threads, fastest_threads
 

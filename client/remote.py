@@ -24,10 +24,10 @@ from torch import nn
 from swarm_peer.client.health import Retries
 from swarm_peer.client.lora import RemoteLora
 from swarm_peer.client.routing import Hop, Router
-from swarm_peer.client.runtime import SwarmRuntime
 from swarm_peer.errors import MissingWeightsError, ValidationError
 from swarm_peer.protocols import extras, rpc, swarm_pb2
 from swarm_peer.protocols.extras import Extras
+from swarm_peer.protocols.runtime import SwarmRuntime
 
 __all__ = ["RemoteSequential", "CallExtras", "call_span"]
 

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from hivemind.p2p import PeerID
 
 from swarm_peer.client.health import PeerHealth
-from swarm_peer.client.runtime import SwarmRuntime
 from swarm_peer.dht import ServerInfo, online_servers
 from swarm_peer.errors import RoutingError
+from swarm_peer.protocols.runtime import SwarmRuntime
 from swarm_peer.settings import ClientSettings
 
 __all__ = ["Hop", "Router"]

@@ -30,10 +30,10 @@ import torch
 
 from swarm_peer.client.health import Retries
 from swarm_peer.client.routing import Hop, Router
-from swarm_peer.client.runtime import SwarmRuntime
 from swarm_peer.errors import PeerError, SessionError, ValidationError
 from swarm_peer.protocols import codec, extras, rpc, swarm_pb2
 from swarm_peer.protocols.extras import Extras
+from swarm_peer.protocols.runtime import SwarmRuntime
 
 __all__ = ["InferenceSession"]
 

@@ -5,7 +5,8 @@ experts hosted by peers (``swarm-peer join --experts``) and called from anywhere
     searcher = MoEBeamSearcher(dht, "ffn.", grid_size=(8, 8))
     best = searcher.find_best_experts([scores_B8, scores_B8], k=4)       # per sample: 4 live experts, best first
     y0, y1 = call_experts(runtime, [(peer, "ffn.0.3"), (peer, "ffn.5.1")], [x0_BD, x1_BD])   # differentiable
-    layer = RemoteMixtureOfExperts(runtime, in_features=512, grid_size=(8, 8), uid_prefix="ffn.", k_best=4)
+    layer = RemoteMixtureOfExperts(in_features=512, grid_size=(8, 8), uid_prefix="ffn.", k_best=4,
+                                   initial_peers=[maddr])                # or SwarmRuntime(...) as the first argument
 
 Expert types (``ffn``, ``transformer``, and those registered with ``register_expert_type``) are in ``experts``; the
 peer side (optimizers, checkpoints, RPCs) in ``swarm_peer.peer``; the layer that mixes them in ``mixture``.

@@ -4,7 +4,8 @@ NeurIPS 2020, arXiv 2002.04013).
 Shape legend: B batch, D in_features (the experts' width), G grid dimensions, K experts chosen per sample, N rows
 sent to experts over all calls, M chosen (sample, expert) slots, U distinct experts among them.
 
-    layer = RemoteMixtureOfExperts(runtime, in_features=512, grid_size=(8, 8), uid_prefix="ffn.", k_best=4)
+    layer = RemoteMixtureOfExperts(in_features=512, grid_size=(8, 8), uid_prefix="ffn.", k_best=4, k_min=1,
+                                   timeout_after_k_min=1.0, initial_peers=[maddr])
     y_BD = layer(x_BD)     # backward trains the gate here and, through the peers, the experts that answered
 
 For each sample, a linear gate scores every coordinate of every grid dimension (``proj``: D -> sum(grid_size));
@@ -19,10 +20,11 @@ What it does where hivemind 1.1.12's layer (``hivemind.moe.client.moe.RemoteMixt
 
 - one request per peer per batch, not one per (sample, expert) pair;
 - ``k_min`` holds per sample: a sample with fewer answers raises ``RoutingError`` naming it, instead of mixing an
-  all-masked softmax into NaN (hivemind checks the count over the whole batch);
+  all-masked softmax into NaN (hivemind checks the count over the whole batch); with ``k_min=0`` such a sample's
+  output is zeros, with zero gradients;
 - after a failed or late call, the peer's experts are avoided for ``avoid_seconds`` (they would be chosen again until
-  their records expire): beam search leaves the peer out, as if it declared nothing. A forward that left samples
-  short because peers failed runs once more without those peers.
+  their records expire): beam search leaves the peer out, as if it declared nothing (not after a refusal that says
+  the peer is only busy). A forward that left samples short because peers failed runs once more without those peers.
 
 Backward sends, in parallel, each answered call's output gradient to its expert (which accumulates it and steps
 its own optimizer, ``peer.experts``); a peer that fails then gives no input gradient for its calls (logged), and
@@ -31,6 +33,7 @@ is avoided as well.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import random
@@ -42,10 +45,12 @@ from hivemind.p2p import PeerID
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from swarm_peer.errors import RoutingError, ValidationError
+from swarm_peer.errors import MissingBlocksError, PeerError, RoutingError, ValidationError
 from swarm_peer.moe.beam_search import Expert, MoEBeamSearcher
 from swarm_peer.moe.remote_expert import Runtime, call_peers
 from swarm_peer.protocols import rpc
+from swarm_peer.protocols.runtime import SwarmRuntime
+from swarm_peer.settings import ClientSettings, NetworkSettings
 
 __all__ = ["RemoteMixtureOfExperts", "RemoteSwitchMixtureOfExperts"]
 
@@ -55,19 +60,31 @@ logger = logging.getLogger(__name__)
 class RemoteMixtureOfExperts(nn.Module):
     """A mixture of ``k_best`` of the experts on a grid ``uid_prefix`` + ``grid_size``, hosted by peers.
 
-    ``runtime``: a ``swarm_peer.client.SwarmRuntime`` (its DHT finds the experts, its P2P handle calls them).
+    It joins the swarm through ``initial_peers`` (multiaddrs of any of its peers): layers given the same ones share
+    one ``SwarmRuntime.shared`` connection (a client-mode DHT node and P2P handle) for the whole process, started by
+    the first (about a second; from the main thread, before CUDA or threads, as any DHT) and shut down at exit. Or
+    it uses ``runtime``, a ``SwarmRuntime`` (or any object with its ``p2p``, ``dht``, ``run`` and ``settings``) that
+    the caller owns; exactly one of the two.
     ``forward_timeout`` bounds a forward's calls (default ``runtime.settings.request_timeout``),
     ``backward_timeout`` a backward's (default: the same). ``beam_size``: see ``MoEBeamSearcher``.
 
     ``forward`` takes x_BD and returns y_BD, and leaves the batch's load-balancing loss in ``balancing_loss``
     (``_balancing_loss``; differentiable, to add to the training loss if wanted). Raises ``RoutingError`` if a
     sample got fewer than ``k_min`` answers (too few live experts, or too many failed, again after a second try
-    without the peers that failed the first), ``TimeoutError`` if the DHT does not answer the search.
+    without the peers that failed the first), ``TimeoutError`` if the DHT does not answer the search. With
+    ``k_min=0`` no sample is ever short: one without answers gets zeros (what a residual connection around the
+    layer passes through unchanged), and the layer waits at most ``timeout_after_k_min`` for any expert.
+
+    A peer that failed a call in a way that says it is failing (it could not be reached, was late, or refused the
+    request as malformed: ``PeerError.ban``, or not a ``PeerError``) or no longer serves the expert
+    (``MissingBlocksError``) is avoided for ``avoid_seconds``; one that was only busy or hit a bug of its own
+    (``BusyError``, ``InternalError``: not held against a peer, as everywhere in the client) is called again at the
+    next batch.
     """
 
     def __init__(
         self,
-        runtime: Runtime,
+        runtime: Runtime | None = None,
         *,
         in_features: int,
         grid_size: Sequence[int],
@@ -79,10 +96,17 @@ class RemoteMixtureOfExperts(nn.Module):
         backward_timeout: float | None = None,
         avoid_seconds: float = 30.0,
         beam_size: int | None = None,
+        initial_peers: Sequence[str] = (),
     ):
         super().__init__()
-        if not 1 <= k_min <= k_best:
-            raise ValidationError(f"need 1 <= k_min <= k_best, got k_min={k_min}, k_best={k_best}")
+        if not 0 <= k_min <= k_best:
+            raise ValidationError(f"need 0 <= k_min <= k_best, got k_min={k_min}, k_best={k_best}")
+        if (runtime is None) == (not initial_peers):
+            raise ValidationError("give the swarm's initial_peers, or a runtime (not both)")
+        if runtime is None:
+            peers = (initial_peers,) if isinstance(initial_peers, str) else tuple(initial_peers)
+            network = NetworkSettings(initial_peers=peers, client_mode=True)
+            runtime = SwarmRuntime.shared(ClientSettings(network=network))
         self.runtime = runtime
         self.searcher = MoEBeamSearcher(runtime.dht, uid_prefix, grid_size)
         self.grid_size, self.k_best, self.k_min, self.beam_size = tuple(grid_size), k_best, k_min, beam_size
@@ -94,16 +118,21 @@ class RemoteMixtureOfExperts(nn.Module):
         # peer -> time.monotonic() until which its experts are not called
         self.avoided: dict[PeerID, float] = {}
         self.balancing_loss: torch.Tensor | None = None  # of the last forward
+        self.failures: dict[PeerID, Exception] = {}  # why peers failed the last forward's calls
+        # requests sent to peers since the layer was made (one per peer per pass), and how many failed, by pass:
+        # "forward", "forward_failed", "backward", "backward_failed"
+        self.requests: collections.Counter[str] = collections.Counter()
 
     def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
-        avoided = set(self.avoided)
+        self.failures = {}
         try:
             return self._forward(x_BD)
         except RoutingError:
-            if not set(self.avoided) - avoided:
+            if not self.failures:
                 raise
-            # peers failed during this call, and some samples were left short: once more, without them
-            logger.info("Calling the experts again without the peers that failed")
+            # peers failed during this call, and some samples were left short: once more, without the peers that
+            # are failing (``avoid``; a busy one may answer this time)
+            logger.info("Calling the experts again, without the peers that failed")
             return self._forward(x_BD)
 
     def _forward(self, x_BD: torch.Tensor) -> torch.Tensor:
@@ -162,7 +191,10 @@ class RemoteMixtureOfExperts(nn.Module):
     def _weights(self, scores_BG, probs_BG, coords_BKG, alive_BK) -> torch.Tensor:
         """Each chosen expert's weight in its sample's output: the softmax of the scores of those that answered."""
         logits_BK = sum(scores.gather(1, coords_BKG[:, :, d]) for d, scores in enumerate(scores_BG))
-        return logits_BK.masked_fill(~alive_BK, float("-inf")).softmax(dim=1)
+        # a sample without answers (k_min = 0) gets weights 0, not the NaN of a softmax over nothing
+        none_B1 = ~alive_BK.any(dim=1, keepdim=True)
+        logits_BK = logits_BK.masked_fill(~alive_BK, float("-inf")).masked_fill(none_B1, 0.0)
+        return logits_BK.softmax(dim=1) * alive_BK
 
     def _balancing_loss(self, probs_BG, coords_MG: torch.Tensor) -> torch.Tensor:
         """Switch Transformer's load-balancing loss (Fedus et al. 2021) over the grid, for the M chosen (sample,
@@ -184,10 +216,17 @@ class RemoteMixtureOfExperts(nn.Module):
         )
         return [[(expert, random.choice(expert.peers)) for expert in experts] for experts in found]
 
-    def avoid(self, peers) -> None:
+    def avoid(self, failures: dict[PeerID, Exception]) -> None:
+        """Leaves the peers that failed out of the next searches, for ``avoid_seconds``, unless only busy."""
         until = time.monotonic() + self.avoid_seconds
-        for peer in peers:
-            self.avoided[peer] = until
+        for peer, error in failures.items():
+            if _is_failing(error):
+                self.avoided[peer] = until
+
+
+def _is_failing(error: Exception) -> bool:
+    """Whether a peer's failure says that calling it again soon would fail too (see ``RemoteMixtureOfExperts``)."""
+    return not isinstance(error, PeerError) or error.ban or isinstance(error, MissingBlocksError)
 
 
 class RemoteSwitchMixtureOfExperts(RemoteMixtureOfExperts):
@@ -196,7 +235,7 @@ class RemoteSwitchMixtureOfExperts(RemoteMixtureOfExperts):
     the output as well; add ``balancing_loss`` (times a small factor, e.g. 0.01) to the training loss to spread the
     samples over the experts. Arguments as ``RemoteMixtureOfExperts``, but for ``k_best`` and ``k_min`` (both 1)."""
 
-    def __init__(self, runtime: Runtime, **kwargs):
+    def __init__(self, runtime: Runtime | None = None, **kwargs):
         super().__init__(runtime, k_best=1, k_min=1, **kwargs)
 
     def _weights(self, scores_BG, probs_BG, coords_BKG, alive_BK) -> torch.Tensor:
@@ -231,8 +270,10 @@ class _MixtureCalls(torch.autograd.Function):
             ),
             timeout + 1,
         )
+        layer.requests.update(forward=len({peer for peer, _ in calls}), forward_failed=len(failures))
         if failures:
             logger.info("Expert calls failed: %s", "; ".join(map(str, failures.values())))
+            layer.failures.update(failures)
             layer.avoid(failures)
         answered = [answer is not None for answer in answers]
         ctx.layer, ctx.calls, ctx.answered = layer, calls, answered
@@ -256,8 +297,9 @@ class _MixtureCalls(torch.autograd.Function):
             answers, failures = layer.runtime.run(
                 call_peers(layer.runtime.p2p, rpc.EXPERT_BACKWARD, calls, tensors, timeout), timeout + 1
             )
+            layer.requests.update(backward=len({peer for peer, _ in calls}), backward_failed=len(failures))
             if failures:
-                logger.warning("Expert backward calls failed: %s", "; ".join(map(str, failures.values())))
+                logger.info("Expert backward calls failed: %s", "; ".join(map(str, failures.values())))
                 layer.avoid(failures)
             for i, grad in zip(sent, answers, strict=True):
                 grad_inputs[i] = grad

@@ -4,6 +4,7 @@ Shape legend: B batch (samples of one call), D hidden size; an ``ffn`` expert ta
 one inputs_BTD (``moe.experts``).
 
     runtime = SwarmRuntime(ClientSettings(network=NetworkSettings(initial_peers=[maddr], client_mode=True)))
+    # (swarm_peer.protocols.runtime; also swarm_peer.client.SwarmRuntime)
     y0, y1 = call_experts(runtime, [(peer, "ffn.0.3"), (peer, "ffn.5.1")], [x0_BD, x1_BD])
     (y0.sum() + y1.sum()).backward()      # sends the gradients back: the experts accumulate them and learn
 
@@ -21,8 +22,8 @@ A failed call raises: the peer's typed error (``swarm_peer.errors``: ``Validatio
 for a peer that could not be reached). Carrying on without the experts that failed is the mixture layer's choice,
 not this one's.
 
-``runtime`` is a ``swarm_peer.client.SwarmRuntime`` (its P2P handle and event loop); this module does not import
-the client, so any object with ``p2p``, ``dht``, ``run(coro, timeout)`` and ``settings.request_timeout`` serves.
+``runtime`` is a ``SwarmRuntime`` (its P2P handle and event loop), or any object with ``p2p``, ``dht``,
+``run(coro, timeout)`` and ``settings.request_timeout`` (tests wrap the P2P handle to count calls).
 """
 
 from __future__ import annotations

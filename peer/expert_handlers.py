@@ -15,17 +15,22 @@ the same single compute thread. Each tensor's dtype and shape is checked at its 
 floating-point, of its expert's rank and width, all calls of a request together at most ``--max-batch-tokens`` rows
 (samples, or samples x tokens). An unknown uid is refused as ``MissingBlocksError`` (not served here), NaN or
 infinite values, or gradients of another shape, as ``ValidationError``; the peer keeps serving everyone else.
+
+For tests, ``--fail-rate P`` (``ExpertSettings.fail_rate``) refuses each request with probability P as
+``BusyError``, after its uids are checked and before its tensors are read: a peer that is alive but drops a share
+of its calls.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable
 
 import torch
 from hivemind.p2p import P2P
 
-from swarm_peer.errors import ValidationError
+from swarm_peer.errors import BusyError, ValidationError
 from swarm_peer.peer.experts import HostedExpert, HostedExperts
 from swarm_peer.peer.handlers import Handlers, check_float
 from swarm_peer.protocols import codec, rpc, swarm_pb2
@@ -43,6 +48,9 @@ class ExpertHandlers(Handlers):
     def __init__(self, experts: HostedExperts, settings: PeerSettings, info_json: Callable[[], bytes]):
         super().__init__(settings, info_json)
         self.experts = experts
+        # which requests ``--fail-rate`` refuses: a sequence of its own per peer (seeded by its first uid), so peers
+        # fail independently of each other, and a trainer that calls them in the same order meets the same failures
+        self._failures = random.Random(f"{experts.settings.seed}/{experts.settings.uids[0]}")
 
     async def register(self, p2p: P2P) -> None:
         await super().register(p2p)
@@ -67,6 +75,8 @@ class ExpertHandlers(Handlers):
             raise ValidationError(f"a request calls 1 to {MAX_CALLS} experts, got {len(first.uids)}")
         experts = [self.experts[uid] for uid in first.uids]  # MissingBlocksError for one not served here
         await self._emulated_latency()
+        if self._failures.random() < self.experts.settings.fail_rate:
+            raise BusyError(f"emulated failure (--fail-rate {self.experts.settings.fail_rate})")
         per_call = 2 if backward else 1
         check = self._declared(experts, per_call)
         tensors = await self._tensors(requests, first, per_call * len(experts), check)

@@ -63,6 +63,12 @@ class ExpertSettings(_Settings):
     checkpoint_period: float = Field(
         60.0, ge=0, description="seconds between saves of the experts that changed; 0 = after every update"
     )
+    fail_rate: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="(testing) the share of expert requests refused as busy, at random: a flaky volunteer",
+    )
 
 
 class PeerSettings(_Settings):

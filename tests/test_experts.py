@@ -22,7 +22,15 @@ from hivemind.p2p import PeerID
 
 from swarm_peer.cli.local_swarm import LocalSwarm
 from swarm_peer.dht import get_experts
-from swarm_peer.errors import MissingBlocksError, RoutingError, ValidationError
+from swarm_peer.errors import (
+    BusyError,
+    DeadlineError,
+    InternalError,
+    MissingBlocksError,
+    PeerError,
+    RoutingError,
+    ValidationError,
+)
 from swarm_peer.moe import (
     MoEBeamSearcher,
     RemoteMixtureOfExperts,
@@ -36,7 +44,7 @@ from swarm_peer.peer.experts import HostedExpert
 from swarm_peer.protocols import rpc, swarm_pb2
 from swarm_peer.settings import ExpertSettings
 
-from .conftest import run_cli, wait_until
+from .conftest import run_cli, table_row, wait_until
 
 START = 120.0  # seconds a peer may take to start, on 2 busy cores
 FFN, TF = 16, 32  # widths of the shared peers' experts
@@ -299,6 +307,26 @@ def test_mixture_equals_the_same_gate_and_experts_computed_locally(swarm):
     torch.testing.assert_close(layer.proj.weight.grad, proj.weight.grad, atol=1e-5, rtol=1e-5)
 
 
+def test_mixture_made_from_initial_peers_alone(swarm):
+    """Issue #21's call: the layer joins the swarm from its multiaddrs (a connection shared by the layers given the
+    same ones) and computes what the same gate and experts compute here. Forward only: no expert learns from it."""
+    initial_peers = swarm.local.initial_peers
+    grid = dict(in_features=FFN, grid_size=(2, 4), uid_prefix="mx.")
+    kwargs = dict(grid, k_best=3, k_min=1, timeout_after_k_min=1.0)
+    layer = RemoteMixtureOfExperts(**kwargs, initial_peers=initial_peers)
+    assert RemoteSwitchMixtureOfExperts(**grid, initial_peers=initial_peers).runtime is layer.runtime
+    assert layer.runtime is not swarm.runtime and layer.runtime.settings.network.client_mode
+    torch.manual_seed(6)
+    x = torch.randn(5, FFN)
+    with torch.no_grad():
+        y = layer(x)
+        experts = {uid: create_expert("ffn", FFN, uid) for uid in expand_grid("mx.[0:2].[0:4]")}
+        torch.testing.assert_close(y, _local_mixture(layer.proj, (2, 4), 3, x, experts), atol=1e-5, rtol=1e-5)
+    for runtime, peers in ((None, ()), (swarm.runtime, initial_peers)):
+        with pytest.raises(ValidationError, match="give the swarm's initial_peers, or a runtime"):
+            RemoteMixtureOfExperts(runtime, **kwargs, initial_peers=peers)
+
+
 def _local_balancing_loss(proj, grid_size, x_BD: torch.Tensor, chosen: list[list[str]]) -> torch.Tensor:
     """Switch's load-balancing loss computed densely: N * sum_e f_e * P_e, P_e a softmax over every expert."""
     s0, s1 = proj(x_BD).split(grid_size, dim=-1)
@@ -416,6 +444,12 @@ def test_mixture_cuts_slow_experts_avoids_failed_peers_and_never_returns_nan(swa
     with pytest.raises(RoutingError, match=re.escape("samples [0, 2] got fewer than k_min=1 expert answers")):
         layer(avoid_seconds=0.0)(x)
     assert torch.full((1, 4), float("-inf")).softmax(1).isnan().all()
+    # with k_min=0, the same samples get zeros (what a residual connection passes through) and zero gradients
+    x.requires_grad_(True)
+    y = layer(avoid_seconds=0.0, k_min=0)(x)
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all() and y[1].abs().sum() > 0 and x.grad[1].abs().sum() > 0
+    assert (y[[0, 2]] == 0).all() and (x.grad[[0, 2]] == 0).all()
     # a grid whose experts were all on the dead peer: a clear error, before and after the second search
     only_dead = RemoteMixtureOfExperts(
         swarm.runtime, in_features=FFN, grid_size=(4,), uid_prefix="mx.2.", k_best=2
@@ -424,6 +458,53 @@ def test_mixture_cuts_slow_experts_avoids_failed_peers_and_never_returns_nan(swa
         RoutingError, match=re.escape("samples [0, 1, 2] have fewer than k_min=1 live experts")
     ):
         only_dead(x)
+
+
+def test_status_lists_the_peers_of_expert_grids(swarm):
+    """``swarm-peer status --experts``: per pattern, how many of its experts have a host that answers, and a row per
+    host; a peer killed with kill -9 still has records, but is shown UNREACHABLE and serves nothing (exit 1)."""
+    (dead,) = swarm.local.add_expert_peers(["--experts", "st.[0:2]", "--hidden", "4"])
+    assert wait_until(lambda: all(get_experts(swarm.runtime.dht, ["st.0", "st.1"]).values()), timeout=30)
+    os.killpg(dead.process.pid, signal.SIGKILL)
+    dead.process.wait(10)
+    peers = ["--initial-peers", *swarm.local.initial_peers, "--timeout", "30"]
+    result = run_cli("status", "--experts", "ffn.[0:2].[0:4]", "--experts", "st.[0:3]", *peers, timeout=90)
+    assert result.returncode == 1, result.stderr
+    assert table_row(result.stdout, "ffn.[0:2].[0:4]").split()[1:] == [
+        "8",
+        "8",
+        "ffn.0.0",
+        "ffn.1.3",
+        "served",
+    ]
+    ffn = swarm.ffn.to_base58()[:6]
+    assert table_row(result.stdout, ffn, "ffn.0.0").split()[1:] == ["8", "ffn.0.0", "ffn.1.3", "ONLINE"]
+    assert table_row(result.stdout, "st.[0:3]").split()[1:] == ["0", "3", "—", "—", "GAPS"]
+    assert table_row(result.stdout, dead.peer_id[:6]).split()[1:] == ["2", "st.0", "st.1", "UNREACHABLE"]
+    assert "st.[0:3]: some experts have no host that answers" in result.stderr
+    result = run_cli("status", "--experts", "ffn.[0:2].[0:4]", *peers, timeout=90)
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_layer_avoids_failing_peers_not_busy_ones():
+    """What a peer's failure says decides whether the layer leaves it out of the next searches (``PeerError.ban``,
+    and a peer that no longer serves the expert), as the client decides bans. No swarm: the layer's runtime is any
+    object with ``dht`` and ``settings``, and ``avoid`` takes the failures of a call."""
+    runtime = SimpleNamespace(dht=None, settings=SimpleNamespace(request_timeout=5.0))
+    layer = RemoteMixtureOfExperts(runtime, in_features=4, grid_size=(2,), uid_prefix="x.", k_best=1, k_min=0)
+    layer.avoid(
+        {
+            "busy": BusyError("busy"),
+            "bug": InternalError("a bug of its own"),
+            "dead": PeerError("connection lost"),
+            "late": DeadlineError("late"),
+            "gone": MissingBlocksError("not served here"),
+            "odd": ValidationError("malformed answer"),
+        }
+    )
+    assert sorted(layer.avoided) == ["dead", "gone", "late", "odd"]
+    with pytest.raises(ValidationError, match="need 0 <= k_min <= k_best"):
+        RemoteMixtureOfExperts(runtime, in_features=4, grid_size=(2,), uid_prefix="x.", k_best=1, k_min=2)
 
 
 def test_expert_types_and_grids():

@@ -11,10 +11,10 @@ from hivemind.utils.asyncio import as_aiter
 
 from swarm_peer import DistributedModelForCausalLM
 from swarm_peer.cli.local_swarm import LocalSwarm
-from swarm_peer.client.runtime import SwarmRuntime
 from swarm_peer.client.session import _SpanStream
 from swarm_peer.errors import ValidationError
 from swarm_peer.protocols import codec, rpc, swarm_pb2
+from swarm_peer.protocols.runtime import SwarmRuntime
 
 from .conftest import client_settings, reference_model
 

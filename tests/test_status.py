@@ -22,7 +22,6 @@ from rich.console import Console
 from swarm_peer.cli.local_swarm import LocalSwarm
 from swarm_peer.cli.main import cli
 from swarm_peer.cli.status import ModelStatus, coverage_bar, render_status, run_status, span_bar
-from swarm_peer.client.runtime import SwarmRuntime
 from swarm_peer.dht import (
     Announcer,
     ModelInfo,
@@ -46,6 +45,7 @@ from swarm_peer.dht import (
 from swarm_peer.errors import ValidationError
 from swarm_peer.models import resolve_checkpoint
 from swarm_peer.protocols import rpc, swarm_pb2
+from swarm_peer.protocols.runtime import SwarmRuntime
 from swarm_peer.settings import ClientSettings, NetworkSettings
 
 from .conftest import signed_record, table_row

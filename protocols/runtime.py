@@ -1,12 +1,18 @@
-"""The client's connection to the swarm: a DHT node, a P2P replica, and an event loop on a background thread.
+"""A caller's connection to the swarm: a DHT node, a P2P replica, and an event loop on a background thread.
 
-hivemind's P2P is asyncio; the client API (``generate``, autograd) is synchronous. ``SwarmRuntime.run(coro)``
-runs a coroutine on the runtime's loop and waits for it with a deadline, so every remote call is bounded.
+hivemind's P2P is asyncio; the callers' APIs (``generate``, autograd through remote blocks or experts) are
+synchronous. ``SwarmRuntime.run(coro)`` runs a coroutine on the runtime's loop and waits for it with a deadline, so
+every remote call is bounded.
+
+It lives here, below ``client`` and ``moe``, because both call peers through it (``client``: blocks; ``moe``: experts)
+and neither may import the other. ``SwarmRuntime.shared(settings)`` is one runtime per settings for the whole process
+(e.g. every mixture-of-experts layer built from the same ``initial_peers``), shut down when the process exits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import threading
 import time
@@ -30,6 +36,9 @@ T = TypeVar("T")
 class SwarmRuntime:
     """Owns the client's DHT and P2P handle. Create it from the main thread (hivemind forks the DHT)."""
 
+    _shared: dict[ClientSettings, SwarmRuntime] = {}
+    _shared_lock = threading.Lock()
+
     def __init__(self, settings: ClientSettings, dht: hivemind.DHT | None = None):
         self.settings = settings
         self.owns_dht = dht is None
@@ -38,6 +47,17 @@ class SwarmRuntime:
         self._thread = threading.Thread(target=self.loop.run_forever, name="swarm-client-loop", daemon=True)
         self._thread.start()
         self.p2p: P2P = self.run(self.dht.replicate_p2p(), timeout=30)
+
+    @classmethod
+    def shared(cls, settings: ClientSettings) -> SwarmRuntime:
+        """The process's runtime of ``settings``, started at the first call (a DHT node: ~1 s; from the main thread,
+        before CUDA or threads, as any DHT), shut down at exit (``atexit``); callers must not shut it down."""
+        with cls._shared_lock:
+            runtime = cls._shared.get(settings)
+            if runtime is None or runtime.loop.is_closed():
+                runtime = cls._shared[settings] = cls(settings)
+                atexit.register(runtime.shutdown)
+            return runtime
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Runs ``coro`` on the runtime loop; raises ``TimeoutError`` after ``timeout`` seconds (default: request)."""
