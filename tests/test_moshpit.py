@@ -115,7 +115,8 @@ def _round(averagers, present, groups=None) -> list:
         group = (
             {} if groups is None else {"group_bits": groups[i].key_bits, "group_size": len(groups[i].members)}
         )
-        results[i] = averagers[i].average(timeout=12, **group)
+        # 10 averagers on 2 loaded cores can take seconds to match: a round fails only when one never comes
+        results[i] = averagers[i].average(timeout=30, **group)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in present]
     for thread in threads:
