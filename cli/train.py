@@ -116,7 +116,7 @@ def _run_info(trainer: DiLoCoTrainer, model_name: str) -> RunInfo:
     return RunInfo(
         run_id=settings.run_id,
         model_name=model_name[:64] or "model",
-        step=trainer.step,
+        step=trainer.global_step,  # the last round's end: a volunteer waiting in a round is not past it
         loss=history[-1].loss if history and math.isfinite(history[-1].loss) else None,
         peers=last_round,
         inner_steps=settings.inner_steps,

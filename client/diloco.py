@@ -14,8 +14,11 @@ optimizer.
 
 Members of a round receive the same averaged bytes and apply the same deterministic step, so volunteers that start
 from the same state and average in every round stay bitwise identical (``--min-peers`` makes each round wait for
-all of them). A volunteer that finds no group in time steps on its own update. One that joins later, or restarts,
-first downloads the run's state (θ, the outer optimizer's momentum, the step) from a member.
+all of them). A volunteer that finds no group in time steps on its own update, then takes the most advanced state a
+member shares (members offer their state with their last round's step as its priority), so that it is in step for
+the next round; one that reaches a round its group took without it (the run's listing shows every member past the
+round) does so at once instead of waiting out ``--averaging-timeout``. One that joins later, or restarts, first
+downloads the run's state (θ, the outer optimizer's momentum, the step) from a member.
 
 All of that holds while the run fits one group: up to ``--group-size`` G volunteers, as the run's listing in the DHT
 shows them at each round. A larger run averages in groups of up to G on a Moshpit grid (Ryabinin et al., "Moshpit
@@ -25,7 +28,10 @@ weights θ, as Moshpit SGD averages parameters (averaged Δs would leave the wei
 good); the outer momentum stays each volunteer's own. One averaging round per outer step: the d - 1 further rounds
 that would take a full grid to the exact mean are not run, since the next outer steps' rounds, along the other
 dimensions, go on mixing, and the weights of groups then differ by about what one round's updates differ, not more;
-settling rounds would cost d times the traffic for that. Volunteers are then close, not bitwise identical.
+settling rounds would cost d times the traffic for that. Volunteers are then close, not bitwise identical. The
+run's first round is one key for all instead (groups of up to G; every volunteer starts from the same weights, so
+averaged Δs do): volunteers started together list each other only seconds apart, and different listings give
+different grids.
 ``--verify`` (validators replay updates from weights every member holds) and ``--inner-steps 1`` (every member
 takes the same step on averaged gradients) need one group of all: such a volunteer refuses to train in a run that
 lists more than G volunteers.
@@ -113,7 +119,7 @@ class DiLoCoTrainer:
             self.global_params, lr=settings.outer_lr, momentum=settings.outer_momentum, nesterov=True
         )
         self.step = 0
-        self.global_step = 0  # the step the global weights are from: the last round's end
+        self._global_step = 0  # the step the global weights are from: the last round's end (``global_step``)
         self.history: list[StepRecord] = []  # every local step's record, saved with the checkpoints
         self.generator = torch.Generator().manual_seed(settings.seed)
         self._lock = threading.Lock()  # the state, against the state download (another thread)
@@ -152,6 +158,17 @@ class DiLoCoTrainer:
             compression=_CODECS[settings.compression](),
             state_compression=NoCompression(),
         )
+
+    @property
+    def global_step(self) -> int:
+        return self._global_step
+
+    @global_step.setter
+    def global_step(self, step: int) -> None:
+        """Also this volunteer's priority as a source of the run's state: one that joins, or missed a round, takes
+        the most advanced state there is, and so comes back in step with the run's next round."""
+        self._global_step = step
+        self.averager.state_sharing_priority = step
 
     # ---------------------------------------------------------------- the run's state
 
@@ -328,7 +345,10 @@ class DiLoCoTrainer:
 
     def _moshpit_group(self) -> MoshpitGroup | None:
         """This round's group on the Moshpit grid, or None when the run fits one group (module docstring)."""
-        if not self.moshpit:
+        # the run's first round is one key for all, in groups of up to G, whatever the listing: volunteers started
+        # together list each other only seconds apart, and those that saw different listings would take different
+        # keys, average with fewer, and reach the next rounds late
+        if not self.moshpit or self.global_step == 0:
             return None
         # the grid must be the same for all: the listing looked up during this round's local steps, if it comes
         # within a second (volunteers' listings differ most while they start)
@@ -354,6 +374,8 @@ class DiLoCoTrainer:
             bits, size = format(self.step // self.settings.inner_steps % 256, "08b"), self._round_size()
         else:
             bits, size = group.key_bits, len(group.members)
+        if self._round_went_on(group):
+            return update, 1
         # with --verify, this member proposes its update's RMS as the clipping radius (the round takes the median)
         tau = float(update_D.norm()) / max(update_D.numel(), 1) ** 0.5
         result = self.averager.average(
@@ -374,6 +396,26 @@ class DiLoCoTrainer:
             averaged.append(averaged_D[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
         return averaged, len(result.peers)
+
+    def _round_went_on(self, group: MoshpitGroup | None) -> bool:
+        """Whether this round's group can no longer form with this volunteer: every other member it would meet
+        (``group``'s; for one group of all, the run's listed volunteers it does not ban) is listed past this round
+        already, for it took the round without this one, or a state from later. Waiting for a group would then
+        cost the whole ``--averaging-timeout``, and reach the next round that much later again; skipping it, the
+        volunteer takes the most advanced state (``join``) and is in step for the next round."""
+        listed = self.view.latest.volunteers
+        if group is not None:
+            others = set(group.members)
+        else:
+            others = set(listed) - set(self.banned) - self.averager.banned_peers()
+        others.discard(self.peer_id)
+        # a member that finished this round is listed at its end: this step, or the next with H = 1 (this step's
+        # gradients are averaged before it is taken)
+        done = self.step + (1 if self.synchronous else 0)
+        if not others or any(peer not in listed or listed[peer].step < done for peer in others):
+            return False
+        logger.info("Round at step %d: its group went on without this volunteer; skipping it", self.step)
+        return True
 
     def _attacked(self, update_D: torch.Tensor) -> torch.Tensor:
         """(testing) what a dishonest volunteer sends instead of its update."""
