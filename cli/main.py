@@ -207,6 +207,8 @@ _EXPERT_FIELDS = (
     "lr",
     "weight_decay",
     "update_every",
+    "average_every",
+    "averaging_timeout",
     "checkpoint_period",
     "fail_rate",
 )
@@ -243,6 +245,8 @@ def _expert_settings(patterns: tuple[str, ...], hidden: int | None, checkpoint_d
 @_expert_option("lr", type=click.FloatRange(min=0, min_open=True))
 @_expert_option("weight_decay", type=click.FloatRange(min=0))
 @_expert_option("update_every")
+@_expert_option("average_every")
+@_expert_option("averaging_timeout", type=click.FloatRange(min=0, min_open=True))
 @_expert_option("seed", type=int)
 @click.option(
     "--checkpoint-dir", type=click.Path(file_okay=False), help="the experts' state: saved and restored"

@@ -48,6 +48,9 @@ class HostedExpert:
             self.module.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
         )
         self.samples = 0  # accumulated in the parameters' .grad since the last step
+        self.unaveraged = (
+            0  # samples of backward calls since it last averaged with its replicas (``expert_replicas``)
+        )
         self.steps = 0  # optimizer steps taken
         self.dirty = False  # changed (accumulated or stepped) since the last save
 
@@ -61,7 +64,11 @@ class HostedExpert:
             x = x.detach().requires_grad_(True)
             y = self.module(x)
             torch.autograd.backward(y, grad_y)
-        self.samples, self.dirty = self.samples + x.shape[0], True
+        self.samples, self.unaveraged, self.dirty = (
+            self.samples + x.shape[0],
+            self.unaveraged + x.shape[0],
+            True,
+        )
         if self.samples >= self.update_every:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)

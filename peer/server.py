@@ -38,6 +38,7 @@ from swarm_peer.peer import balance
 from swarm_peer.peer.balance import spans_from_servers
 from swarm_peer.peer.blocks import DTYPES, BlockSpan
 from swarm_peer.peer.expert_handlers import ExpertHandlers
+from swarm_peer.peer.expert_replicas import ExpertReplicas
 from swarm_peer.peer.experts import HostedExperts
 from swarm_peer.peer.handlers import BlockHandlers, Handlers
 from swarm_peer.peer.throughput import announced, cached_probe, decode_threads
@@ -312,7 +313,8 @@ class ExpertPeer(Hosting):
     It imports ``settings.experts.expert_modules`` (which may register expert types), builds or restores its experts, and
     keeps them declared on their grid in the DHT (``ExpertAnnouncer``: every prefix level, signed); on leaving it
     withdraws them, finishes in-flight calls and saves the experts that changed. With a checkpoint directory, it
-    also saves them every ``checkpoint_period`` seconds.
+    also saves them every ``checkpoint_period`` seconds; with ``average_every``, it averages each expert with the
+    other peers that host its uid (``peer.expert_replicas``).
     """
 
     def __init__(self, settings: PeerSettings):
@@ -334,6 +336,15 @@ class ExpertPeer(Hosting):
         )
         self.handlers = ExpertHandlers(self.experts, settings, self._info_json)
         self.announcer = ExpertAnnouncer(self.dht, lambda: experts.uids, period=settings.announce_period)
+        self.replicas = None
+        if experts.average_every is not None:
+            self.replicas = ExpertReplicas(
+                self.experts,
+                self.dht,
+                self.handlers._compute,
+                average_every=experts.average_every,
+                timeout=experts.averaging_timeout,
+            )
         self._stop = asyncio.Event()
 
     def _info_json(self) -> bytes:
@@ -352,7 +363,8 @@ class ExpertPeer(Hosting):
     def _started(self, peer_id) -> list[Coroutine]:
         logger.info("Serving %d experts as %s", len(self.experts), peer_id)
         period = self.settings.experts.checkpoint_period
-        return [self._save_forever(period)] if self.experts.checkpoint_dir and period else []
+        background = [self._save_forever(period)] if self.experts.checkpoint_dir and period else []
+        return background + ([self.replicas.run_forever()] if self.replicas is not None else [])
 
     async def _save_forever(self, period: float) -> None:
         while True:
@@ -363,6 +375,8 @@ class ExpertPeer(Hosting):
                 logger.warning("Saving the experts failed; trying again in %.0f s", period, exc_info=True)
 
     def _finish(self) -> None:
+        if self.replicas is not None:
+            self.replicas.shutdown()
         saved = self.experts.save()
         if saved:
             logger.info("Saved %d experts to %s", saved, self.experts.checkpoint_dir)

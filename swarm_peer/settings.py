@@ -57,6 +57,17 @@ class ExpertSettings(_Settings):
         ge=1,
         description="an expert steps its optimizer once backward calls have brought this many samples",
     )
+    average_every: int | None = Field(
+        None,
+        ge=1,
+        description="average each expert's weights with the other peers hosting its uid once backward calls have "
+        "brought this many samples (None: never)",
+    )
+    averaging_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="seconds an expert's averaging round may take; half of it to gather its replicas",
+    )
     checkpoint_dir: str | None = Field(
         None, description="directory of the experts' weights and optimizer states, restored at start"
     )

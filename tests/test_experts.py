@@ -248,6 +248,48 @@ def test_restarted_peer_serves_its_trained_experts_and_is_found_again(swarm, tmp
         torch.testing.assert_close(saved["grads"][name], param.grad)
 
 
+def test_replicas_of_an_expert_average_their_weights(swarm):
+    """Two peers host the same uids with --average-every 8. Each trains its replica of rep.0 on other samples (8:
+    two AdamW steps), then both serve the mean of the two: the same two replicas trained locally, averaged.
+    Control: rep.1's replicas, 4 samples each (fewer than --average-every), stay two different experts."""
+    runtime, dht = swarm.runtime, swarm.runtime.dht
+    args = [
+        "--experts", "rep.[0:2]", "--hidden", "8", "--lr", "0.05", "--update-every", "4", "--average-every", "8",
+        "--averaging-timeout", "10", "--announce-period", "30",
+    ]  # fmt: skip
+    peers = [PeerID.from_base58(p.peer_id) for p in swarm.local.add_expert_peers(args, args)]
+    assert wait_until(lambda: sorted(get_experts(dht, ["rep.0"])["rep.0"]) == sorted(peers), timeout=30)
+    settings = ExpertSettings(uids=("rep.0", "rep.1"), hidden=8, lr=0.05, update_every=4)
+    local = {(peer, uid): HostedExpert(uid, settings) for peer in peers for uid in ("rep.0", "rep.1")}
+    torch.manual_seed(3)
+    probe = torch.randn(4, 8)
+
+    def train(peer, uid, samples):
+        x, g = torch.randn(samples, 8), torch.randn(samples, 8)
+        _forward_backward(runtime, [(peer, uid)], [x], [g])
+        local[peer, uid].backward(x, g)
+
+    for peer in peers:
+        train(peer, "rep.1", 4)
+    for _ in range(2):  # the second call makes each replica of rep.0 due: they average
+        for peer in peers:
+            train(peer, "rep.0", 4)
+    mean = copy.deepcopy(local[peers[0], "rep.0"].module)
+    with torch.no_grad():
+        for p, q in zip(mean.parameters(), local[peers[1], "rep.0"].module.parameters(), strict=True):
+            p.add_(q).div_(2)
+
+    def served(uid):
+        return [call_experts(runtime, [(peer, uid)], [probe])[0] for peer in peers]
+
+    assert wait_until(lambda: torch.equal(*served("rep.0")), timeout=30)
+    for y in served("rep.0"):
+        torch.testing.assert_close(y, mean(probe).detach(), atol=1e-5, rtol=1e-5)
+    for y, peer in zip(served("rep.1"), peers, strict=True):  # the control
+        torch.testing.assert_close(y, local[peer, "rep.1"].forward(probe), atol=1e-6, rtol=1e-6)
+    assert (served("rep.1")[0] - served("rep.1")[1]).abs().max() > 1e-3
+
+
 def _local_mixture(proj, grid_size, k: int, x_BD: torch.Tensor, live: dict[str, torch.nn.Module]):
     """A mixture layer's output computed here: the softmax over the brute-force top ``k`` of the summed scores of
     the ``live`` experts."""
