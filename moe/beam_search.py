@@ -22,6 +22,12 @@ prefix that scores below ``k`` other prefixes has ``k`` better experts. On a spa
 (declared, unexpired) experts, and may miss one whose prefix scores low; a larger ``beam_size`` trades DHT keys for
 recall.
 
+``cache_seconds`` (default 0: none) keeps what each prefix's lookup found for that long, and looks up only the
+prefixes it does not hold fresh: a layer that searches every batch then pays the DHT once per ``cache_seconds``
+instead of ``len(grid_size)`` requests a batch. Records live for minutes and are refreshed every announce period, so
+a cache of seconds misses only experts that came or went within it (a caller avoids peers that fail its calls:
+``exclude``).
+
 Why not hivemind's ``hivemind.moe.client.beam_search.MoEBeamSearcher``: the algorithm is the same and so is the uid
 and prefix layout, but
 
@@ -45,6 +51,8 @@ from __future__ import annotations
 
 import heapq
 import logging
+import threading
+import time
 from collections.abc import Collection, Sequence
 from typing import NamedTuple
 
@@ -58,6 +66,8 @@ from swarm_peer.errors import ValidationError
 __all__ = ["Expert", "MoEBeamSearcher"]
 
 logger = logging.getLogger(__name__)
+
+_MAX_CACHED = 65536  # prefixes a searcher's cache holds before it drops the stale ones
 
 
 class Expert(NamedTuple):
@@ -75,12 +85,18 @@ class MoEBeamSearcher:
 
     ``uid_prefix`` is a grid's name and optionally some leading coordinates, ending in ``"."`` (``"ffn."``,
     ``"ffn.3."``); ``grid_size`` the size of each remaining dimension. ``timeout`` bounds each DHT request (default
-    ``swarm_peer.dht.DEFAULT_TIMEOUT``). Raises ``ValidationError`` for a malformed prefix or grid size. Thread-safe
-    (holds no state but its arguments).
+    ``swarm_peer.dht.DEFAULT_TIMEOUT``); ``cache_seconds`` how long a prefix's lookup is reused (module docstring).
+    Raises ``ValidationError`` for a malformed prefix or grid size. Thread-safe.
     """
 
     def __init__(
-        self, dht: hivemind.DHT, uid_prefix: str, grid_size: Sequence[int], *, timeout: float | None = None
+        self,
+        dht: hivemind.DHT,
+        uid_prefix: str,
+        grid_size: Sequence[int],
+        *,
+        timeout: float | None = None,
+        cache_seconds: float = 0.0,
     ):
         fixed = validate_expert_prefix(uid_prefix)
         grid_size = tuple(grid_size)
@@ -91,6 +107,10 @@ class MoEBeamSearcher:
         if not all(type(size) is int and 1 <= size <= MAX_GRID_SIZE for size in grid_size):
             raise ValidationError(f"grid sizes must be ints in [1, {MAX_GRID_SIZE}], got {grid_size}")
         self.dht, self.uid_prefix, self.grid_size, self.timeout = dht, uid_prefix, grid_size, timeout
+        self.cache_seconds = cache_seconds
+        # prefix -> (time.monotonic() of its lookup, what it found: {next coordinate: peers})
+        self._cache: dict[str, tuple[float, dict[int, tuple[PeerID, ...]]]] = {}
+        self._lock = threading.Lock()
 
     def uid(self, coords: Sequence[int]) -> str:
         """The uid of the expert at ``coords`` of this grid: ``uid((3, 7)) == "ffn.3.7"`` for the prefix ``"ffn."``."""
@@ -136,7 +156,7 @@ class MoEBeamSearcher:
         hosts: dict[tuple[int, ...], tuple[PeerID, ...]] = {}
         for d, size in enumerate(self.grid_size):
             prefixes = {coords: self._prefix(coords) for beam in beams for _, coords in beam}
-            found = get_expert_successors(self.dht, list(prefixes.values()), timeout=self.timeout)
+            found = self._successors(list(prefixes.values()))
             if exclude:  # a coordinate only excluded peers declare is dead to this search
                 found = {
                     prefix: {c: live for c, peers in coords.items() if (live := _without(peers, exclude))}
@@ -161,6 +181,28 @@ class MoEBeamSearcher:
             [Expert(self.uid(coords), coords, score, hosts[coords]) for score, coords in beam]
             for beam in beams
         ]
+
+    def _successors(self, prefixes: list[str]) -> dict[str, dict[int, tuple[PeerID, ...]]]:
+        """``get_expert_successors`` of ``prefixes``, in one DHT request for those the cache does not hold fresh."""
+        now = time.monotonic()
+        with self._lock:
+            found = {
+                prefix: entry[1]
+                for prefix in prefixes
+                if (entry := self._cache.get(prefix)) is not None and now - entry[0] < self.cache_seconds
+            }
+        missing = [prefix for prefix in prefixes if prefix not in found]
+        if missing:
+            looked_up = get_expert_successors(self.dht, missing, timeout=self.timeout)
+            found.update(looked_up)
+            if self.cache_seconds > 0:
+                with self._lock:
+                    if len(self._cache) > _MAX_CACHED:  # a grid's prefixes are bounded; old ones go first
+                        self._cache = {
+                            p: e for p, e in self._cache.items() if now - e[0] < self.cache_seconds
+                        }
+                    self._cache.update((prefix, (now, looked_up[prefix])) for prefix in missing)
+        return found
 
 
 def _without(peers: tuple[PeerID, ...], exclude: frozenset[PeerID]) -> tuple[PeerID, ...]:

@@ -66,7 +66,9 @@ class RemoteMixtureOfExperts(nn.Module):
     it uses ``runtime``, a ``SwarmRuntime`` (or any object with its ``p2p``, ``dht``, ``run`` and ``settings``) that
     the caller owns; exactly one of the two.
     ``forward_timeout`` bounds a forward's calls (default ``runtime.settings.request_timeout``),
-    ``backward_timeout`` a backward's (default: the same). ``beam_size``: see ``MoEBeamSearcher``.
+    ``backward_timeout`` a backward's (default: the same). ``beam_size``: see ``MoEBeamSearcher``;
+    ``search_cache_seconds``: how long a grid prefix's DHT lookup is reused by the searches of later batches
+    (``MoEBeamSearcher``'s ``cache_seconds``; 0: every batch looks the grid up).
 
     ``forward`` takes x_BD and returns y_BD, and leaves the batch's load-balancing loss in ``balancing_loss``
     (``_balancing_loss``; differentiable, to add to the training loss if wanted). Raises ``RoutingError`` if a
@@ -96,6 +98,7 @@ class RemoteMixtureOfExperts(nn.Module):
         backward_timeout: float | None = None,
         avoid_seconds: float = 30.0,
         beam_size: int | None = None,
+        search_cache_seconds: float = 5.0,
         initial_peers: Sequence[str] = (),
     ):
         super().__init__()
@@ -108,7 +111,9 @@ class RemoteMixtureOfExperts(nn.Module):
             network = NetworkSettings(initial_peers=peers, client_mode=True)
             runtime = SwarmRuntime.shared(ClientSettings(network=network))
         self.runtime = runtime
-        self.searcher = MoEBeamSearcher(runtime.dht, uid_prefix, grid_size)
+        self.searcher = MoEBeamSearcher(
+            runtime.dht, uid_prefix, grid_size, cache_seconds=search_cache_seconds
+        )
         self.grid_size, self.k_best, self.k_min, self.beam_size = tuple(grid_size), k_best, k_min, beam_size
         self.proj = nn.Linear(in_features, sum(self.grid_size))
         self.timeout_after_k_min, self.avoid_seconds = timeout_after_k_min, avoid_seconds

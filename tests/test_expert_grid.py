@@ -267,6 +267,20 @@ def test_beam_search_leaves_out_excluded_peers(dht_swarm):
     assert [(e.uid, e.peers) for e in found[0]] == [("ex.0.1", (hosts["ex.0.1"],))]
 
 
+def test_a_cached_search_sees_what_its_lookups_found_until_they_are_stale(dht_swarm):
+    one = dht_swarm.one
+    assert declare_experts(one, ["ca.0.0"], get_dht_time() + TTL)
+    scores_BG = [torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0, 1.0]])]
+    cached = MoEBeamSearcher(dht_swarm.boot, "ca.", (2, 2), cache_seconds=2.0)
+    uncached = MoEBeamSearcher(dht_swarm.boot, "ca.", (2, 2))
+    assert [e.uid for e in cached.find_best_experts(scores_BG, k=2)[0]] == ["ca.0.0"]
+    assert declare_experts(one, ["ca.1.1"], get_dht_time() + TTL)  # a better expert comes
+    assert [e.uid for e in cached.find_best_experts(scores_BG, k=2)[0]] == ["ca.0.0"]  # from the cache
+    assert [e.uid for e in uncached.find_best_experts(scores_BG, k=2)[0]] == ["ca.1.1", "ca.0.0"]  # control
+    time.sleep(2.0)
+    assert [e.uid for e in cached.find_best_experts(scores_BG, k=2)[0]] == ["ca.1.1", "ca.0.0"]
+
+
 def test_searcher_refuses_bad_arguments(dht_swarm):
     for prefix, grid in (
         ("ffn", (4,)),
