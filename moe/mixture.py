@@ -47,7 +47,7 @@ from torch.autograd.function import once_differentiable
 
 from swarm_peer.errors import MissingBlocksError, PeerError, RoutingError, ValidationError
 from swarm_peer.moe.beam_search import Expert, MoEBeamSearcher
-from swarm_peer.moe.remote_expert import Runtime, call_peers
+from swarm_peer.moe.remote_expert import Runtime, call_peers, new_graph_id
 from swarm_peer.protocols import rpc
 from swarm_peer.protocols.runtime import SwarmRuntime
 from swarm_peer.settings import ClientSettings, NetworkSettings
@@ -262,7 +262,7 @@ class _MixtureCalls(torch.autograd.Function):
             return min(count) >= layer.k_min
 
         tensors = [[x.detach()] for x in inputs]
-        timeout = layer.forward_timeout
+        timeout, graph_id = layer.forward_timeout, new_graph_id(_hook.requires_grad)
         answers, failures = layer.runtime.run(
             call_peers(
                 layer.runtime.p2p,
@@ -272,6 +272,7 @@ class _MixtureCalls(torch.autograd.Function):
                 timeout,
                 enough=enough,
                 grace=layer.timeout_after_k_min,
+                graph_id=graph_id,
             ),
             timeout + 1,
         )
@@ -281,7 +282,7 @@ class _MixtureCalls(torch.autograd.Function):
             layer.failures.update(failures)
             layer.avoid(failures)
         answered = [answer is not None for answer in answers]
-        ctx.layer, ctx.calls, ctx.answered = layer, calls, answered
+        ctx.layer, ctx.calls, ctx.answered, ctx.graph_id = layer, calls, answered, graph_id
         ctx.save_for_backward(*inputs)
         ctx.set_materialize_grads(False)
         answered_C = torch.tensor(answered, dtype=torch.bool)
@@ -300,7 +301,10 @@ class _MixtureCalls(torch.autograd.Function):
             tensors = [[inputs[i].detach(), grads[i]] for i in sent]
             timeout = layer.backward_timeout
             answers, failures = layer.runtime.run(
-                call_peers(layer.runtime.p2p, rpc.EXPERT_BACKWARD, calls, tensors, timeout), timeout + 1
+                call_peers(
+                    layer.runtime.p2p, rpc.EXPERT_BACKWARD, calls, tensors, timeout, graph_id=ctx.graph_id
+                ),
+                timeout + 1,
             )
             layer.requests.update(backward=len({peer for peer, _ in calls}), backward_failed=len(failures))
             if failures:

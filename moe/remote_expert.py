@@ -29,6 +29,7 @@ not this one's.
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -72,7 +73,14 @@ def call_experts(
             f"need one input per expert call, got {len(calls)} calls and {len(inputs)} inputs"
         )
     timeout = runtime.settings.request_timeout if timeout is None else timeout
-    return list(_ExpertCalls.apply(runtime, tuple(calls), timeout, *inputs))
+    training = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+    return list(_ExpertCalls.apply(runtime, tuple(calls), timeout, new_graph_id(training), *inputs))
+
+
+def new_graph_id(training: bool) -> int:
+    """The id a training forward's requests name, under which peers keep its calls' graphs for the backward, which
+    names it again (so that it need not compute the forward twice); 0, for a forward no backward follows."""
+    return random.getrandbits(63) + 1 if training else 0
 
 
 class RemoteExpert(nn.Module):
@@ -95,12 +103,14 @@ async def call_peers(
     *,
     enough: Callable[[list[torch.Tensor | None]], bool] | None = None,
     grace: float = 0.0,
+    graph_id: int = 0,
 ) -> tuple[list[torch.Tensor | None], dict[PeerID, SwarmError]]:
     """One request ``name`` per peer, with that peer's calls, all in parallel: the answer tensor of each call (None
     for a call whose peer failed or was late) and why each failed peer failed.
 
     Waits for every peer, at most ``timeout`` seconds; with ``enough``, once ``enough(answers)`` holds, at most
     ``grace`` seconds more. A peer that has not answered by then is cancelled, as a ``DeadlineError``.
+    ``graph_id``: a training forward's (``new_graph_id``), and its backward's.
     """
     by_peer: dict[PeerID, list[int]] = {}
     for i, (peer_id, _) in enumerate(calls):
@@ -110,7 +120,15 @@ async def call_peers(
         tensors = [t for i in indices for t in tensors_per_call[i]]
         uids = [calls[i][1] for i in indices]
         return await rpc.call_with_tensors(
-            p2p, peer_id, name, _TYPES, tensors, len(indices), uids=uids, timeout_ms=int(timeout * 1000)
+            p2p,
+            peer_id,
+            name,
+            _TYPES,
+            tensors,
+            len(indices),
+            uids=uids,
+            timeout_ms=int(timeout * 1000),
+            graph_id=graph_id,
         )
 
     loop = asyncio.get_running_loop()
@@ -145,14 +163,15 @@ async def call_peers(
 
 class _ExpertCalls(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, runtime: Runtime, calls, timeout: float, *inputs: torch.Tensor):
+    def forward(ctx, runtime: Runtime, calls, timeout: float, graph_id: int, *inputs: torch.Tensor):
         tensors = [[x.detach()] for x in inputs]
         outputs, failures = runtime.run(
-            call_peers(runtime.p2p, rpc.EXPERT_FORWARD, calls, tensors, timeout), timeout + 1
+            call_peers(runtime.p2p, rpc.EXPERT_FORWARD, calls, tensors, timeout, graph_id=graph_id),
+            timeout + 1,
         )
         if failures:
             raise next(iter(failures.values()))
-        ctx.runtime, ctx.calls, ctx.timeout = runtime, calls, timeout
+        ctx.runtime, ctx.calls, ctx.timeout, ctx.graph_id = runtime, calls, timeout, graph_id
         ctx.save_for_backward(*inputs)
         ctx.set_materialize_grads(False)  # an output without a gradient: its expert gets no backward call
         return tuple(y.to(x.device) for y, x in zip(outputs, inputs, strict=True))
@@ -167,10 +186,13 @@ class _ExpertCalls(torch.autograd.Function):
             calls = [ctx.calls[i] for i in sent]
             tensors = [[inputs[i].detach(), grads[i]] for i in sent]
             answers, failures = ctx.runtime.run(
-                call_peers(ctx.runtime.p2p, rpc.EXPERT_BACKWARD, calls, tensors, ctx.timeout), ctx.timeout + 1
+                call_peers(
+                    ctx.runtime.p2p, rpc.EXPERT_BACKWARD, calls, tensors, ctx.timeout, graph_id=ctx.graph_id
+                ),
+                ctx.timeout + 1,
             )
             if failures:
                 raise next(iter(failures.values()))
             for i, grad in zip(sent, answers, strict=True):
                 grad_inputs[i] = grad.to(inputs[i].device)
-        return (None, None, None, *grad_inputs)
+        return (None, None, None, None, *grad_inputs)

@@ -8,6 +8,12 @@ inputs_BD, a ``transformer`` expert inputs_BTD (``moe.experts``).
   grad_inputs_0, grad_inputs_1, ...; each call adds to its expert's accumulated gradients, which step its optimizer
   after ``--update-every`` samples (``peer.experts``).
 
+A training client's forward names a graph id (``ExpertRequest.graph_id``; 0: no backward follows): the peer then
+computes each call with grad and keeps its graph (``peer.graphs.GraphCache``, within ``--graph-cache-mb``, briefly)
+under (caller, graph id, uid), and the backward naming the same id differentiates that graph instead of computing
+the forward again, if it is of the same inputs and the expert's weights have not changed since (an update or an
+averaging round in between: it computes the forward again, at the new weights).
+
 So a trainer sends one request per peer per batch, whatever the number of samples and experts it asks of that peer
 (hivemind 1.1.12's layer sends one per (sample, expert) pair). Both are served through the same ``RpcServer`` as the
 blocks' RPCs (``peer.handlers.Handlers``: frame, byte, stream and deadline limits, typed errors) and computed on
@@ -80,10 +86,12 @@ class ExpertHandlers(Handlers):
         per_call = 2 if backward else 1
         check = self._declared(experts, per_call)
         tensors = await self._tensors(requests, first, per_call * len(experts), check)
+        # a training client's forward names a graph id: the calls' graphs are kept for its backward, which names it
+        key = (str(call.remote_id), first.graph_id) if first.graph_id and self.graphs.max_bytes > 0 else None
         if backward:
-            results = await self._compute(self._backward, experts, tensors[0::2], tensors[1::2])
+            results = await self._compute(self._backward, experts, tensors[0::2], tensors[1::2], key)
         else:
-            results = await self._compute(self._forward, experts, tensors)
+            results = await self._compute(self._forward, experts, tensors, key)
         call.ledger.close()  # the request's bytes are spent; the answer is ours
         for parts in codec.pack(results):
             yield swarm_pb2.ExpertResponse(tensors=parts)
@@ -119,25 +127,39 @@ class ExpertHandlers(Handlers):
 
         return check
 
-    def _forward(self, experts: list[HostedExpert], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _forward(
+        self, experts: list[HostedExpert], inputs: list[torch.Tensor], key=None
+    ) -> list[torch.Tensor]:
+        """Each call's output; with a ``key``, computed with grad and each call's graph kept under (key, uid)."""
         calls = list(zip(experts, inputs, strict=True))
         for e, x in calls:
             check_float(f"inputs of {e.uid}", x, x.shape)
-        device = self.experts.device
-        return [e.forward(x.to(device, torch.float32)).to("cpu", x.dtype) for e, x in calls]
+        device, outputs = self.experts.device, []
+        for e, x in calls:
+            if key is None:
+                y = e.forward(x.to(device, torch.float32))
+            else:
+                graph = e.graph(x.to(device, torch.float32))
+                self.graphs.put((*key, e.uid), graph)  # a uid called twice in a request keeps its last graph
+                y = graph.outputs.detach()
+            outputs.append(y.to("cpu", x.dtype))
+        return outputs
 
     def _backward(
-        self, experts: list[HostedExpert], inputs: list[torch.Tensor], grads: list[torch.Tensor]
+        self, experts: list[HostedExpert], inputs: list[torch.Tensor], grads: list[torch.Tensor], key=None
     ) -> list[torch.Tensor]:
+        """Each call's input gradient, from the graph its forward kept under (key, uid) where it is still there
+        and of the same inputs and weights, else from the forward computed again."""
         calls = list(zip(experts, inputs, grads, strict=True))
         for e, x, g in calls:  # every call checked before any expert accumulates a gradient
             check_float(f"inputs of {e.uid}", x, x.shape)
             check_float(f"gradients of {e.uid}", g, x.shape)
         device, steps = self.experts.device, sum(e.steps for e in experts)
-        results = [
-            e.backward(x.to(device, torch.float32), g.to(device, torch.float32)).to("cpu", x.dtype)
-            for e, x, g in calls
-        ]
+        results = []
+        for e, x, g in calls:
+            graph = self.graphs.pop((*key, e.uid)) if key is not None else None
+            grad_x = e.backward(x.to(device, torch.float32), g.to(device, torch.float32), graph)
+            results.append(grad_x.to("cpu", x.dtype))
         if self.experts.settings.checkpoint_period == 0 and sum(e.steps for e in experts) != steps:
             self.experts.save()
         return results

@@ -6,9 +6,11 @@ Shape legend: B batch (samples), T tokens of a sample, D hidden size.
 Learning@home (Ryabinin & Gusev 2020, §3.4 of our research notes) trains experts asynchronously: each one updates
 itself with its own optimizer from the gradients trainers send back, whoever they are. Here:
 
-- ``forward(uid, x)`` is the expert's output, no graph kept;
-- ``backward(uid, x, grad_y)`` recomputes the forward with grad (the weights may have stepped since the forward the
-  trainer saw: asynchronous training), returns the gradient w.r.t. ``x`` and adds the parameters' gradients to what
+- ``forward(x)`` is the expert's output, no graph kept; ``graph(x)`` the same computed with grad, its graph kept
+  (``peer.graphs.Graph``) for a training client's backward;
+- ``backward(x, grad_y, graph)`` differentiates ``graph`` if it is the forward of these inputs at the weights the
+  expert still has, else computes the forward again (the weights may have stepped since the forward the trainer
+  saw: asynchronous training); it returns the gradient w.r.t. ``x`` and adds the parameters' gradients to what
   the expert has accumulated; once accumulated backward calls brought ``update_every`` samples (rows of ``x``), the
   expert takes one AdamW step on that sum and starts accumulating again. A gradient summed over calls, not
   averaged: AdamW's step does not depend on the gradient's scale (but for its epsilon).
@@ -29,6 +31,7 @@ import torch
 
 from swarm_peer.errors import MissingBlocksError, ValidationError
 from swarm_peer.moe.experts import create_expert, expert_type
+from swarm_peer.peer.graphs import Graph, SavedTensors
 from swarm_peer.settings import ExpertSettings
 
 __all__ = ["HostedExpert", "HostedExperts"]
@@ -58,11 +61,27 @@ class HostedExpert:
         with torch.inference_mode():
             return self.module(x)
 
-    def backward(self, x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
-        """The gradient w.r.t. ``x``; the parameters' gradients are accumulated, and stepped on (see the module)."""
+    def graph(self, x: torch.Tensor) -> Graph:
+        """The forward of ``x`` with its graph, and the memory the graph holds (the weights not counted)."""
+        with torch.enable_grad(), SavedTensors(self.module.parameters()) as saved:
+            leaf = x.detach().requires_grad_(True)
+            y = self.module(leaf)
+        saved.count(y)
+        return Graph((x,), _Weights(self._versions()), y, [leaf], saved.nbytes)
+
+    def _versions(self) -> tuple[int, ...]:
+        """The weights' version counters: any in-place change (an optimizer step, averaging) moves them."""
+        return tuple(p._version for p in self.module.parameters())
+
+    def backward(self, x: torch.Tensor, grad_y: torch.Tensor, graph: Graph | None = None) -> torch.Tensor:
+        """The gradient w.r.t. ``x``; the parameters' gradients are accumulated, and stepped on (see the module).
+        ``graph``: the forward's, used if it is of ``x`` at the current weights."""
         with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            y = self.module(x)
+            if graph is not None and graph.matches((x,), _Weights(self._versions())):
+                x, y = graph.leaves[0], graph.outputs
+            else:
+                x = x.detach().requires_grad_(True)
+                y = self.module(x)
             torch.autograd.backward(y, grad_y)
         self.samples, self.unaveraged, self.dirty = (
             self.samples + x.shape[0],
@@ -94,6 +113,16 @@ class HostedExpert:
         for name, p in self.module.named_parameters():
             p.grad = state["grads"].get(name)
         self.samples, self.steps = state["samples"], state["steps"]
+
+
+class _Weights:
+    """A graph's ``extras`` (``Graph.matches``): the weights it was computed at, as their version counters."""
+
+    def __init__(self, versions: tuple[int, ...]):
+        self.versions = versions
+
+    def same_as(self, other: _Weights) -> bool:
+        return self.versions == other.versions
 
 
 class HostedExperts:

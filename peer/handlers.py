@@ -79,6 +79,9 @@ class Handlers:
         )
         self.p2p: P2P | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self.graphs = GraphCache(
+            int(settings.graph_cache_mb * 2**20)
+        )  # training forwards' graphs, for backward
         self.in_flight = 0
         # calls handed to the compute thread, and those it finished (even for callers that stopped waiting)
         self._submitted = self._finished = 0
@@ -165,7 +168,6 @@ class BlockHandlers(Handlers):
         self.decode_threads = decode_threads
         self.budget = CacheBudget(int(settings.cache_mb * 2**20), settings.client_cache_share)
         self.loras = adapters.LoraCache(int(settings.lora_cache_mb * 2**20))
-        self.graphs = GraphCache(int(settings.graph_cache_mb * 2**20))
         self.inboxes = push.Inboxes()
         self.open_sessions = 0
         self._handover_at = 0.0  # after a move, sessions on the old span are handed back from this time on

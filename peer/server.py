@@ -355,6 +355,7 @@ class ExpertPeer(Hosting):
                 "expert_type": experts.expert_type,
                 "hidden": experts.hidden,
                 "experts": list(experts.uids),
+                "graph_cache_mb_left": self.handlers.graphs.bytes_left / 2**20,
                 "version": swarm_peer.__version__,
                 "public_name": self.settings.public_name,
             }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import json
 import os
 import re
 import signal
@@ -188,6 +189,44 @@ def test_bad_requests_are_refused_and_the_peer_keeps_serving(swarm):
     unchecked = _local("ffn", FFN, uid)
     unchecked.backward(torch.randn(UPDATE_EVERY, FFN), torch.full((UPDATE_EVERY, FFN), float("nan")))
     assert unchecked.steps == 1 and unchecked.forward(probe).isnan().all()
+
+
+def test_a_training_forward_keeps_its_graphs_for_a_backward_at_the_same_weights(swarm):
+    """With inputs that need grad, the peer keeps each call's graph (charged its activations) until the backward
+    takes it, and keeps none without. A backward after the expert stepped computes at the new weights, as a local
+    expert does: a kept graph of the old weights would give other gradients."""
+    uid, runtime = "ffn.1.2", swarm.runtime
+
+    def graphs_mb_left() -> float:
+        call = runtime.p2p.call_protobuf_handler(
+            swarm.ffn, rpc.INFO, swarm_pb2.InfoRequest(), swarm_pb2.InfoResponse
+        )
+        return json.loads(runtime.run(call).info_json)["graph_cache_mb_left"]
+
+    full, expert = graphs_mb_left(), _local("ffn", FFN, uid)
+    torch.manual_seed(4)
+    x = torch.randn(6, FFN, requires_grad=True)
+    with torch.no_grad():
+        call_experts(runtime, [(swarm.ffn, uid)], [x])
+    assert graphs_mb_left() == full
+    (y,) = call_experts(runtime, [(swarm.ffn, uid)], [x])
+    kept = (full - graphs_mb_left()) * 2**20
+    assert 6 * 4 * FFN * 4 <= kept <= 100 * 6 * 4 * FFN * 4  # the 4x wide hidden activations, at least
+    y.backward(g := torch.randn(6, FFN))
+    assert graphs_mb_left() == full
+    torch.testing.assert_close(x.grad, expert.backward(x.detach(), g), atol=1e-6, rtol=1e-6)
+
+    # a kept forward, then 16 samples step the expert, then the kept forward's backward: at the new weights
+    x.grad = None
+    (y,) = call_experts(runtime, [(swarm.ffn, uid)], [x])
+    x2, g2 = torch.randn(UPDATE_EVERY, FFN), torch.randn(UPDATE_EVERY, FFN)
+    _forward_backward(runtime, [(swarm.ffn, uid)], [x2], [g2])
+    stale = copy.deepcopy(expert).backward(x.detach(), g)  # what the old weights' graph would give
+    expert.backward(x2, g2)
+    assert expert.steps == 1
+    y.backward(g)
+    torch.testing.assert_close(x.grad, expert.backward(x.detach(), g), atol=1e-6, rtol=1e-6)
+    assert (x.grad - stale).abs().max() > 1e-4  # control: the step did change the gradient
 
 
 def rpc_call(swarm, name: str, uids: list[str], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
