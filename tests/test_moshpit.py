@@ -16,7 +16,7 @@ import torch
 from swarm_peer.dht import create_dht
 from swarm_peer.dht.node import local_peer_id, visible_maddrs
 from swarm_peer.protocols.averaging import RobustAverager
-from swarm_peer.protocols.moshpit import coordinates, grid_shape, moshpit_group, round_groups
+from swarm_peer.protocols.moshpit import MoshpitGroup, coordinates, grid_shape, moshpit_group, round_groups
 
 PEERS, G = 16, 4
 
@@ -89,7 +89,7 @@ def dhts():
         node.shutdown()
 
 
-def _grid(dhts, inputs, prefix: str, min_group_size: int):
+def _grid(dhts, inputs, prefix: str, min_group_size: int, matchmaking: float = 3.0):
     # a row of the 4x4 grid per 2-bit key: peers 0, 4, 8, 12 share row 00, ...
     return [
         RobustAverager(
@@ -100,7 +100,7 @@ def _grid(dhts, inputs, prefix: str, min_group_size: int):
             target_group_size=G,
             min_group_size=min_group_size,
             initial_group_bits=f"{i % G:02b}",
-            min_matchmaking_time=3.0,
+            min_matchmaking_time=matchmaking,
             request_timeout=1.0,
         )
         for i, (x, dht) in enumerate(zip(inputs, dhts, strict=True))
@@ -163,7 +163,9 @@ def test_with_a_tenth_missing_each_round_the_spread_falls_a_thousandfold_and_the
         return ((values - values.mean(0)) ** 2).mean().item()
 
     start = spread(torch.stack(inputs))
-    averagers = _grid(dhts, inputs, "lossy", min_group_size=2)
+    # a group waits for its present members up to 10 s (on CI's loaded cores, with 3 s some lines split in two pairs,
+    # and the spread fell 670x)
+    averagers = _grid(dhts, inputs, "lossy", min_group_size=2, matchmaking=10.0)
     ids = [str(local_peer_id(dht)) for dht in dhts]
     rng = random.Random(0)
     try:
@@ -172,14 +174,17 @@ def test_with_a_tenth_missing_each_round_the_spread_falls_a_thousandfold_and_the
             # short of its absent members goes on with those there after the matchmaking time. (With hivemind's
             # random key updates instead, an averager sometimes found itself alone in its key, sat the round out
             # too, and the spread fell 480x.)
-            groups = [moshpit_group(ids, me, G, t) for me in ids]
             missing = set(rng.sample(range(PEERS), PEERS // 10 + 1))  # 2 of 16 sit the round out
-            _round(averagers, [i for i in range(PEERS) if i not in missing], groups)
+            present = [i for i in range(PEERS) if i not in missing]
+            here = {ids[i] for i in present}
+            groups = [moshpit_group(ids, me, G, t) for me in ids]
+            groups = [MoshpitGroup(g.key_bits, tuple(m for m in g.members if m in here)) for g in groups]
+            _round(averagers, present, groups)
         values = _values(averagers)
     finally:
         for averager in averagers:
             averager.shutdown()
-    assert spread(values) <= start / 1000, (start, spread(values))  # measured: 4700x
+    assert spread(values) <= start / 1000, (start, spread(values))  # measured: 7200x
     assert torch.allclose(values.mean(0), mean, atol=1e-5)  # groups keep their sum: so does the swarm
 
 
