@@ -71,7 +71,6 @@ class ExpertReplicas:
             request_timeout=1.0,
             allow_state_sharing=False,
         )
-        self.rounds = 0  # rounds that averaged an expert with at least one other replica
 
     async def run_forever(self) -> None:
         """Averages each expert that is due, one at a time, until cancelled."""
@@ -109,7 +108,6 @@ class ExpertReplicas:
         with self.averager.get_tensors() as (buffer,):
             mean = buffer.clone()
         await self.compute(lambda: self._apply(expert, sent, mean))
-        self.rounds += 1
         logger.info("Averaged expert %s with %d replicas", uid, len(result.peers) - 1)
         return len(result.peers)
 
