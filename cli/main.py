@@ -195,23 +195,36 @@ def _check_announce_period(ctx, param, value: float) -> float:
     return value
 
 
+def _stage_option(field: str, type=_COUNT, **extra):
+    """A ``join --train`` option, with its default and help from ``StageSettings``."""
+    return _settings_option("StageSettings", field, type, **extra)
+
+
 def _expert_option(field: str, type=_COUNT, **extra):
     """A ``join`` option of the experts a peer hosts, with its default and help from ``ExpertSettings``."""
     return _settings_option("ExpertSettings", field, type, **extra)
 
 
-_EXPERT_FIELDS = (
-    "expert_type",
-    "expert_modules",
-    "seed",
-    "lr",
-    "weight_decay",
-    "update_every",
-    "average_every",
-    "averaging_timeout",
-    "checkpoint_period",
-    "fail_rate",
-)
+def _trained_option(field: str, type, **extra):
+    """A ``join`` option that trained experts and a training stage share (``ExpertSettings``, ``StageSettings``):
+    its help gives each one's default; left out, each keeps its own."""
+    import swarm_peer.settings
+
+    expert = swarm_peer.settings.ExpertSettings.model_fields[field]
+    stage = swarm_peer.settings.StageSettings.model_fields[field]
+    return click.option(
+        "--" + field.replace("_", "-"),
+        field,
+        type=type,
+        default=None,
+        help=f"{stage.description} [default: {expert.default} for experts, {stage.default} for a stage]",
+        **extra,
+    )
+
+
+_EXPERT_FIELDS = ("expert_type", "expert_modules", "seed", "update_every", "checkpoint_period", "fail_rate")
+_TRAINED_FIELDS = ("lr", "weight_decay", "average_every", "averaging_timeout")
+_STAGE_FIELDS = ("run_id", "target_batch_size", "aggregator", "compression")
 
 
 def _expert_settings(patterns: tuple[str, ...], hidden: int | None, checkpoint_dir: str | None, kwargs: dict):
@@ -227,7 +240,30 @@ def _expert_settings(patterns: tuple[str, ...], hidden: int | None, checkpoint_d
     if hidden is None:
         raise click.UsageError("--experts needs --hidden (the experts' width)")
     uids = tuple(dict.fromkeys(uid for pattern in patterns for uid in expand_grid(pattern)))
-    return ExpertSettings(uids=uids, hidden=hidden, checkpoint_dir=checkpoint_dir, **fields)
+    return ExpertSettings(
+        uids=uids, hidden=hidden, checkpoint_dir=checkpoint_dir, **fields, **_trained(kwargs)
+    )
+
+
+def _trained(kwargs: dict) -> dict:
+    """The options that trained experts and a stage share (``_trained_option``), those given."""
+    return {field: value for field in _TRAINED_FIELDS if (value := kwargs.pop(field)) is not None}
+
+
+def _stage_settings(train: bool, kwargs: dict):
+    """The ``StageSettings`` of ``join MODEL --train --run-id RUN ...`` (None without ``--train``)."""
+    from swarm_peer.settings import StageSettings
+
+    fields = {field: kwargs.pop(field) for field in _STAGE_FIELDS}
+    if not train:
+        if fields["run_id"] is not None:
+            raise click.UsageError("--run-id goes with --train")
+        return None
+    if fields["run_id"] is None:
+        raise click.UsageError("--train needs --run-id (the run's name)")
+    if kwargs["adapters"]:
+        raise click.UsageError("a training stage serves no --adapters")
+    return StageSettings(**fields, **_trained(kwargs))
 
 
 @cli.command()
@@ -242,12 +278,21 @@ def _expert_settings(patterns: tuple[str, ...], hidden: int | None, checkpoint_d
 @_expert_option("expert_type", type=str)
 @click.option("--hidden", type=click.IntRange(1, 65536), help="the experts' input and output width")
 @_expert_option("expert_modules", type=str, multiple=True, metavar="MODULE")
-@_expert_option("lr", type=click.FloatRange(min=0, min_open=True))
-@_expert_option("weight_decay", type=click.FloatRange(min=0))
+@_trained_option("lr", type=click.FloatRange(min=0, min_open=True))
+@_trained_option("weight_decay", type=click.FloatRange(min=0))
 @_expert_option("update_every")
-@_expert_option("average_every")
-@_expert_option("averaging_timeout", type=click.FloatRange(min=0, min_open=True))
+@_trained_option("average_every", type=_COUNT)
+@_trained_option("averaging_timeout", type=click.FloatRange(min=0, min_open=True))
 @_expert_option("seed", type=int)
+@click.option(
+    "--train",
+    is_flag=True,
+    help="train the blocks as a stage of a SWARM run (--run-id); trainers push batches",
+)
+@_stage_option("run_id", type=str)
+@_stage_option("target_batch_size")
+@_stage_option("aggregator", type=click.Choice(["centered_clip", "mean"]))
+@_stage_option("compression", type=click.Choice(["none", "float16", "8bit"]))
 @click.option(
     "--checkpoint-dir", type=click.Path(file_okay=False), help="the experts' state: saved and restored"
 )
@@ -292,6 +337,7 @@ def join(
     expert_patterns,
     hidden,
     checkpoint_dir,
+    train,
     blocks,
     num_blocks,
     device,
@@ -310,7 +356,13 @@ def join(
         raise click.UsageError(
             "--blocks, --num-blocks, --adapters and --dtype are for blocks: experts train in float32"
         )
+    if train and expert_patterns:
+        raise click.UsageError("--train trains a span of MODEL's blocks; experts train as they are")
+    stage = _stage_settings(train, kwargs)
     experts = _expert_settings(expert_patterns, hidden, checkpoint_dir, kwargs)
+    if experts is None and stage is None and (given := _trained(kwargs)):
+        options = ", ".join("--" + field.replace("_", "-") for field in given)
+        raise click.UsageError(f"{options}: for trained experts (--experts) or a training stage (--train)")
 
     from transformers.utils import logging as transformers_logging
 
@@ -326,6 +378,7 @@ def join(
     settings = PeerSettings(
         model=model,
         experts=experts,
+        train=stage,
         blocks=blocks,
         num_blocks=num_blocks,
         device=device,

@@ -40,7 +40,9 @@ from swarm_peer.client.prompts import PromptTuning
 from swarm_peer.client.remote import CallExtras, RemoteSequential
 from swarm_peer.client.routing import Router
 from swarm_peer.client.session import InferenceSession
+from swarm_peer.client.stages import RemoteStages
 from swarm_peer.compat import CACHE
+from swarm_peer.dht import run_model_id
 from swarm_peer.errors import ValidationError
 from swarm_peer.models import Checkpoint, resolve_checkpoint
 from swarm_peer.protocols.runtime import SwarmRuntime
@@ -182,6 +184,8 @@ class DistributedModelForCausalLM:
         runtime: SwarmRuntime | None = None,
         dtype: torch.dtype = torch.float32,
         adapter: str = "",
+        run_id: str | None = None,
+        compression: str = "none",
     ):
         """Loads the local parts of ``model`` and connects to the swarm of its model id (its manifest's fingerprint).
 
@@ -191,6 +195,10 @@ class DistributedModelForCausalLM:
 
         ``adapter``: the name of a LoRA adapter that peers serve (``swarm-peer join --adapters``); routes then go
         only through peers that serve it, and they apply it.
+
+        ``run_id``: a SWARM training run instead: the blocks are the run's trainable stages (``RemoteStages``; the
+        peers of ``swarm-peer join --train``), this model's own parameters the embeddings, final norm and head
+        that its trainer trains; ``compression``: the codec of the hidden states and gradients sent to them.
         """
         checkpoint = resolve_checkpoint(model)
         config = checkpoint.config
@@ -204,13 +212,17 @@ class DistributedModelForCausalLM:
             )
         self.swarm = runtime or SwarmRuntime(settings)
         self.checkpoint = checkpoint
+        model_id = checkpoint.model_id if run_id is None else run_model_id(run_id)
         self.router = Router(
-            self.swarm, checkpoint.model_id, checkpoint.num_blocks, self.swarm.settings, adapter=adapter
+            self.swarm, model_id, checkpoint.num_blocks, self.swarm.settings, adapter=adapter
         )
         self._sessions = threading.local()
         base = getattr(self, self.base_model_prefix)
         self._block_linears = block_linears(base.layers)
-        blocks = RemoteSequential(self.swarm, self.router, checkpoint.model_id)
+        if run_id is None:
+            blocks = RemoteSequential(self.swarm, self.router, model_id)
+        else:
+            blocks = RemoteStages(self.swarm, model_id, checkpoint.num_blocks, compression=compression)
         remote = RemoteModel(config, base.embed_tokens, base.norm, blocks, _output_class(type(base)))
         setattr(self, self.base_model_prefix, remote)
         names = [name for name in checkpoint.tensor_index if not name.startswith(_BLOCK_PREFIX)]
@@ -239,7 +251,8 @@ class DistributedModelForCausalLM:
 
     @property
     def model_id(self) -> str:
-        return self.checkpoint.model_id
+        """The id the blocks' records are keyed by: the checkpoint's fingerprint, or the run's (``run_id``)."""
+        return self.router.model_id
 
     @property
     def remote(self) -> RemoteModel:

@@ -53,6 +53,7 @@ from swarm_peer.dht.keys import (
     block_ranges,
     parse_peer_subkey,
     peer_subkey,
+    run_model_id,
     validate_model_id,
 )
 from swarm_peer.dht.listing import Listing
@@ -130,6 +131,7 @@ __all__ = [
     "ban_to_dht_value",
     "block_key",
     "block_key_id",
+    "run_model_id",
     "block_ranges",
     "create_dht",
     "declare_bans",

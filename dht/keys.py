@@ -26,6 +26,7 @@ from swarm_peer.errors import ValidationError
 __all__ = [
     "MAX_MODEL_ID_LENGTH",
     "block_key",
+    "run_model_id",
     "block_key_id",
     "block_ranges",
     "parse_peer_subkey",
@@ -53,6 +54,12 @@ def validate_model_id(model_id: str) -> str:
             f"model id is {len(model_id)} characters, over the limit of {MAX_MODEL_ID_LENGTH}"
         )
     return model_id
+
+
+def run_model_id(run_id: str) -> str:
+    """What the block records of a SWARM training run are keyed by instead of a weights fingerprint (its weights
+    change): ``block_key(run_model_id("my-run"), 3) == "run-my-run.3"``."""
+    return validate_model_id(f"run-{run_id}")
 
 
 def block_key(model_id: str, block: int) -> str:

@@ -9,6 +9,7 @@ A peer announces, for every block ``b`` of its span, one record under ``block_ke
         "tp": 812.5, "rps": 3.1, "ct": 65536,   # throughput, inference rps, cache tokens left (whole span)
         "cm": 320.0, "gm": 1024.0,              # MiB free in the attention cache and the kept-graph cache
         "ad": [], "ver": "0.1.0", "dt": "float16", "pn": None, "np": {"QmNext...": 0.004},
+        "ts": None, "sps": 0.0,                 # a trainable stage's optimizer steps, and samples/s it trains
     }
 
 Compatibility rules (mixed-version swarms keep working):
@@ -94,6 +95,8 @@ _WIRE_NAMES = {
     "network_tps": "nt",
     "cache_mb_left": "cm",
     "graph_cache_mb_left": "gm",
+    "training_step": "ts",
+    "samples_per_second": "sps",
 }
 _ENVELOPE = ("t", "v", "m", "b")  # tag, schema version, model id, block index
 assert not set(_ENVELOPE) & set(_WIRE_NAMES.values()), "wire names must not collide with the envelope"
@@ -160,6 +163,17 @@ class ServerInfo(BaseModel):
     )
     public_name: str | None = Field(
         None, strict=True, max_length=64, pattern=PRINTABLE, description="name shown on status pages"
+    )
+    training_step: int | None = Field(
+        None,
+        ge=0,
+        lt=2**53,
+        strict=True,
+        description="optimizer steps the span's weights have taken, for a trainable stage of a SWARM run; None: "
+        "served weights that never change",
+    )
+    samples_per_second: _Rate = Field(
+        0.0, description="samples/s of training backward calls the stage processed lately; 0 = none"
     )
     next_pings: dict[_ShortStr, _Seconds] = Field(
         default_factory=dict, max_length=64, description="peer id (base58) -> round-trip time in seconds"

@@ -158,7 +158,7 @@ class ExpertHandlers(Handlers):
         results = []
         for e, x, g in calls:
             graph = self.graphs.pop((*key, e.uid)) if key is not None else None
-            grad_x = e.backward(x.to(device, torch.float32), g.to(device, torch.float32), graph)
+            grad_x = e.backward((x.to(device, torch.float32),), g.to(device, torch.float32), graph)
             results.append(grad_x.to("cpu", x.dtype))
         if self.experts.settings.checkpoint_period == 0 and sum(e.steps for e in experts) != steps:
             self.experts.save()

@@ -51,7 +51,8 @@ from swarm_peer.peer import adapters, push
 from swarm_peer.peer.blocks import BlockSpan
 from swarm_peer.peer.cache import CacheBudget, SessionCharge
 from swarm_peer.peer.graphs import Graph, GraphCache, SavedTensors
-from swarm_peer.protocols import codec, extras, rpc, swarm_pb2
+from swarm_peer.peer.stage import TrainableStage
+from swarm_peer.protocols import codec, extras, rpc, stage_state, swarm_pb2
 from swarm_peer.protocols.extras import Lora
 from swarm_peer.protocols.serving import Call, Ledger, Limits, Requests, RpcServer
 from swarm_peer.settings import PeerSettings
@@ -160,11 +161,13 @@ class BlockHandlers(Handlers):
         info_json: Callable[[], bytes],
         *,
         decode_threads: int | None = None,
+        stage: TrainableStage | None = None,
     ):
         """``decode_threads``: torch threads for single-token inference steps (``throughput.decode_threads``);
-        None leaves torch's setting."""
+        None leaves torch's setting. ``stage``: the span trained as a stage of a SWARM run (``peer.stage``)."""
         super().__init__(settings, info_json)
-        self.span, self.model_id = span, model_id
+        self.span, self.model_id, self.stage = span, model_id, stage
+        self.compression = codec.CODECS[settings.train.compression] if settings.train else codec.NONE
         self.decode_threads = decode_threads
         self.budget = CacheBudget(int(settings.cache_mb * 2**20), settings.client_cache_share)
         self.loras = adapters.LoraCache(int(settings.lora_cache_mb * 2**20))
@@ -183,6 +186,9 @@ class BlockHandlers(Handlers):
         for name, handler in ((rpc.FORWARD, self.rpc_forward), (rpc.BACKWARD, self.rpc_backward)):
             await server.add(p2p, name, handler, stateless, settings.max_request_seconds, unary=True)
             await server.add(p2p, rpc.streamed(name), handler, stateless, settings.max_request_seconds)
+        if self.stage is not None:
+            state = swarm_pb2.StateRequest, swarm_pb2.StateResponse
+            await server.add(p2p, rpc.STAGE_STATE, self.rpc_stage_state, state, settings.max_request_seconds)
         pushes = swarm_pb2.InferencePush, swarm_pb2.PushResponse
         await server.add(p2p, rpc.PUSH, self.rpc_push, pushes, settings.max_session_seconds)
         sessions = swarm_pb2.InferenceRequest, swarm_pb2.InferenceResponse
@@ -208,6 +214,10 @@ class BlockHandlers(Handlers):
         first = await self._first(requests, call)
         span, a, b = self._check_span(first.span)
         await self._emulated_latency()
+        if self.stage is not None:
+            async for response in self._stage_call(requests, call, first, backward):
+                yield response
+            return
         message = first.extras if first.HasField("extras") else None
         own = 4 if backward else 3
         check = self._declared(own, max_mask_tokens=self.settings.max_batch_tokens)
@@ -226,6 +236,56 @@ class BlockHandlers(Handlers):
         call.ledger.close()  # the request's bytes are spent; the answer is ours
         for parts in codec.pack(results):
             yield swarm_pb2.ForwardResponse(tensors=parts)
+
+    async def _stage_call(self, requests: Requests, call: Call, first, backward: bool):
+        """A forward or backward of the training stage: its whole span, no extras; a backward accumulates the
+        blocks' gradients (``peer.stage``). Answers in the stage's compression (``--compression``)."""
+        span = self.span
+        if (first.span.start_block, first.span.end_block) != (span.start, span.end):
+            raise ValidationError(f"a training stage is called for its whole span {span.start}:{span.end}")
+        if first.HasField("extras"):
+            raise ValidationError("a training stage takes no adapters, prompts or LoRA weights")
+        own = 4 if backward else 3
+        tensors = await self._tensors(
+            requests, first, own, self._declared(own, self.settings.max_batch_tokens)
+        )
+        hidden_BTD, mask_BS, positions_BT = await self._checked(tensors[:3], past=0, batch_size=None)
+        inputs = (hidden_BTD.float(), mask_BS, positions_BT)
+        key = (str(call.remote_id), first.graph_id) if first.graph_id else None
+        if backward:
+            grad_BTD = check_float("grad_outputs", tensors[3], hidden_BTD.shape).float()
+            result = await self._compute(self._stage_backward, inputs, grad_BTD, key)
+        else:
+            result = await self._compute(self._stage_forward, inputs, key)
+        call.ledger.close()
+        for parts in codec.pack([result.to(hidden_BTD.dtype)], compression=self.compression):
+            yield swarm_pb2.ForwardResponse(tensors=parts)
+
+    def _stage_forward(self, inputs, key=None) -> torch.Tensor:
+        if key is None or self.graphs.max_bytes == 0:
+            return self.stage.forward(*inputs)
+        graph = self.stage.graph(*inputs)
+        self.graphs.put(key, graph)
+        return graph.outputs.detach()
+
+    def _stage_backward(self, inputs, grad_BTD, key=None) -> torch.Tensor:
+        graph = self.graphs.pop(key) if key is not None else None
+        return self.stage.backward(inputs, grad_BTD, graph)
+
+    async def rpc_stage_state(self, requests: Requests, call: Call):
+        """The training stage's state (``protocols.stage_state``), for a peer joining the stage or a trainer."""
+        first = await self._first(requests, call)
+        span = self.span
+        if (first.span.model_id, first.span.start_block, first.span.end_block) != (
+            self.model_id,
+            span.start,
+            span.end,
+        ):
+            raise MissingBlocksError(f"this peer trains {self.model_id} {span.start}:{span.end}")
+        state = await self._compute(self.stage.state)
+        call.ledger.close()
+        for message in stage_state.state_messages(state):
+            yield message
 
     def _declared(
         self, own: int, max_mask_tokens: int
@@ -327,6 +387,10 @@ class BlockHandlers(Handlers):
         return [torch.zeros_like(x) if g is None else g.to(x.dtype) for g, x in zip(grads, sent, strict=True)]
 
     async def rpc_inference(self, requests: Requests, call: Call):
+        if self.stage is not None:
+            raise ValidationError(
+                "a training stage serves forward and backward calls, not inference sessions"
+            )
         first = await requests.next()
         if first is None or first.WhichOneof("kind") != "open":
             raise ValidationError("an inference stream must start with an open message")

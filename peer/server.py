@@ -30,18 +30,30 @@ import torch
 import uvloop
 
 import swarm_peer
-from swarm_peer.dht import Announcer, ExpertAnnouncer, ServerInfo, ServerState, create_dht, get_block_servers
+from swarm_peer.dht import (
+    Announcer,
+    ExpertAnnouncer,
+    ServerInfo,
+    ServerState,
+    create_dht,
+    get_block_servers,
+    get_experts,
+    run_model_id,
+)
 from swarm_peer.dht.records import MAX_CACHE_MB, MAX_CACHE_TOKENS
-from swarm_peer.errors import ValidationError
+from swarm_peer.errors import SwarmError, ValidationError
 from swarm_peer.models import Checkpoint, attention_shape, resolve_checkpoint
 from swarm_peer.peer import balance
 from swarm_peer.peer.balance import spans_from_servers
 from swarm_peer.peer.blocks import DTYPES, BlockSpan
 from swarm_peer.peer.expert_handlers import ExpertHandlers
-from swarm_peer.peer.expert_replicas import ExpertReplicas
 from swarm_peer.peer.experts import HostedExperts
 from swarm_peer.peer.handlers import BlockHandlers, Handlers
+from swarm_peer.peer.replicas import Replicas
+from swarm_peer.peer.stage import TrainableStage
 from swarm_peer.peer.throughput import announced, cached_probe, decode_threads
+from swarm_peer.protocols import swarm_pb2
+from swarm_peer.protocols.stage_state import fetch_state
 from swarm_peer.settings import PeerSettings
 
 __all__ = ["ExpertPeer", "Hosting", "Peer", "blocks_that_fit"]
@@ -54,8 +66,8 @@ class Hosting:
     its announcer running, and leave cleanly. ``run()`` serves until SIGTERM/SIGINT or ``stop()``.
 
     A subclass sets ``dht`` (created first), ``handlers`` (``peer.handlers.Handlers``), ``announcer``, ``settings``
-    and ``_stop`` (an ``asyncio.Event``), and says what happens once it serves (``_started``: log, and background
-    coroutines to run) and when it leaves (``_leaving``, at once; ``_finish``, after in-flight work, on the compute
+    and ``_stop`` (an ``asyncio.Event``), and says what happens before it is announced (``_prepare``), once it serves
+    (``_started``: log, and background coroutines to run) and when it leaves (``_leaving``, at once; ``_finish``, after in-flight work, on the compute
     thread).
     """
 
@@ -75,6 +87,7 @@ class Hosting:
             loop.add_signal_handler(sig, self._stop.set)
         p2p = await self.dht.replicate_p2p()
         await self.handlers.register(p2p)
+        await self._prepare()
         background = [asyncio.create_task(coro) for coro in self._started(p2p.peer_id)]
         self.announcer.start()
         if on_ready is not None:
@@ -85,6 +98,9 @@ class Hosting:
             for task in background:
                 task.cancel()
             await self._leave()
+
+    async def _prepare(self) -> None:
+        """What must be done, once the handlers are registered, before the peer is announced."""
 
     def _started(self, peer_id) -> list[Coroutine]:
         return []
@@ -117,7 +133,9 @@ class Peer(Hosting):
     def __init__(self, settings: PeerSettings):
         self.settings = settings
         self.checkpoint: Checkpoint = resolve_checkpoint(settings.model)
-        self.model_id = self.checkpoint.model_id  # the fingerprint of its manifest: the same for every copy
+        train = settings.train
+        # the fingerprint of its manifest (the same for every copy); a training run's weights change: the run's name
+        self.model_id = run_model_id(train.run_id) if train else self.checkpoint.model_id
         self.model_name = settings.model_name or self.checkpoint.name
         self.dht: hivemind.DHT = create_dht(**settings.network.model_dump())
         if settings.compute_threads:
@@ -157,9 +175,22 @@ class Peer(Hosting):
         )
         threads = decode_threads(self.span)
         logger.info("Single-token steps run on %d of %d compute threads", threads, torch.get_num_threads())
+        self.stage = TrainableStage(self.span, train, self.model_id) if train else None
         self.handlers = BlockHandlers(
-            self.span, self.model_id, settings, self._info_json, decode_threads=threads
+            self.span, self.model_id, settings, self._info_json, decode_threads=threads, stage=self.stage
         )
+        self.replicas = None
+        if train is not None and train.average_every is not None:
+            self.replicas = Replicas(
+                lambda: [self.stage],
+                lambda uid: list(self._stage_peers()),
+                self.dht,
+                self.handlers._compute,
+                kind=f"stage-{self.model_id}-{start}-{end}",
+                average_every=train.average_every,
+                timeout=train.averaging_timeout,
+                aggregator=train.aggregator,
+            )
         self.announcer = Announcer(
             self.dht,
             self.model_id,
@@ -205,6 +236,11 @@ class Peer(Hosting):
             dtype=self.settings.dtype,
             public_name=self.settings.public_name,
             adapters=tuple(span.adapters),
+            **(
+                {}
+                if self.stage is None
+                else {"training_step": self.stage.steps, "samples_per_second": self.stage.samples_per_second}
+            ),
         )
 
     def _info_json(self) -> bytes:
@@ -228,7 +264,44 @@ class Peer(Hosting):
             self.model_id,
             peer_id,
         )
+        if self.stage is not None:  # a training stage does not move (yet); it averages with its stage's peers
+            return [] if self.replicas is None else [self.replicas.run_forever()]
         return [self._rebalance_forever()] if self.settings.rebalance_period else []
+
+    async def _prepare(self) -> None:
+        """A training stage takes the stage's state from a peer that serves it, the most advanced first; the stage's
+        first peer starts from the checkpoint's weights."""
+        if self.stage is None:
+            return
+        peers = await asyncio.get_running_loop().run_in_executor(None, self._stage_peers)
+        peers.pop(self.dht.peer_id, None)
+        span = swarm_pb2.Span(model_id=self.model_id, start_block=self.span.start, end_block=self.span.end)
+        for peer_id, _ in sorted(peers.items(), key=lambda item: -(item[1].training_step or 0)):
+            try:
+                state = await fetch_state(
+                    self.handlers.p2p, peer_id, span, self.stage.shapes(), self.settings.max_request_seconds
+                )
+            except SwarmError as e:
+                logger.warning("Could not download the stage's state from %s: %s", peer_id, e)
+                continue
+            await self.handlers._compute(self.stage.load_state, state)
+            logger.info("Took the stage's state at step %d from %s", state.steps, peer_id)
+            return
+        logger.info(
+            "No peer trains blocks %d:%d of the run yet: starting from the checkpoint's weights",
+            self.span.start,
+            self.span.end,
+        )
+
+    def _stage_peers(self) -> dict:
+        """The peers the DHT lists as serving (or joining) exactly this stage's span of the run, this one included."""
+        (servers,) = get_block_servers(self.dht, self.model_id, [self.span.start])
+        return {
+            peer_id: info
+            for peer_id, info in servers.items()
+            if (info.start_block, info.end_block) == (self.span.start, self.span.end)
+            and info.state != ServerState.OFFLINE
+        }
 
     async def _rebalance_forever(self) -> None:
         """Every ``rebalance_period`` seconds on average (randomized, so peers do not decide in lockstep), plans a
@@ -305,6 +378,10 @@ class Peer(Hosting):
         self.state = ServerState.OFFLINE
         self.handlers.budget.close()
 
+    def _finish(self) -> None:
+        if self.replicas is not None:
+            self.replicas.shutdown()
+
 
 class ExpertPeer(Hosting):
     """A peer that hosts trainable experts (``settings.experts``; ``peer.experts``, ``peer.expert_handlers``):
@@ -314,7 +391,7 @@ class ExpertPeer(Hosting):
     keeps them declared on their grid in the DHT (``ExpertAnnouncer``: every prefix level, signed); on leaving it
     withdraws them, finishes in-flight calls and saves the experts that changed. With a checkpoint directory, it
     also saves them every ``checkpoint_period`` seconds; with ``average_every``, it averages each expert with the
-    other peers that host its uid (``peer.expert_replicas``).
+    other peers that host its uid (``peer.replicas``).
     """
 
     def __init__(self, settings: PeerSettings):
@@ -338,10 +415,12 @@ class ExpertPeer(Hosting):
         self.announcer = ExpertAnnouncer(self.dht, lambda: experts.uids, period=settings.announce_period)
         self.replicas = None
         if experts.average_every is not None:
-            self.replicas = ExpertReplicas(
-                self.experts,
+            self.replicas = Replicas(
+                lambda: self.experts.experts.values(),
+                lambda uid: get_experts(self.dht, [uid]).get(uid, ()),
                 self.dht,
                 self.handlers._compute,
+                kind=f"experts-{experts.expert_type}-{experts.hidden}",
                 average_every=experts.average_every,
                 timeout=experts.averaging_timeout,
             )

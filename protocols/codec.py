@@ -29,6 +29,8 @@ __all__ = [
     "declared",
     "NONE",
     "FLOAT16",
+    "UNIFORM_8BIT",
+    "CODECS",
 ]
 
 MAX_MESSAGE_BYTES = 2 * 1024 * 1024  # half of hivemind's 4 MiB cap, leaving room for framing
@@ -37,6 +39,8 @@ MAX_TENSOR_BYTES = 1 << 31
 _COMPRESSION_SLACK = 4096
 NONE = runtime_pb2.CompressionType.NONE
 FLOAT16 = runtime_pb2.CompressionType.FLOAT16
+UNIFORM_8BIT = runtime_pb2.CompressionType.UNIFORM_8BIT  # hivemind's 8-bit codec: 256 buckets of equal width
+CODECS = {"none": NONE, "float16": FLOAT16, "8bit": UNIFORM_8BIT}  # by the name a setting gives
 _DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,

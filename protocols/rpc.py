@@ -33,6 +33,7 @@ __all__ = [
     "PUSH",
     "EXPERT_FORWARD",
     "EXPERT_BACKWARD",
+    "STAGE_STATE",
     "SESSION_ID_BYTES",
     "streamed",
     "error_message",
@@ -49,6 +50,9 @@ INFERENCE = "swarm.v1.inference"
 PUSH = "swarm.v1.push"  # a hop hands its output straight to the next hop's session
 EXPERT_FORWARD = "swarm.v1.expert_forward"  # several experts of a peer, each on its batch, in one request
 EXPERT_BACKWARD = "swarm.v1.expert_backward"
+STAGE_STATE = (
+    "swarm.v1.stage_state"  # a trainable stage's weights and optimizer state (protocols.stage_state)
+)
 SESSION_ID_BYTES = (
     16  # InferenceOpen.session_id: random, known to the client, the session's peer and the hop before
 )
@@ -113,10 +117,17 @@ def remote_error(error: BaseException, peer: object) -> SwarmError:
 
 
 async def call_with_tensors(
-    p2p: P2P, peer_id: PeerID, name: str, types: tuple[type, type], tensors, expected: int, **first_fields
+    p2p: P2P,
+    peer_id: PeerID,
+    name: str,
+    types: tuple[type, type],
+    tensors,
+    expected: int,
+    compression: int = codec.NONE,
+    **first_fields,
 ) -> list:
-    """Calls RPC ``name`` of ``peer_id`` with ``tensors`` (packed into parts, ``codec.pack``) and returns the
-    ``expected`` tensors of its answer. ``types``: the request and response messages; ``first_fields`` go into the
+    """Calls RPC ``name`` of ``peer_id`` with ``tensors`` (packed into parts, ``codec.pack``, floating ones in
+    ``compression``) and returns the ``expected`` tensors of its answer. ``types``: the request and response messages; ``first_fields`` go into the
     first request message only. A request that fits one message goes unary, a larger one to ``streamed(name)``.
 
     Raises the peer's typed error (``check``), or ``remote_error``'s mapping of a call that failed on the way.
@@ -124,7 +135,7 @@ async def call_with_tensors(
     request_type, response_type = types
     requests = [
         request_type(tensors=parts, **(first_fields if i == 0 else {}))
-        for i, parts in enumerate(codec.pack(tensors))
+        for i, parts in enumerate(codec.pack(tensors, compression))
     ]
     try:
         assembler = codec.TensorAssembler(expected=expected)

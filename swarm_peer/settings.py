@@ -10,7 +10,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["NetworkSettings", "ExpertSettings", "PeerSettings", "ClientSettings", "TrainSettings"]
+__all__ = [
+    "NetworkSettings",
+    "ExpertSettings",
+    "StageSettings",
+    "PeerSettings",
+    "ClientSettings",
+    "TrainSettings",
+]
 
 
 class _Settings(BaseModel):
@@ -82,6 +89,40 @@ class ExpertSettings(_Settings):
     )
 
 
+_RUN_ID = Field(
+    min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="name of the run; peers of one run"
+)
+
+
+class StageSettings(_Settings):
+    """A trainable stage of a SWARM pipeline run (``swarm-peer join --train``): the peer's span of blocks with its own
+    AdamW optimizer, averaged with the other peers of its stage."""
+
+    run_id: str = _RUN_ID
+    lr: float = Field(3e-4, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    target_batch_size: int = Field(
+        256,
+        ge=1,
+        description="the stage steps its optimizer once backward calls have brought this many samples",
+    )
+    average_every: int | None = Field(
+        256,
+        ge=1,
+        description="average the weights with the other peers of the same stage (or expert) once backward calls "
+        "have brought this many samples since the last round (None: never)",
+    )
+    aggregator: Literal["centered_clip", "mean"] = Field(
+        "mean", description="how the stage's peers reduce their weights in an averaging round"
+    )
+    averaging_timeout: float = Field(
+        30.0, gt=0, description="seconds an averaging round may take; half of it to gather the other peers"
+    )
+    compression: Literal["none", "float16", "8bit"] = Field(
+        "none", description="codec of the activations and gradients this peer sends back to trainers"
+    )
+
+
 class PeerSettings(_Settings):
     """A peer that hosts a span of a model's blocks, or a set of experts (``experts``)."""
 
@@ -89,6 +130,10 @@ class PeerSettings(_Settings):
         None, description="checkpoint directory, or 'smollm2' for the bundled demo model (None: experts only)"
     )
     experts: ExpertSettings | None = Field(None, description="the experts to host instead of blocks")
+    train: StageSettings | None = Field(
+        None,
+        description="train the blocks as a stage of a SWARM run (their weights change) instead of serving them",
+    )
     model_name: str | None = Field(
         None,
         max_length=64,
@@ -178,6 +223,10 @@ class PeerSettings(_Settings):
             raise ValueError(
                 "a peer hosts either a model's blocks (MODEL) or experts (--experts), and one of them"
             )
+        if self.train is not None and self.model is None:
+            raise ValueError("a training stage is a span of a model's blocks: give MODEL, not --experts")
+        if self.train is not None and (self.dtype != "float32" or self.adapters):
+            raise ValueError("a training stage holds float32 weights and serves no adapters")
         return self
 
     @field_validator("throughput")
@@ -224,12 +273,7 @@ class TrainSettings(_Settings):
 
     model: str = Field(description="Hugging Face folder (weights, or a config for random init) or 'smollm2'")
     data: str = Field(description="a UTF-8 text file: this volunteer's shard of the training text")
-    run_id: str = Field(
-        min_length=1,
-        max_length=64,
-        pattern=r"^[A-Za-z0-9_-]+$",
-        description="name of the run; peers of one run",
-    )
+    run_id: str = _RUN_ID
     inner_steps: int = Field(
         50, ge=1, description="local AdamW steps between averaging rounds (1 = synchronous data parallel)"
     )

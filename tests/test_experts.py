@@ -128,14 +128,14 @@ def test_expert_steps_after_update_every_samples_as_a_local_adamw(swarm):
     # 10 samples: fewer than UPDATE_EVERY, the expert has not stepped yet
     x1, g1 = torch.randn(10, FFN), torch.randn(10, FFN)
     _forward_backward(swarm.runtime, [(swarm.ffn, uid)], [x1], [g1])
-    expert.backward(x1, g1)
+    expert.backward((x1,), g1)
     assert expert.steps == 0
     (before,) = call_experts(swarm.runtime, [(swarm.ffn, uid)], [probe])
     torch.testing.assert_close(before, initial(probe).detach(), atol=1e-6, rtol=1e-6)
     # 10 more: 20 >= UPDATE_EVERY, one AdamW step on the sum of both calls' gradients
     x2, g2 = torch.randn(10, FFN), torch.randn(10, FFN)
     _forward_backward(swarm.runtime, [(swarm.ffn, uid)], [x2], [g2])
-    expert.backward(x2, g2)
+    expert.backward((x2,), g2)
     assert expert.steps == 1
     (after,) = call_experts(swarm.runtime, [(swarm.ffn, uid)], [probe])
     torch.testing.assert_close(after, expert.forward(probe), atol=1e-6, rtol=1e-6)
@@ -187,7 +187,7 @@ def test_bad_requests_are_refused_and_the_peer_keeps_serving(swarm):
 
     # control: the same expert without the peer's checks takes the NaN gradient, steps, and is NaN from then on
     unchecked = _local("ffn", FFN, uid)
-    unchecked.backward(torch.randn(UPDATE_EVERY, FFN), torch.full((UPDATE_EVERY, FFN), float("nan")))
+    unchecked.backward((torch.randn(UPDATE_EVERY, FFN),), torch.full((UPDATE_EVERY, FFN), float("nan")))
     assert unchecked.steps == 1 and unchecked.forward(probe).isnan().all()
 
 
@@ -214,18 +214,18 @@ def test_a_training_forward_keeps_its_graphs_for_a_backward_at_the_same_weights(
     assert 6 * 4 * FFN * 4 <= kept <= 100 * 6 * 4 * FFN * 4  # the 4x wide hidden activations, at least
     y.backward(g := torch.randn(6, FFN))
     assert graphs_mb_left() == full
-    torch.testing.assert_close(x.grad, expert.backward(x.detach(), g), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(x.grad, expert.backward((x.detach(),), g), atol=1e-6, rtol=1e-6)
 
     # a kept forward, then 16 samples step the expert, then the kept forward's backward: at the new weights
     x.grad = None
     (y,) = call_experts(runtime, [(swarm.ffn, uid)], [x])
     x2, g2 = torch.randn(UPDATE_EVERY, FFN), torch.randn(UPDATE_EVERY, FFN)
     _forward_backward(runtime, [(swarm.ffn, uid)], [x2], [g2])
-    stale = copy.deepcopy(expert).backward(x.detach(), g)  # what the old weights' graph would give
-    expert.backward(x2, g2)
+    stale = copy.deepcopy(expert).backward((x.detach(),), g)  # what the old weights' graph would give
+    expert.backward((x2,), g2)
     assert expert.steps == 1
     y.backward(g)
-    torch.testing.assert_close(x.grad, expert.backward(x.detach(), g), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(x.grad, expert.backward((x.detach(),), g), atol=1e-6, rtol=1e-6)
     assert (x.grad - stale).abs().max() > 1e-4  # control: the step did change the gradient
 
 
@@ -254,7 +254,7 @@ def test_restarted_peer_serves_its_trained_experts_and_is_found_again(swarm, tmp
     torch.manual_seed(2)
     probe, x1, g1, x2, g2 = (torch.randn(4, 8) for _ in range(5))
     _forward_backward(runtime, [(peer, "rst.1")], [x1], [g1])  # 4 samples: one update, saved at once
-    expert.backward(x1, g1)
+    expert.backward((x1,), g1)
 
     os.killpg(first.process.pid, signal.SIGKILL)  # no clean exit: what the update saved is all there is
     first.process.wait(10)
@@ -269,7 +269,7 @@ def test_restarted_peer_serves_its_trained_experts_and_is_found_again(swarm, tmp
     _forward_backward(
         runtime, [(peer, "rst.1")], [x2], [g2]
     )  # the second update uses the restored AdamW moments
-    expert.backward(x2, g2)
+    expert.backward((x2,), g2)
     (y,) = call_experts(runtime, [(peer, "rst.1")], [probe])
     torch.testing.assert_close(y, expert.forward(probe), atol=1e-6, rtol=1e-6)
 
@@ -277,7 +277,7 @@ def test_restarted_peer_serves_its_trained_experts_and_is_found_again(swarm, tmp
     assert [(e.uid, e.peers) for e in found[0]] == [("rst.1", (peer,)), ("rst.0", (peer,))]
 
     _forward_backward(runtime, [(peer, "rst.1")], [x1[:2]], [g1[:2]])  # 2 samples: accumulated, not stepped
-    expert.backward(x1[:2], g1[:2])
+    expert.backward((x1[:2],), g1[:2])
     second.terminate(30)  # a clean exit withdraws the experts: gone long before their records expire (60 s)
     assert wait_until(lambda: get_experts(dht, ["rst.0", "rst.1"]) == {"rst.0": (), "rst.1": ()}, timeout=10)
     # and saves what changed since the last save: the gradient accumulated by the last call
@@ -306,7 +306,7 @@ def test_replicas_of_an_expert_average_their_weights(swarm):
     def train(peer, uid, samples):
         x, g = torch.randn(samples, 8), torch.randn(samples, 8)
         _forward_backward(runtime, [(peer, uid)], [x], [g])
-        local[peer, uid].backward(x, g)
+        local[peer, uid].backward((x,), g)
 
     for peer in peers:
         train(peer, "rep.1", 4)
