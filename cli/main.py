@@ -521,7 +521,8 @@ def _train_option(field: str, type=_COUNT, **extra):
 
 _POSITIVE = click.FloatRange(min=0, min_open=True)
 _TRAIN_FIELDS = (
-    "run_id", "inner_steps", "aggregator", "byzantine", "tau", "batch_size", "seq_len", "lr", "weight_decay",
+    "run_id", "swarm", "inner_steps", "aggregator", "byzantine", "tau", "batch_size", "micro_batches", "seq_len", "lr",
+    "weight_decay",
     "outer_lr", "outer_momentum", "steps", "min_peers", "group_size", "averaging_timeout", "compression",
     "checkpoint_dir", "device", "seed", "verify", "verify_rate", "attack",
 )  # fmt: skip
@@ -536,6 +537,7 @@ _TRAIN_FIELDS = (
     help="a UTF-8 text file: this volunteer's shard of the training text",
 )
 @_train_option("run_id", type=str, required=True)
+@_train_option("swarm", type=bool, is_flag=True)
 @_train_option("inner_steps")
 @_train_option(
     "aggregator", type=click.Choice(["centered_clip", "mean", "median", "trimmed_mean", "krum", "geomedian"])
@@ -543,6 +545,7 @@ _TRAIN_FIELDS = (
 @_train_option("byzantine", type=click.IntRange(min=0))
 @_train_option("tau", type=_POSITIVE)
 @_train_option("batch_size")
+@_train_option("micro_batches")
 @_train_option("seq_len", type=click.IntRange(min=2))
 @_train_option("lr", type=_POSITIVE)
 @_train_option("weight_decay", type=click.FloatRange(min=0))
@@ -561,7 +564,8 @@ _TRAIN_FIELDS = (
 @_train_option("attack", type=click.Choice(["none", "scale", "nan", "owner"]), hidden=True)
 @_network_options
 def train(model, data, **kwargs):
-    """Train MODEL together with the other volunteers of a run: DiLoCo over robust averaging."""
+    """Train MODEL together with the other volunteers of a run: DiLoCo over robust averaging; with --swarm, through
+    the run's SWARM pipeline stages (peers that joined with --train)."""
     from pydantic import ValidationError
 
     from swarm_peer.settings import TrainSettings

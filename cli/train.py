@@ -1,7 +1,9 @@
-"""``swarm-peer train``: one volunteer of a collaborative training run (``client.diloco``), from the command line.
+"""``swarm-peer train``: one volunteer of a collaborative training run (``client.diloco``), from the command line;
+with ``--swarm``, a trainer of a SWARM run whose blocks train on stage peers (``client.swarm_trainer``).
 
     swarm-peer train MODEL --data shard.txt --run-id my-run --initial-peers MADDR [--inner-steps 50]
         [--aggregator centered_clip] [--min-peers K] [--group-size G] [--steps N] [--checkpoint-dir ckpt/]
+    swarm-peer train MODEL --swarm --data shard.txt --run-id my-run --initial-peers MADDR [--micro-batches 4]
 
 MODEL is a Hugging Face folder with its tokenizer (with weights; or only a config, for random weights: every
 volunteer then draws the same ones, seeded by the run id) or ``smollm2``. With ``--checkpoint-dir``, the global
@@ -22,10 +24,13 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from swarm_peer.client.diloco import DiLoCoTrainer, latest_checkpoint
+from swarm_peer.client.model import DistributedModelForCausalLM
+from swarm_peer.client.swarm_trainer import SwarmTrainer
 from swarm_peer.client.text_data import TokenStream
 from swarm_peer.dht import RunInfo
 from swarm_peer.models import DEMO_MODEL, resolve_checkpoint
-from swarm_peer.settings import TrainSettings
+from swarm_peer.protocols.runtime import SwarmRuntime
+from swarm_peer.settings import ClientSettings, TrainSettings
 
 __all__ = ["load_model", "run_train"]
 
@@ -66,10 +71,17 @@ def run_train(settings: TrainSettings) -> None:
         raise click.BadParameter(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
     stream = TokenStream.from_file(settings.data, tokenizer)
     resume = latest_checkpoint(settings.checkpoint_dir) if settings.checkpoint_dir else None
-    model = load_model(resume or path, settings.run_id)
-
-    dht = create_dht(**settings.network.model_dump())
-    trainer = DiLoCoTrainer(model, stream, settings, dht)
+    if settings.swarm:
+        dht = create_dht(**settings.network.model_dump())
+        runtime = SwarmRuntime(ClientSettings(network=settings.network), dht=dht)
+        model = DistributedModelForCausalLM.from_pretrained(
+            str(resume or path), runtime=runtime, run_id=settings.run_id, compression=settings.compression
+        )
+        trainer = SwarmTrainer(model, stream, settings, dht)
+    else:
+        model = load_model(resume or path, settings.run_id)
+        dht = create_dht(**settings.network.model_dump())
+        trainer = DiLoCoTrainer(model, stream, settings, dht)
     announcer = RunAnnouncer(
         dht,
         lambda: _run_info(trainer, settings.model if settings.model == DEMO_MODEL else path.name),
@@ -93,10 +105,12 @@ def run_train(settings: TrainSettings) -> None:
                     rounds += 1
                     announcer.update()
                     bar.set_postfix(loss=f"{record.loss:.4f}", peers=record.peers)
-                    if settings.checkpoint_dir:
+                    if settings.checkpoint_dir and not settings.swarm:  # a SWARM trainer assembles it at exit
                         trainer.save(settings.checkpoint_dir, tokenizer)
                 else:
                     bar.set_postfix(loss=f"{record.loss:.4f}")
+        if settings.checkpoint_dir and settings.swarm:
+            trainer.save(settings.checkpoint_dir, tokenizer)
         last = trainer.history[-1].loss if trainer.history else float("nan")
         where = f"; global weights in {settings.checkpoint_dir}" if settings.checkpoint_dir else ""
         click.echo(f"Trained to step {trainer.step} ({rounds} rounds), last loss {last:.4f}{where}")
@@ -106,6 +120,8 @@ def run_train(settings: TrainSettings) -> None:
         # every peer it knows, dead ones included), and the record lapses by itself
         announcer.stop(final=finished, timeout=None if finished else 1.0)
         trainer.shutdown()
+        if settings.swarm:
+            model.shutdown()
         dht.shutdown()
 
 

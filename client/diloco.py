@@ -54,6 +54,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -268,11 +269,8 @@ class DiLoCoTrainer:
             batch_BT = self.stream.batch(settings.batch_size, settings.seq_len, self.generator).to(
                 settings.device
             )
-            loss = self.model(input_ids=batch_BT, labels=batch_BT).loss
-            if not torch.isfinite(loss):
-                raise ValidationError(f"the loss became {loss.item()} at step {self.step + 1}")
             self.inner.zero_grad(set_to_none=False)
-            loss.backward()
+            loss = self._backward(batch_BT)
             peers = None
             if self.synchronous:
                 peers = self._average_gradients()
@@ -288,9 +286,26 @@ class DiLoCoTrainer:
                     peers = self._outer_step()
                     if peers == 1 and settings.min_peers > 1:
                         self.join(timeout=10, missed_round=True)  # the others' state, if they had a round
-            record = StepRecord(self.step, loss.item(), peers)
+            record = StepRecord(self.step, loss, peers)
             self.history.append(record)
             yield record
+
+    def _backward(self, batch_BT: torch.Tensor) -> float:
+        """The batch's mean loss, its gradient accumulated in the parameters: over ``--micro-batches`` micro-batches,
+        each one's loss weighed by its share of the batch, run at once (a SWARM trainer keeps the stages busy)."""
+        micro = batch_BT.tensor_split(min(self.settings.micro_batches, len(batch_BT)))
+
+        def backward(ids_BT: torch.Tensor) -> float:
+            loss = self.model(input_ids=ids_BT, labels=ids_BT).loss * (len(ids_BT) / len(batch_BT))
+            if not torch.isfinite(loss):
+                raise ValidationError(f"the loss became {loss.item()} at step {self.step + 1}")
+            loss.backward()
+            return loss.item()
+
+        if len(micro) == 1:
+            return backward(batch_BT)
+        with ThreadPoolExecutor(len(micro), thread_name_prefix="micro-batch") as pool:
+            return sum(pool.map(backward, micro))
 
     def _average_gradients(self) -> int:
         grads = [p.grad.detach().cpu().float() for p in self.params]
@@ -524,7 +539,7 @@ class DiLoCoTrainer:
         partial = directory.with_name(directory.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         with self._lock:
-            self.model.save_pretrained(partial)
+            self._write_model(partial)
             if tokenizer is not None:
                 tokenizer.save_pretrained(partial)
             state = {
@@ -545,6 +560,9 @@ class DiLoCoTrainer:
             directory.rename(previous)
         partial.rename(directory)
         shutil.rmtree(previous, ignore_errors=True)
+
+    def _write_model(self, directory: Path) -> None:
+        self.model.save_pretrained(directory)
 
     def restore(self, directory: str | Path) -> None:
         """Takes the step, optimizers and sampler from ``save``'s ``trainer_state.pt`` (the weights were loaded with

@@ -36,6 +36,7 @@ from swarm_peer.dht import ServerInfo, online_servers
 from swarm_peer.errors import RoutingError, ValidationError
 from swarm_peer.protocols import codec, rpc, swarm_pb2
 from swarm_peer.protocols.runtime import SwarmRuntime
+from swarm_peer.protocols.stage_state import StageState, fetch_state
 
 __all__ = ["RemoteStages", "plan_stages"]
 
@@ -193,6 +194,29 @@ class RemoteStages(nn.Module):
                 continue
             wiring.done(peer, size, max(time.monotonic() - started, 1e-6))
             return peer, output
+
+    def download(self, stage: tuple[int, int], shapes: dict[str, tuple[int, ...]]) -> StageState:
+        """The current state of ``stage`` (``protocols.stage_state``), from its most advanced peer that sends it;
+        ``shapes``: the stage's parameters' names and shapes. Raises ``RoutingError`` if no peer of it does."""
+        self.refresh(force=True)
+        span = swarm_pb2.Span(model_id=self.model_id, start_block=stage[0], end_block=stage[1])
+        wiring = self.wirings.get(stage)
+        peers = sorted(wiring.peers if wiring else (), key=lambda p: -self.steps.get(self._peers[p], 0))
+        for peer in peers:
+            try:
+                return self.runtime.run(
+                    fetch_state(
+                        self.runtime.p2p,
+                        self._peers[peer],
+                        span,
+                        shapes,
+                        self.runtime.settings.request_timeout,
+                    ),
+                    timeout=self.runtime.settings.request_timeout + 5,
+                )
+            except Exception as e:  # another peer of the stage may send it
+                logger.warning("Could not download blocks %d:%d from %s: %s", *stage, peer, e)
+        raise RoutingError(f"no peer of blocks {stage[0]}:{stage[1]} sent its state")
 
 
 class _StageCall(torch.autograd.Function):

@@ -285,6 +285,14 @@ class TrainSettings(_Settings):
     )
     tau: float | None = Field(None, gt=0, description="centered_clip's radius (default: the honest spread)")
     batch_size: int = Field(8, ge=1, description="sequences per local step")
+    micro_batches: int = Field(
+        1, ge=1, description="a step's batch runs as this many micro-batches at once (their gradients summed)"
+    )
+    swarm: bool = Field(
+        False,
+        description="train through the run's SWARM pipeline stages (join --train): this trainer holds the "
+        "embeddings and head, averaged with the run's other trainers as DiLoCo averages a model",
+    )
     seq_len: int = Field(256, ge=2, description="tokens per sequence")
     lr: float = Field(3e-4, gt=0, description="inner AdamW learning rate")
     weight_decay: float = Field(0.1, ge=0, description="inner AdamW weight decay")
@@ -310,10 +318,14 @@ class TrainSettings(_Settings):
         description="seconds a round may wait for its group; alone, a peer steps on its own update",
     )
     compression: Literal["none", "float16", "8bit"] = Field(
-        "none", description="codec of the averaged updates on the wire"
+        "none",
+        description="codec of the averaged updates on the wire (with --swarm, also of the hidden states and "
+        "gradients sent to the stages)",
     )
     checkpoint_dir: str | None = Field(
-        None, description="the global weights as a Hugging Face folder, and the state to resume from"
+        None,
+        description="the global weights as a Hugging Face folder, and the state to resume from (with --swarm: the "
+        "whole model, this trainer's layers and each stage's, assembled at exit)",
     )
     device: str = Field("cpu", description="torch device of the local model")
     seed: int = Field(0, description="random seed of this volunteer's batches")
@@ -343,6 +355,16 @@ class TrainSettings(_Settings):
             raise ValueError("--verify signs the exact bytes sent: use --compression none")
         if self.verify and self.tau is not None:
             raise ValueError("with --verify the clipping radius is agreed in every round: leave --tau out")
+        return self
+
+    @model_validator(mode="after")
+    def _swarm_trainer(self) -> TrainSettings:
+        if self.swarm and (self.verify or self.attack != "none"):
+            raise ValueError(
+                "--verify replays whole models: a --swarm trainer holds only the embeddings and head"
+            )
+        if self.micro_batches > self.batch_size:
+            raise ValueError(f"{self.micro_batches} micro-batches of a batch of {self.batch_size} sequences")
         return self
 
     @model_validator(mode="after")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -73,6 +75,43 @@ TINY_CONFIGS = {
     ),
 }
 MOE_FAMILIES = ("mixtral", "qwen2_moe")
+
+
+def _sentences(rng: random.Random, n: int) -> list[str]:
+    """Arithmetic in words: a small language with structure a tiny model learns in a few hundred steps."""
+    words = "zero one two three four five six seven eight nine".split()
+    out = []
+    for _ in range(n):
+        a, b = rng.randrange(10), rng.randrange(10)
+        out.append(f"{words[a]} plus {words[b]} is {words[(a + b) % 10]} .")
+    return out
+
+
+def arithmetic_text(root: Path, layers: int, weights: bool = False) -> Path:
+    """Writes four shards of arithmetic in words and a held-out text (``root/shard{i}.txt``, ``root/heldout.txt``)
+    and a tiny Llama folder with its own word-level tokenizer (``root/tiny``): a config only (volunteers draw the
+    weights from the run id), or with random ``weights``. Returns the model folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    for name in ("shard0", "shard1", "shard2", "shard3", "heldout"):
+        (root / f"{name}.txt").write_text("\n".join(" ".join(_sentences(rng, 8)) for _ in range(200)) + "\n")
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train([str(root / "shard0.txt")], trainers.WordLevelTrainer(special_tokens=["<unk>", "<eos>"]))
+    model_dir = root / "tiny"
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<eos>").save_pretrained(
+        model_dir
+    )
+    small = {**SMALL_CONFIG, "vocab_size": 32, "max_position_embeddings": 64}
+    config = LlamaConfig(num_hidden_layers=layers, tie_word_embeddings=True, **small)
+    if weights:
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    else:
+        config.save_pretrained(model_dir)
+    return model_dir
 
 
 @pytest.fixture(scope="session")

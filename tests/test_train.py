@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -16,47 +15,24 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from swarm_peer.client.text_data import TokenStream
 from swarm_peer.dht import create_dht
 from swarm_peer.dht.node import visible_maddrs
 
-from .conftest import SMALL_CONFIG
+from .conftest import arithmetic_text
 from .processes import alive, cmdline, descendants
 
 SEQ_LEN, BATCH = 32, 8
-
-
-def _sentences(rng: random.Random, n: int) -> list[str]:
-    """Arithmetic in words: a small language with structure a tiny model learns in a few hundred steps."""
-    words = "zero one two three four five six seven eight nine".split()
-    out = []
-    for _ in range(n):
-        a, b = rng.randrange(10), rng.randrange(10)
-        out.append(f"{words[a]} plus {words[b]} is {words[(a + b) % 10]} .")
-    return out
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """A tiny random Llama with its own tokenizer (a config only: volunteers draw the weights from the run id),
     four shards of training text and a held-out text."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
     root = tmp_path_factory.mktemp("train")
-    rng = random.Random(0)
-    for name in ("shard0", "shard1", "shard2", "shard3", "heldout"):
-        (root / f"{name}.txt").write_text("\n".join(" ".join(_sentences(rng, 8)) for _ in range(200)) + "\n")
-    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.train([str(root / "shard0.txt")], trainers.WordLevelTrainer(special_tokens=["<unk>", "<eos>"]))
-    model_dir = root / "tiny"
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<eos>").save_pretrained(
-        model_dir
-    )
-    small = {**SMALL_CONFIG, "vocab_size": 32, "max_position_embeddings": 64}
-    LlamaConfig(num_hidden_layers=2, tie_word_embeddings=True, **small).save_pretrained(model_dir)
+    arithmetic_text(root, layers=2)
     return root
 
 
