@@ -113,7 +113,8 @@ def run_train(settings: TrainSettings) -> None:
             trainer.save(settings.checkpoint_dir, tokenizer)
         last = trainer.history[-1].loss if trainer.history else float("nan")
         where = f"; global weights in {settings.checkpoint_dir}" if settings.checkpoint_dir else ""
-        click.echo(f"Trained to step {trainer.step} ({rounds} rounds), last loss {last:.4f}{where}")
+        retried = f"; {model.remote.blocks.retries} stage calls retried" if settings.swarm else ""
+        click.echo(f"Trained to step {trainer.step} ({rounds} rounds), last loss {last:.4f}{where}{retried}")
         finished = True
     finally:
         # interrupted (Ctrl-C, an error): leave at once; the DHT may be slow to store a last record (it tries

@@ -12,7 +12,9 @@ first::
 - ``throughput(p)``: an exponential moving average of ``task_size / seconds`` over ``p``'s finished calls, where
   ``seconds`` is the wall time of the whole remote call (network and queueing included), so a peer that is busy
   with other trainers looks slower; a peer not yet measured counts as fast as the fastest measured one (or
-  ``initial_throughput``), so it gets work at once and its first measurement corrects the guess.
+  ``initial_throughput``), so it gets work at once and its first measurement corrects the guess. An estimate
+  that no call refreshed for ``probe_seconds`` is forgotten the same way: a peer that looked slow once (its first
+  call was a cold start) is not starved of the calls that would show it is not.
 
 Ties are broken at random. With calls from many micro-batches in flight this keeps every peer busy, and each peer's
 share of the work converges to its share of the stage's throughput; plain round-robin would instead hold the stage
@@ -53,6 +55,7 @@ class _PeerState:
     queued: float = 0.0  # sizes of this trainer's calls in flight on the peer
     calls: int = 0  # number of those calls
     throughput: float | None = None  # EMA of task_size / seconds; None until the first call finishes
+    measured_at: float = 0.0  # when ``throughput`` last took a sample, by the clock
 
 
 class StageWiring:
@@ -60,7 +63,9 @@ class StageWiring:
 
     ``clock`` measures call times and bans (inject a fake one in tests); ``alpha`` is the weight of a new sample in
     the throughput EMA; ``initial_throughput`` is the estimate of a peer not yet measured (default: the highest
-    measured estimate, or 1.0); ``rng`` breaks ties; ``name`` names the stage in errors and logs.
+    measured estimate, or 1.0); ``probe_seconds``: an estimate not refreshed for this long is forgotten, so a peer
+    that once looked slow (a cold start, a passing load) is tried again; ``rng`` breaks ties; ``name`` names the
+    stage in errors and logs.
     """
 
     def __init__(
@@ -69,6 +74,7 @@ class StageWiring:
         alpha: float = 0.1,
         initial_throughput: float | None = None,
         *,
+        probe_seconds: float = 10.0,
         rng: random.Random | None = None,
         name: str = "stage",
     ):
@@ -77,6 +83,7 @@ class StageWiring:
         if initial_throughput is not None and not initial_throughput > 0:
             raise ValidationError(f"initial_throughput must be positive, got {initial_throughput}")
         self.clock, self.alpha, self.initial_throughput = clock, alpha, initial_throughput
+        self.probe_seconds = probe_seconds
         self.name = name
         self._rng = rng if rng is not None else random.Random()
         self._lock = threading.Lock()
@@ -118,6 +125,9 @@ class StageWiring:
             usable = [p for p in self._peers if p not in self._banned_until and p not in exclude]
             if not usable:
                 raise RoutingError(self._no_peer_message(exclude, now))
+            for state in self._peers.values():  # estimates gone stale: measured again as new peers' are
+                if state.calls == 0 and state.measured_at < now - self.probe_seconds:
+                    state.throughput = None
             default = self._default_throughput()
             finish = {p: self._finish_time(self._peers[p], sizes.get(p, task_size), default) for p in usable}
             best = min(finish.values())
@@ -190,6 +200,7 @@ class StageWiring:
             if sample is not None:
                 ema = state.throughput
                 state.throughput = sample if ema is None else self.alpha * sample + (1 - self.alpha) * ema
+                state.measured_at = self.clock()
 
     def _default_throughput(self) -> float:
         if self.initial_throughput is not None:

@@ -49,7 +49,7 @@ from swarm_peer.peer.blocks import DTYPES, BlockSpan
 from swarm_peer.peer.expert_handlers import ExpertHandlers
 from swarm_peer.peer.experts import HostedExperts
 from swarm_peer.peer.handlers import BlockHandlers, Handlers
-from swarm_peer.peer.replicas import Replicas
+from swarm_peer.peer.replicas import Replicas, StageSteps
 from swarm_peer.peer.stage import TrainableStage
 from swarm_peer.peer.throughput import announced, cached_probe, decode_threads
 from swarm_peer.protocols import swarm_pb2
@@ -179,7 +179,20 @@ class Peer(Hosting):
         self.handlers = BlockHandlers(
             self.span, self.model_id, settings, self._info_json, decode_threads=threads, stage=self.stage
         )
-        self.replicas = None
+        self.replicas, self.steps = None, None
+        self._stage_hosts: list = []  # the stage's peers, as the DHT last listed them (``_follow_stage``)
+        if train is not None:  # the stage's peers step together, and average their weights now and then
+            self.stage.steps_itself = False
+            self.steps = StageSteps(
+                lambda: [self.stage],
+                lambda uid: self._stage_hosts,
+                self.dht,
+                self.handlers._compute,
+                kind=f"{self.model_id}-{start}-{end}",
+                average_every=1,
+                timeout=train.averaging_timeout,
+                aggregator=train.aggregator,
+            )
         if train is not None and train.average_every is not None:
             self.replicas = Replicas(
                 lambda: [self.stage],
@@ -265,7 +278,8 @@ class Peer(Hosting):
             peer_id,
         )
         if self.stage is not None:  # a training stage does not move (yet); it averages with its stage's peers
-            return [] if self.replicas is None else [self.replicas.run_forever()]
+            background = [self._follow_stage(), self.steps.run_forever()]
+            return background + ([] if self.replicas is None else [self.replicas.run_forever()])
         return [self._rebalance_forever()] if self.settings.rebalance_period else []
 
     async def _prepare(self) -> None:
@@ -292,6 +306,26 @@ class Peer(Hosting):
             self.span.start,
             self.span.end,
         )
+
+    async def _follow_stage(self) -> None:
+        """Every announce period, this peer's share of the samples its stage trains on (``peer.trainable``): its own
+        rate over the rates its stage's peers announce; 1/n of n peers while it has none."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                peers = await loop.run_in_executor(None, self._stage_peers)
+                self._stage_hosts = list(peers)  # whom a step waits for (without a lookup per step)
+                peers.pop(self.dht.peer_id, None)
+                own = self.stage.samples_per_second
+                total = own + sum(info.samples_per_second for info in peers.values())
+                self.stage.share = own / total if own > 0 else 1 / (len(peers) + 1)
+            except Exception:
+                logger.warning(
+                    "Could not look up the stage's peers; keeping a share of %.2f",
+                    self.stage.share,
+                    exc_info=True,
+                )
+            await asyncio.sleep(self.settings.announce_period)
 
     def _stage_peers(self) -> dict:
         """The peers the DHT lists as serving (or joining) exactly this stage's span of the run, this one included."""
@@ -379,8 +413,9 @@ class Peer(Hosting):
         self.handlers.budget.close()
 
     def _finish(self) -> None:
-        if self.replicas is not None:
-            self.replicas.shutdown()
+        for averaging in (self.replicas, self.steps):
+            if averaging is not None:
+                averaging.shutdown()
 
 
 class ExpertPeer(Hosting):
@@ -455,8 +490,9 @@ class ExpertPeer(Hosting):
                 logger.warning("Saving the experts failed; trying again in %.0f s", period, exc_info=True)
 
     def _finish(self) -> None:
-        if self.replicas is not None:
-            self.replicas.shutdown()
+        for averaging in (self.replicas, self.steps):
+            if averaging is not None:
+                averaging.shutdown()
         saved = self.experts.save()
         if saved:
             logger.info("Saved %d experts to %s", saved, self.experts.checkpoint_dir)

@@ -7,8 +7,10 @@ SWARM pipeline (``peer.stage``).
 - ``backward(inputs, grad_y, graph)`` differentiates ``graph`` if it is the forward of these inputs at the weights
   the module still has, else computes the forward again (the weights may have stepped since the forward the caller
   saw: asynchronous training); it returns the gradient w.r.t. the first input and adds the parameters' gradients to
-  what the module has accumulated. Once accumulated backward calls brought ``update_every`` samples (rows of the
-  first input), the module takes one AdamW step on that sum and starts accumulating again. A gradient summed over
+  what the module has accumulated. Once accumulated backward calls brought ``update_every`` x ``share`` samples
+  (rows of the first input), the module takes one AdamW step on that sum and starts accumulating again. ``share``
+  is this peer's part of the samples that the module's replicas on other peers process together (1 alone): the
+  replicas of a stage of a SWARM run then step at the pace of the stage as a whole, whatever each one's speed. A gradient summed over
   calls, not averaged: a caller that wants the mean over a batch weighs each micro-batch's loss by its share of the
   batch, and AdamW's step does not depend on the gradient's scale anyway (but for its epsilon).
 
@@ -38,6 +40,10 @@ class Trainable:
         self.unaveraged = 0  # samples of backward calls since it last averaged with its replicas
         self.steps = 0  # optimizer steps taken
         self.dirty = False  # changed (accumulated, stepped or averaged) since the last save
+        self.share = 1.0  # this peer's part of the samples its module's replicas process (module docstring)
+        self.steps_itself = (
+            True  # False: its steps are taken with its replicas (``peer.replicas.StageSteps``)
+        )
 
     def _run(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.module(*inputs)
@@ -72,11 +78,25 @@ class Trainable:
             torch.autograd.backward(y, grad_y.to(y.dtype))
         samples = x.shape[0]
         self.samples, self.unaveraged, self.dirty = self.samples + samples, self.unaveraged + samples, True
-        if self.samples >= self.update_every:
+        if self.steps_itself and self.samples >= self.update_every * self.share:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.samples, self.steps = 0, self.steps + 1
         return torch.zeros_like(x) if x.grad is None else x.grad  # an output that ignores x: no gradient
+
+    def step_on(self, grad: torch.Tensor) -> None:
+        """One AdamW step on ``grad`` (the parameters' gradients, flat); what backward calls accumulated meanwhile
+        stays accumulated for the next step."""
+        params = list(self.module.parameters())
+        kept = [p.grad for p in params]
+        offset = 0
+        for p in params:
+            p.grad = grad[offset : offset + p.numel()].view_as(p).to(p.device, p.dtype)
+            offset += p.numel()
+        self.optimizer.step()
+        for p, g in zip(params, kept, strict=True):
+            p.grad = g
+        self.steps, self.dirty = self.steps + 1, True
 
     def state_dict(self) -> dict:
         return {

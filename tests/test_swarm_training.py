@@ -8,13 +8,21 @@ moment is exactly (1 - beta1) x its gradient, and its second (1 - beta2) x the g
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
 import pytest
 import torch
 from hivemind.p2p import PeerID
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from swarm_peer.cli.local_swarm import LocalSwarm
 from swarm_peer.client import DistributedModelForCausalLM
+from swarm_peer.client.text_data import TokenStream
 from swarm_peer.dht import online_servers, run_model_id
 from swarm_peer.models import resolve_checkpoint
 from swarm_peer.peer.blocks import BlockSpan
@@ -23,7 +31,7 @@ from swarm_peer.protocols import rpc, swarm_pb2
 from swarm_peer.protocols.stage_state import fetch_state
 from swarm_peer.settings import StageSettings
 
-from .conftest import client_settings, wait_until
+from .conftest import arithmetic_text, client_settings, wait_until
 
 B, T, MICRO = 4, 8, 2  # a batch of 4 sequences of 8 tokens, in 2 micro-batches of 2
 STAGES = [(0, 2), (2, 4)]
@@ -95,6 +103,18 @@ def _stage_states(model, swarm_model_id: str, local):
     return states
 
 
+def _stepped_states(model, run: str, local) -> list:
+    """Each stage's state once both took their step on the batch (right after its backward calls)."""
+    states = []
+
+    def stepped() -> bool:
+        states[:] = _stage_states(model, run_model_id(run), local)
+        return all(state.steps == 1 for state in states)
+
+    assert wait_until(stepped, timeout=10)
+    return states
+
+
 @pytest.mark.timeout(300)
 def test_gradients_through_two_stages_equal_one_local_model(swarm):
     ids = _batch()
@@ -106,8 +126,8 @@ def test_gradients_through_two_stages_equal_one_local_model(swarm):
         assert abs(loss - local_loss) < 1e-5
         for name, p in model.named_parameters():  # the trainer's embeddings, final norm and head
             torch.testing.assert_close(p.grad, local.get_parameter(name).grad, atol=1e-5, rtol=0)
-        # each stage has stepped once on the batch's 4 samples: its moments hold the gradients it accumulated
-        states = _stage_states(model, run_model_id("exact"), local)
+        # each stage steps once on the batch's 4 samples (at once, its only peer): its moments hold the gradients
+        states = _stepped_states(model, "exact", local)
         for (start, end), state in zip(STAGES, states, strict=True):
             assert state.steps == 1
             layers = local.model.layers[start:end]
@@ -130,7 +150,7 @@ def test_with_8bit_compression_gradients_stay_close(swarm):
         assert abs(loss - local_loss) <= 0.01 * abs(local_loss), (loss, local_loss)
         grads = [p.grad.flatten() for p in model.parameters()]
         expected = [local.get_parameter(name).grad.flatten() for name, _ in model.named_parameters()]
-        states = _stage_states(model, run_model_id("int8"), local)
+        states = _stepped_states(model, "int8", local)
         for (start, end), state in zip(STAGES, states, strict=True):
             layers = local.model.layers[start:end]
             grads += [m.flatten() / 0.1 for m in state.exp_avg]
@@ -155,18 +175,20 @@ def _samples(seed: int, n: int = 4) -> tuple[torch.Tensor, ...]:
 
 
 @pytest.mark.timeout(300)
-def test_a_stages_peers_average_to_identical_weights_and_a_joiner_takes_them(swarm):
-    """Two peers of one stage each take two AdamW steps on other samples (8 each: --average-every), then average:
-    both hold the mean of what each had (computed here by local copies of the stage), where they differed. A third
-    peer that joins the stage then downloads its state and holds the same weights, at the same step."""
+def test_a_stages_peers_step_together_and_a_joiner_takes_their_state(swarm):
+    """Two peers of one stage are each sent other samples, 4 at a time (--target-batch-size): they average their
+    gradients and take the same AdamW step on the sum, as one copy of the stage given all the samples (computed here)
+    would; they hold identical weights, where each stepping on its own samples would not (the control). A third peer
+    that joins the stage then downloads its state and holds the same weights, at the same step."""
     settings = StageSettings(run_id="avg", lr=0.01, target_batch_size=B)
     span = lambda: BlockSpan(resolve_checkpoint(swarm.model), 0, 4)  # noqa: E731
-    replicas = [TrainableStage(span(), settings, "local") for _ in range(2)]
+    alone = [TrainableStage(span(), settings, "local") for _ in range(2)]
+    together = TrainableStage(span(), settings.model_copy(update={"target_batch_size": 2 * B}), "local")
     peers = [p for p in swarm.peers if "0:4" in p.name]
     with swarm.runtime() as runtime:
         request = swarm_pb2.Span(model_id=run_model_id("avg"), start_block=0, end_block=4)
-        for i, (peer, replica) in enumerate(zip(peers, replicas, strict=True)):
-            for call in range(2):
+        for call in range(2):
+            for i, (peer, replica) in enumerate(zip(peers, alone, strict=True)):
                 hidden, mask, positions, grad = _samples(10 * i + call)
                 runtime.run(
                     rpc.call_with_tensors(
@@ -176,10 +198,11 @@ def test_a_stages_peers_average_to_identical_weights_and_a_joiner_takes_them(swa
                     )
                 )  # fmt: skip
                 replica.backward((hidden, mask, positions), grad)
-        apart = [torch.cat([p.detach().flatten() for p in r.module.parameters()]) for r in replicas]
-        assert (apart[0] - apart[1]).abs().max() > 1e-3  # the control: without averaging they differ
-        mean = (apart[0] + apart[1]) / 2
-        shapes = replicas[0].shapes()
+                together.backward((hidden, mask, positions), grad)
+        flat = lambda stage: torch.cat([p.detach().flatten() for p in stage.module.parameters()])  # noqa: E731
+        expected, apart = flat(together), [flat(replica) for replica in alone]
+        assert together.steps == 2 and all((w - expected).abs().max() > 1e-3 for w in apart)  # the control
+        shapes = together.shapes()
 
         def weights(peer_id: str) -> tuple[torch.Tensor, int]:
             state = runtime.run(
@@ -187,13 +210,131 @@ def test_a_stages_peers_average_to_identical_weights_and_a_joiner_takes_them(swa
             )
             return torch.cat([w.flatten() for w in state.weights]), state.steps
 
-        def averaged() -> bool:
-            held = [weights(peer.peer_id)[0] for peer in peers]
-            return all((w - mean).abs().max() <= 1e-5 for w in held)
-
-        assert wait_until(averaged, timeout=60)
+        assert wait_until(lambda: all(weights(peer.peer_id)[1] == 2 for peer in peers), timeout=60)
         held = [weights(peer.peer_id) for peer in peers]
-        assert (held[0][0] - held[1][0]).abs().max() <= 1e-6 and held[0][1] == held[1][1] == 2
+        assert (held[0][0] - held[1][0]).abs().max() == 0  # the same bytes, the same step
+        torch.testing.assert_close(held[0][0], expected, atol=1e-5, rtol=0)
         joiner = swarm.add_peer(0, 4, extra_args=_stage_args("avg", *AVERAGING))
         joined, steps = weights(joiner.peer_id)
         assert steps == 2 and (joined - held[0][0]).abs().max() == 0
+
+
+# ---------------------------------------------------------------- trainers from the command line, on text
+
+TEXT_STAGES = [(0, 1), (0, 1), (1, 2), (1, 2)]  # a 2-block model: 2 stages x 2 peers
+TEXT_STEPS, TEXT_BATCH, TEXT_LEN, TEXT_LR = 40, 4, 32, 3e-3  # the trainers': their layers step on every batch
+STAGE_TARGET, STAGE_LR = (
+    32,
+    1e-2,
+)  # the stages step once the two trainers' batches brought 32 samples: every 4 steps
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    root = tmp_path_factory.mktemp("swarm-text")
+    return root, arithmetic_text(root, layers=2, weights=True)
+
+
+def _text_swarm(model_dir, run: str) -> LocalSwarm:
+    stage = ["--train", "--run-id", run, "--target-batch-size", str(STAGE_TARGET), "--lr", str(STAGE_LR)]
+    return LocalSwarm(str(model_dir), spans=TEXT_STAGES, peer_args=PEER_ARGS + stage)
+
+
+def _text_trainer(
+    root, model_dir, swarm: LocalSwarm, run: str, i: int, *args: str, steps: int = TEXT_STEPS, log=None
+) -> subprocess.Popen:
+    """Trainer ``i`` of ``run``; ``log``: a file its stderr (its progress bar) goes to."""
+    command = [
+        sys.executable, "-m", "swarm_peer.cli.main", "train", str(model_dir), "--swarm", "--run-id", run,
+        "--data", str(root / f"shard{i}.txt"), "--initial-peers", *swarm.initial_peers, "--seed", str(i),
+        "--batch-size", str(TEXT_BATCH), "--micro-batches", "2", "--seq-len", str(TEXT_LEN), "--lr", str(TEXT_LR),
+        "--weight-decay", "0.01", "--steps", str(steps), "--checkpoint-dir", str(root / run / f"trainer{i}"),
+        *args,
+    ]  # fmt: skip
+    stderr = subprocess.PIPE if log is None else log
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True)
+
+
+def _finish(trainer: subprocess.Popen, timeout: float = 240) -> str:
+    try:
+        out, err = trainer.communicate(timeout=timeout)
+    finally:
+        if trainer.poll() is None:
+            os.killpg(trainer.pid, signal.SIGKILL)
+    assert trainer.returncode == 0, (err or "")[-3000:]
+    return out
+
+
+def _heldout_loss(model, root, tokenizer) -> float:
+    ids = TokenStream.from_file(root / "heldout.txt", tokenizer).batch(
+        32, TEXT_LEN, torch.Generator().manual_seed(9)
+    )
+    with torch.no_grad():
+        return model(input_ids=ids, labels=ids).loss.item()
+
+
+@pytest.mark.timeout(400)
+def test_two_trainers_through_two_stages_of_two_peers_train_as_one_process(text):
+    """Two trainers (batches of 4, in 2 micro-batches; their embeddings and head averaged at every step) through 2
+    stages of 2 peers (stepping together on every 32 samples): the held-out loss of the model the first trainer
+    assembles at exit is within 10% of one process's, trained with AdamW on the same samples on the same schedule
+    (both trainers' batches as one batch of 8 per step, the blocks stepping every 4 steps); both have learnt (the
+    control: the untrained model's loss)."""
+    root, model_dir = text
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    with _text_swarm(model_dir, "duo") as swarm:
+        trainers = [_text_trainer(root, model_dir, swarm, "duo", i, "--inner-steps", "1") for i in range(2)]
+        for trainer in trainers:
+            _finish(trainer)
+    swarm_model = AutoModelForCausalLM.from_pretrained(root / "duo" / "trainer0")
+    local = AutoModelForCausalLM.from_pretrained(model_dir)
+    untrained = _heldout_loss(local, root, tokenizer)
+    blocks = list(local.model.layers.parameters())
+    own = [p for p in local.parameters() if all(p is not b for b in blocks)]
+    optimizers = [
+        torch.optim.AdamW(own, lr=TEXT_LR, weight_decay=0.01),
+        torch.optim.AdamW(blocks, lr=STAGE_LR, weight_decay=0.01),
+    ]
+    streams = [TokenStream.from_file(root / f"shard{i}.txt", tokenizer) for i in range(2)]
+    generators = [torch.Generator().manual_seed(i) for i in range(2)]
+    for step in range(TEXT_STEPS):
+        ids = torch.cat([s.batch(TEXT_BATCH, TEXT_LEN, g) for s, g in zip(streams, generators, strict=True)])
+        local(input_ids=ids, labels=ids).loss.backward()
+        for optimizer in optimizers[: 1 + ((step + 1) * 2 * TEXT_BATCH % STAGE_TARGET == 0)]:
+            optimizer.step()
+            optimizer.zero_grad()
+    ours, reference = _heldout_loss(swarm_model, root, tokenizer), _heldout_loss(local, root, tokenizer)
+    assert reference < 0.8 * untrained  # the oracle learnt
+    assert abs(ours - reference) <= 0.1 * reference, (ours, reference, untrained)
+
+
+@pytest.mark.timeout(400)
+def test_a_stage_peer_killed_mid_training_loses_no_micro_batch(text):
+    """kill -9 a peer of the first stage while a trainer runs: every step's micro-batches finish (calls on the dead
+    peer are retried on the other peer of the stage), the dead peer is banned after its first failures rather than
+    tried for every call, and the loss keeps falling."""
+    root, model_dir = text
+    steps, log_path = 200, root / "churn.log"
+    with _text_swarm(model_dir, "churn") as swarm, log_path.open("w") as log:
+        trainer = _text_trainer(
+            root,
+            model_dir,
+            swarm,
+            "churn",
+            0,
+            "--min-peers",
+            "1",
+            "--inner-steps",
+            "10",
+            steps=steps,
+            log=log,
+        )
+        done = lambda: max(map(int, re.findall(rf"(\d+)/{steps}", log_path.read_text())), default=0)  # noqa: E731
+        assert wait_until(lambda: done() >= 20 or trainer.poll() is not None, timeout=120)
+        assert trainer.poll() is None and done() < steps // 2, log_path.read_text()[-2000:]
+        os.killpg(swarm.peers[0].process.pid, signal.SIGKILL)  # a peer of the first stage, p2pd and all
+        out = _finish(trainer)
+    retried = int(re.search(r"(\d+) stage calls retried", out).group(1))
+    assert 1 <= retried <= 8, out  # micro-batches in flight on the dead peer when it died; then it is banned
+    losses = [json.loads(line)["loss"] for line in (root / "churn" / "trainer0" / "train_log.jsonl").open()]
+    assert len(losses) == steps and sum(losses[-10:]) < sum(losses[:10]), losses

@@ -273,3 +273,20 @@ def test_round_robin_control_is_held_to_the_slowest_peer():
     # Round robin finishes when the slow peer has served a third of the work; the balancer near sum/7.
     assert robin.makespan == pytest.approx(sum(sizes) / 3, rel=0.03)
     assert robin.makespan > 2 * balanced.makespan
+
+
+def test_a_peer_that_looked_slow_once_is_tried_again_after_probe_seconds():
+    clock = FakeClock()
+    wiring = StageWiring(clock=clock, probe_seconds=10.0, rng=random.Random(0))
+    wiring.update(["cold", "warm"])
+    for peer, seconds in (("cold", 100.0), ("warm", 1.0)):  # cold's first call was a cold start: 100x slower
+        wiring.done(wiring.choose(1.0, exclude={"cold", "warm"} - {peer}), 1.0, seconds)
+    picks = []
+    for _ in range(20):  # one call at a time, a second each: the fast peer takes them all...
+        clock.now += 1.0
+        picks.append(wiring.choose(1.0))
+        wiring.done(picks[-1], 1.0, 1.0)
+    assert "cold" not in picks[:8]
+    # ...until cold's estimate is 10 s old: forgotten, it is tried again, and its real speed is measured
+    assert "cold" in picks[9:12], picks
+    assert wiring.throughputs()["cold"] == 1.0
