@@ -224,7 +224,7 @@ def _trained_option(field: str, type, **extra):
 
 _EXPERT_FIELDS = ("expert_type", "expert_modules", "seed", "update_every", "checkpoint_period", "fail_rate")
 _TRAINED_FIELDS = ("lr", "weight_decay", "average_every", "averaging_timeout")
-_STAGE_FIELDS = ("run_id", "target_batch_size", "aggregator", "compression")
+_STAGE_FIELDS = ("run_id", "target_batch_size", "aggregator", "compression", "emulated_speed")
 
 
 def _expert_settings(patterns: tuple[str, ...], hidden: int | None, checkpoint_dir: str | None, kwargs: dict):
@@ -293,6 +293,7 @@ def _stage_settings(train: bool, kwargs: dict):
 @_stage_option("target_batch_size")
 @_stage_option("aggregator", type=click.Choice(["centered_clip", "mean"]))
 @_stage_option("compression", type=click.Choice(["none", "float16", "8bit"]))
+@_stage_option("emulated_speed", type=click.FloatRange(min=0, min_open=True), hidden=True)
 @click.option(
     "--checkpoint-dir", type=click.Path(file_okay=False), help="the experts' state: saved and restored"
 )

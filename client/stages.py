@@ -75,7 +75,8 @@ class RemoteStages(nn.Module):
     """All blocks of the run ``model_id`` (``dht.run_model_id``), as stages served by the swarm. Called as the
     blocks of a ``DistributedModelForCausalLM``: ``stages(hidden_BTD, attention_mask_BT, position_ids_BT)``.
 
-    ``compression``: the codec of the hidden states and gradients this trainer sends (``codec.CODECS``).
+    ``compression``: the codec of the hidden states and gradients this trainer sends (``codec.CODECS``);
+    ``wiring``: the class that picks each call's peer in a stage (``StageWiring``; another policy, to compare).
     ``calls``, ``retries``: counts of calls made and of calls that failed and were retried elsewhere."""
 
     def __init__(
@@ -87,11 +88,12 @@ class RemoteStages(nn.Module):
         compression: str = "none",
         ban_seconds: float = 60.0,
         max_staleness: int = 4,
+        wiring: type[StageWiring] = StageWiring,
     ):
         super().__init__()
         self.runtime, self.model_id, self.num_blocks = runtime, model_id, num_blocks
         self.compression = codec.CODECS[compression]
-        self.ban_seconds, self.max_staleness = ban_seconds, max_staleness
+        self.ban_seconds, self.max_staleness, self.wiring = ban_seconds, max_staleness, wiring
         self.stages: list[tuple[int, int]] = []
         self.wirings: dict[tuple[int, int], StageWiring] = {}
         self.steps: dict[PeerID, int] = {}  # each listed peer's announced optimizer steps
@@ -119,7 +121,7 @@ class RemoteStages(nn.Module):
                     for p, info in listed.items()
                     if (info.training_step or 0) >= newest - self.max_staleness
                 ]
-                wiring = self.wirings.setdefault((start, end), StageWiring(name=f"{start}:{end}"))
+                wiring = self.wirings.setdefault((start, end), self.wiring(name=f"{start}:{end}"))
                 wiring.update(p.to_base58() for p in fresh)
                 self._peers.update((p.to_base58(), p) for p in fresh)
                 self.steps.update((p, info.training_step or 0) for p, info in listed.items())

@@ -57,10 +57,24 @@ class TrainableStage(Trainable):
             hidden_BTD, attention_mask_BS, position_ids_BT, self.span.start, self.span.end
         )
 
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        self._emulate(inputs[0].shape[0], 1 / 3)
+        return super().forward(*inputs)
+
+    def graph(self, *inputs: torch.Tensor):
+        self._emulate(inputs[0].shape[0], 1 / 3)
+        return super().graph(*inputs)
+
     def backward(self, inputs, grad_y, graph=None) -> torch.Tensor:
+        self._emulate(inputs[0].shape[0], 2 / 3)
         grad = super().backward(inputs, grad_y, graph)
         self._backwards.append((time.monotonic(), inputs[0].shape[0]))
         return grad
+
+    def _emulate(self, samples: int, part: float) -> None:
+        """(testing, ``--emulated-speed``) The time a device of that speed would take, on the compute thread."""
+        if self.settings.emulated_speed:
+            time.sleep(samples * part / self.settings.emulated_speed)
 
     @property
     def samples_per_second(self) -> float:

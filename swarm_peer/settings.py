@@ -121,6 +121,12 @@ class StageSettings(_Settings):
     compression: Literal["none", "float16", "8bit"] = Field(
         "none", description="codec of the activations and gradients this peer sends back to trainers"
     )
+    emulated_speed: float | None = Field(
+        None,
+        gt=0,
+        description="(testing) samples/s of forward and backward the stage emulates on top of its compute: a "
+        "forward sleeps 1/3 of 1/speed per sample, a backward 2/3 (a volunteer's slower or faster GPU)",
+    )
 
 
 class PeerSettings(_Settings):
