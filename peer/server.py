@@ -51,6 +51,7 @@ from swarm_peer.peer.experts import HostedExperts
 from swarm_peer.peer.handlers import BlockHandlers, Handlers
 from swarm_peer.peer.replicas import Replicas, StageSteps
 from swarm_peer.peer.stage import TrainableStage
+from swarm_peer.peer.stage_balance import plan_stage_move
 from swarm_peer.peer.throughput import announced, cached_probe, decode_threads
 from swarm_peer.protocols import swarm_pb2
 from swarm_peer.protocols.stage_state import fetch_state
@@ -181,6 +182,9 @@ class Peer(Hosting):
         )
         self.replicas, self.steps = None, None
         self._stage_hosts: list = []  # the stage's peers, as the DHT last listed them (``_follow_stage``)
+        # a stage's rounds are keyed by its uid under a prefix of the run and the stages' size: a peer that moves to
+        # another stage of its size keeps its averagers
+        size = sum(p.numel() for p in self.span.layers.parameters())
         if train is not None:  # the stage's peers step together, and average their weights now and then
             self.stage.steps_itself = False
             self.steps = StageSteps(
@@ -188,7 +192,7 @@ class Peer(Hosting):
                 lambda uid: self._stage_hosts,
                 self.dht,
                 self.handlers._compute,
-                kind=f"{self.model_id}-{start}-{end}",
+                kind=f"{self.model_id}-{size}",
                 average_every=1,
                 timeout=train.averaging_timeout,
                 aggregator=train.aggregator,
@@ -199,7 +203,7 @@ class Peer(Hosting):
                 lambda uid: list(self._stage_peers()),
                 self.dht,
                 self.handlers._compute,
-                kind=f"stage-{self.model_id}-{start}-{end}",
+                kind=f"{self.model_id}-{size}",
                 average_every=train.average_every,
                 timeout=train.averaging_timeout,
                 aggregator=train.aggregator,
@@ -277,35 +281,21 @@ class Peer(Hosting):
             self.model_id,
             peer_id,
         )
-        if self.stage is not None:  # a training stage does not move (yet); it averages with its stage's peers
+        if self.stage is not None:  # a training stage steps and averages with its stage's peers, and may move
             background = [self._follow_stage(), self.steps.run_forever()]
-            return background + ([] if self.replicas is None else [self.replicas.run_forever()])
+            background += [] if self.replicas is None else [self.replicas.run_forever()]
+            return background + ([self._rebalance_stages_forever()] if self.settings.rebalance_period else [])
         return [self._rebalance_forever()] if self.settings.rebalance_period else []
 
     async def _prepare(self) -> None:
         """A training stage takes the stage's state from a peer that serves it, the most advanced first; the stage's
         first peer starts from the checkpoint's weights."""
-        if self.stage is None:
-            return
-        peers = await asyncio.get_running_loop().run_in_executor(None, self._stage_peers)
-        peers.pop(self.dht.peer_id, None)
-        span = swarm_pb2.Span(model_id=self.model_id, start_block=self.span.start, end_block=self.span.end)
-        for peer_id, _ in sorted(peers.items(), key=lambda item: -(item[1].training_step or 0)):
-            try:
-                state = await fetch_state(
-                    self.handlers.p2p, peer_id, span, self.stage.shapes(), self.settings.max_request_seconds
-                )
-            except SwarmError as e:
-                logger.warning("Could not download the stage's state from %s: %s", peer_id, e)
-                continue
-            await self.handlers._compute(self.stage.load_state, state)
-            logger.info("Took the stage's state at step %d from %s", state.steps, peer_id)
-            return
-        logger.info(
-            "No peer trains blocks %d:%d of the run yet: starting from the checkpoint's weights",
-            self.span.start,
-            self.span.end,
-        )
+        if self.stage is not None and not await self._take_state(self.stage):
+            logger.info(
+                "No peer trains blocks %d:%d of the run yet: starting from the checkpoint's weights",
+                self.span.start,
+                self.span.end,
+            )
 
     async def _follow_stage(self) -> None:
         """Every announce period, this peer's share of the samples its stage trains on (``peer.trainable``): its own
@@ -327,13 +317,95 @@ class Peer(Hosting):
                 )
             await asyncio.sleep(self.settings.announce_period)
 
-    def _stage_peers(self) -> dict:
-        """The peers the DHT lists as serving (or joining) exactly this stage's span of the run, this one included."""
-        (servers,) = get_block_servers(self.dht, self.model_id, [self.span.start])
+    async def _rebalance_stages_forever(self) -> None:
+        """A training stage's ``_rebalance_forever``: every ``rebalance_period`` seconds on average, plans a move to
+        another stage of the run (``peer.stage_balance``), confirms it after one to two announce periods, and
+        makes it (``move_stage``)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.settings.rebalance_period * random.uniform(0.5, 1.5))
+            try:
+                target = await loop.run_in_executor(None, self._planned_stage)
+                if target is None:
+                    continue
+                await asyncio.sleep(self.settings.announce_period * random.uniform(1.0, 2.0))
+                if await loop.run_in_executor(None, self._planned_stage) == target:
+                    await self.move_stage(*target)
+            except Exception:
+                logger.warning("A rebalancing check failed; the peer keeps its stage", exc_info=True)
+
+    def _run_stages(self) -> dict[tuple[int, int], dict]:
+        """The run's stages of this peer's length: span -> {peer: its announced throughput}, ONLINE peers only."""
+        length = self.span.end - self.span.start
+        stages: dict[tuple[int, int], dict] = {}
+        for block_servers in get_block_servers(self.dht, self.model_id, range(self.checkpoint.num_blocks)):
+            for peer_id, info in block_servers.items():
+                if info.state == ServerState.ONLINE and info.end_block - info.start_block == length:
+                    stages.setdefault((info.start_block, info.end_block), {})[peer_id] = info.throughput
+        return stages
+
+    def _planned_stage(self) -> tuple[int, int] | None:
+        stages = self._run_stages()
+        if self.dht.peer_id not in stages.get((self.span.start, self.span.end), {}):
+            return None  # our own record is not visible yet
+        return plan_stage_move(self.dht.peer_id, stages, quality=self.settings.balance_quality)
+
+    async def move_stage(self, start: int, end: int) -> bool:
+        """Moves this training peer to the stage ``[start, end)``: loads its blocks (those it shares with the current
+        span are reused), downloads the stage's state from a peer of it, then serves it. Whether it moved (it stays
+        if no peer of the stage sends its state)."""
+        loop, train = asyncio.get_running_loop(), self.settings.train
+        logger.info(
+            "Rebalancing: moving from blocks %d:%d to %d:%d", self.span.start, self.span.end, start, end
+        )
+
+        def load() -> BlockSpan:
+            device = self.settings.device
+            return BlockSpan(self.checkpoint, start, end, dtype="float32", device=device, reuse=self.span)
+
+        span = await loop.run_in_executor(None, load)
+        stage = TrainableStage(span, train, self.model_id)
+        stage.steps_itself = False
+        if not await self._take_state(stage):
+            return False
+
+        def switch() -> None:  # on the compute thread: between two computations, of the old stage or the new
+            self.span, self.stage = span, stage
+            self.handlers.span, self.handlers.stage = span, stage
+
+        await self.handlers._compute(switch)
+        self._stage_hosts = []
+        self.announcer.update()
+        logger.info("Moved to blocks %d:%d, at the stage's step %d", start, end, stage.steps)
+        return True
+
+    async def _take_state(self, stage: TrainableStage) -> bool:
+        """Takes ``stage``'s state from a peer that serves it, the most advanced first; whether one sent it."""
+        span = swarm_pb2.Span(model_id=self.model_id, start_block=stage.span.start, end_block=stage.span.end)
+        peers = await asyncio.get_running_loop().run_in_executor(None, lambda: self._stage_peers(stage.span))
+        peers.pop(self.dht.peer_id, None)
+        for peer_id, _ in sorted(peers.items(), key=lambda item: -(item[1].training_step or 0)):
+            try:
+                state = await fetch_state(
+                    self.handlers.p2p, peer_id, span, stage.shapes(), self.settings.max_request_seconds
+                )
+            except SwarmError as e:
+                logger.warning("Could not download the stage's state from %s: %s", peer_id, e)
+                continue
+            await self.handlers._compute(stage.load_state, state)
+            logger.info("Took the stage's state at step %d from %s", state.steps, peer_id)
+            return True
+        return False
+
+    def _stage_peers(self, span: BlockSpan | None = None) -> dict:
+        """The peers the DHT lists as serving (or joining) exactly the span of this stage (or of ``span``) of the run,
+        this one included."""
+        span = span or self.span
+        (servers,) = get_block_servers(self.dht, self.model_id, [span.start])
         return {
             peer_id: info
             for peer_id, info in servers.items()
-            if (info.start_block, info.end_block) == (self.span.start, self.span.end)
+            if (info.start_block, info.end_block) == (span.start, span.end)
             and info.state != ServerState.OFFLINE
         }
 

@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -338,3 +339,33 @@ def test_a_stage_peer_killed_mid_training_loses_no_micro_batch(text):
     assert 1 <= retried <= 8, out  # micro-batches in flight on the dead peer when it died; then it is banned
     losses = [json.loads(line)["loss"] for line in (root / "churn" / "trainer0" / "train_log.jsonl").open()]
     assert len(losses) == steps and sum(losses[-10:]) < sum(losses[:10]), losses
+
+
+@pytest.mark.timeout(300)
+def test_stage_peers_move_from_an_over_served_stage_to_the_bottlenecks_and_stay(tiny_checkpoints):
+    """Three one-block stages served 1 / 4 / 1 by equal peers (--rebalance-period 2): two peers of the middle stage
+    move, one to each end, taking the stage's state as they go; the pipeline then stays 2 / 2 / 2."""
+    stage = ["--train", "--run-id", "moves", "--rebalance-period", "2", "--target-batch-size", "1000"]
+    spans = [(0, 1)] + [(1, 2)] * 4 + [(2, 3)]
+    args = [*PEER_ARGS[:-2], *stage]  # PEER_ARGS without --rebalance-period 0
+    with (
+        LocalSwarm(tiny_checkpoints["llama"], spans=spans, peer_args=args) as swarm,
+        swarm.runtime() as runtime,
+    ):
+        started = {peer.peer_id: peer.blocks for peer in swarm.peers}
+
+        def served() -> dict[str, tuple[int, int]]:
+            servers = online_servers(runtime.dht, run_model_id("moves"), range(3))
+            return {
+                str(p): (info.start_block, info.end_block) for block in servers for p, info in block.items()
+            }
+
+        def counts() -> list[int]:
+            spans_now = served()
+            return [sum(1 for span in spans_now.values() if span == (b, b + 1)) for b in range(3)]
+
+        assert wait_until(lambda: counts() == [2, 2, 2], timeout=120), counts()
+        time.sleep(10)  # five more rebalancing periods: nobody moves again
+        assert counts() == [2, 2, 2]
+        moved = [peer for peer, span in served().items() if span != started[peer]]
+        assert len(moved) == 2 and all(started[peer] == (1, 2) for peer in moved)
