@@ -5,7 +5,8 @@ the training runs going on and their volunteers.
     swarm-peer status --initial-peers /ip4/10.0.0.1/tcp/31337/p2p/Qm... ./tiny    # one model
 
 prints a model row (its id, then the readable name peers list it under) with the block coverage, then a bar per
-peer over the model's blocks::
+peer over the model's blocks (a SWARM training run, ``join --train``, is listed as a model whose id is ``run-`` and
+the run id; its peers' rows add their stage's optimizer steps and the samples/s they train)::
 
      model / peer                                   state     span   blocks   tok/s   cache   version   name
      ─────────────────────────────────────────────────────────────────────────────────────────────────────────────────
@@ -247,6 +248,11 @@ def render_status(statuses: list[ModelStatus], console: Console) -> None:
     table.add_column("span", no_wrap=True)
     table.add_column("blocks", no_wrap=True)
     table.add_column("tok/s", justify="right", no_wrap=True)
+    # SWARM training runs (``join --train``): each stage peer's optimizer steps and the samples/s it trains
+    training = any(info.training_step is not None for status in statuses for _, info in status.peers)
+    if training:
+        table.add_column("step", justify="right", no_wrap=True)
+        table.add_column("samples/s", justify="right", no_wrap=True)
     table.add_column("KV free", justify="right", no_wrap=True)
     table.add_column("graphs free", justify="right", no_wrap=True)
     table.add_column("version", no_wrap=True)
@@ -258,10 +264,7 @@ def render_status(statuses: list[ModelStatus], console: Console) -> None:
             Text("covered", style="green") if status.covered else Text("GAPS", style="bold red"),
             f"0:{status.num_blocks}",
             coverage_bar(status.online),
-            "",
-            "",
-            "",
-            "",
+            *[""] * (6 if training else 4),
             gaps,
         )
         for peer_id, info in status.peers:
@@ -274,6 +277,14 @@ def render_status(statuses: list[ModelStatus], console: Console) -> None:
                 f"{info.start_block}:{info.end_block}",
                 Text(span_bar(info.start_block, info.end_block, status.num_blocks), style=style),
                 f"{info.throughput:.0f}" if info.throughput else "—",
+                *(
+                    [
+                        "" if info.training_step is None else str(info.training_step),
+                        "" if info.training_step is None else f"{info.samples_per_second:.1f}",
+                    ]
+                    if training
+                    else []
+                ),
                 _mib(info.cache_mb_left),
                 _mib(info.graph_cache_mb_left),
                 Text(info.version),  # Text, not str: what peers announce is never read as rich markup

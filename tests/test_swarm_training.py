@@ -32,7 +32,7 @@ from swarm_peer.protocols import rpc, swarm_pb2
 from swarm_peer.protocols.stage_state import fetch_state
 from swarm_peer.settings import StageSettings
 
-from .conftest import arithmetic_text, client_settings, wait_until
+from .conftest import arithmetic_text, client_settings, run_cli, table_row, wait_until
 
 B, T, MICRO = 4, 8, 2  # a batch of 4 sequences of 8 tokens, in 2 micro-batches of 2
 STAGES = [(0, 2), (2, 4)]
@@ -218,6 +218,12 @@ def test_a_stages_peers_step_together_and_a_joiner_takes_their_state(swarm):
         joiner = swarm.add_peer(0, 4, extra_args=_stage_args("avg", *AVERAGING))
         joined, steps = weights(joiner.peer_id)
         assert steps == 2 and (joined - held[0][0]).abs().max() == 0
+    # swarm-peer status lists the run as a model, each stage peer with its step
+    status = run_cli("status", "--initial-peers", *swarm.initial_peers, run_model_id("avg"), timeout=60)
+    assert status.returncode == 0, status.stderr
+    for peer in [*peers, joiner]:
+        row = table_row(status.stdout, peer.peer_id[:6], "0:4")
+        assert " 2 " in row, row
 
 
 # ---------------------------------------------------------------- trainers from the command line, on text
