@@ -3,6 +3,11 @@ stage's summed capacity) and one process; stochastic wiring against round-robin.
 
     python benchmarks/swarm_throughput.py [--seconds 15] [--repeats 3] [--in-flight 16] [--quick]
 
+Then the accuracy cost of compressing the hidden states and gradients between stages (``--compression`` of the
+trainer and of the stage peers): on one batch of 8 sequences of 32 tokens through 2 stages of the same model, the
+loss and every gradient (the trainer's layers', and each stage's, read back from its AdamW moments after its first
+step) against one local transformers model: the relative loss difference and the gradients' cosine.
+
 Every stage peer (``swarm-peer join --train``, on 127.0.0.1) emulates the speed of its device with the hidden
 ``--emulated-speed S``: on its compute thread, a forward sleeps 1/3 of 1/S per sample and a backward 2/3, on top
 of the real compute of a small model (4 blocks of width 64). Its capacity is then S samples/s of forward and
@@ -116,6 +121,51 @@ def _samples_per_second(model, seconds: float, in_flight: int) -> float:
     return rate
 
 
+def _compression_cost(model_dir: Path, codec: str) -> tuple[float, float]:
+    """(relative loss difference, gradient cosine) of one batch through 2 stages with ``codec``, against local."""
+    ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(1))
+    local = AutoModelForCausalLM.from_pretrained(model_dir)
+    local_loss = local(input_ids=ids, labels=ids).loss
+    local_loss.backward()
+    half = BLOCKS // 2
+    args = [
+        "--throughput",
+        "1000",
+        "--compute-threads",
+        "1",
+        "--rebalance-period",
+        "0",
+        "--announce-period",
+        "2",
+    ]
+    args += ["--train", "--run-id", codec, "--target-batch-size", "8", "--compression", codec]
+    with LocalSwarm(str(model_dir), spans=[(0, half), (half, BLOCKS)], peer_args=args) as swarm:
+        network = NetworkSettings(initial_peers=tuple(swarm.initial_peers), client_mode=True)
+        model = DistributedModelForCausalLM.from_pretrained(
+            str(model_dir), settings=ClientSettings(network=network), run_id=codec, compression=codec
+        )
+        try:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            ours = [p.grad.flatten() for p in model.parameters()]
+            theirs = [local.get_parameter(name).grad.flatten() for name, _ in model.named_parameters()]
+            stages = model.remote.blocks
+            time.sleep(2)  # the stages step on the batch's 8 samples at once
+            for start, end in stages.stages:
+                layers = local.model.layers[start:end]
+                state = stages.download(
+                    (start, end), {n: tuple(p.shape) for n, p in layers.named_parameters()}
+                )
+                ours += [
+                    m.flatten() / 0.1 for m in state.exp_avg
+                ]  # AdamW's first moment after one step: 0.1 x grad
+                theirs += [layers.get_parameter(name).grad.flatten() for name in state.names]
+        finally:
+            model.shutdown()
+    cosine = torch.nn.functional.cosine_similarity(torch.cat(ours), torch.cat(theirs), dim=0).item()
+    return abs(loss.item() - local_loss.item()) / local_loss.item(), cosine
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -151,6 +201,7 @@ def main() -> None:
                     finally:
                         model.shutdown()
             rows.append((name, speeds, ideal, one_process, rates[StageWiring], rates[RoundRobin]))
+        costs = {codec: _compression_cost(model_dir, codec) for codec in ("none", "float16", "8bit")}
     print(
         f"\nSWARM pipeline throughput, samples/s (micro-batches of {MICRO}x{SEQ} tokens, {args.in_flight} in flight, "
         f"median of {args.repeats} x {args.seconds:.0f} s)"
@@ -164,6 +215,11 @@ def main() -> None:
             f"| {name} | {speeds} | {ideal:.0f} | {one:.1f} | {ours:.1f} | {ours / ideal:.2f} | {robin:.1f} | "
             f"{robin / ideal:.2f} |"
         )
+    print("\nCompression between stages: one batch of 8x32 tokens through 2 stages, against one local model")
+    print("| codec | loss, relative difference | gradients' cosine |")
+    print("|---|---|---|")
+    for codec, (loss_diff, cosine) in costs.items():
+        print(f"| {codec} | {loss_diff:.2e} | {cosine:.6f} |")
 
 
 if __name__ == "__main__":
