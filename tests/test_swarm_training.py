@@ -25,6 +25,7 @@ from swarm_peer.cli.local_swarm import LocalSwarm
 from swarm_peer.client import DistributedModelForCausalLM
 from swarm_peer.client.text_data import TokenStream
 from swarm_peer.dht import online_servers, run_model_id
+from swarm_peer.errors import ValidationError
 from swarm_peer.models import resolve_checkpoint
 from swarm_peer.peer.blocks import BlockSpan
 from swarm_peer.peer.stage import TrainableStage
@@ -109,7 +110,10 @@ def _stepped_states(model, run: str, local) -> list:
     states = []
 
     def stepped() -> bool:
-        states[:] = _stage_states(model, run_model_id(run), local)
+        try:
+            states[:] = _stage_states(model, run_model_id(run), local)
+        except ValidationError:  # now and then a state stream ends before its first message: look again
+            return False
         return all(state.steps == 1 for state in states)
 
     assert wait_until(stepped, timeout=10)
@@ -205,19 +209,25 @@ def test_a_stages_peers_step_together_and_a_joiner_takes_their_state(swarm):
         assert together.steps == 2 and all((w - expected).abs().max() > 1e-3 for w in apart)  # the control
         shapes = together.shapes()
 
-        def weights(peer_id: str) -> tuple[torch.Tensor, int]:
-            state = runtime.run(
-                fetch_state(runtime.p2p, PeerID.from_base58(peer_id), request, shapes, timeout=30)
-            )
+        def weights(peer_id: str, tries: int = 3) -> tuple[torch.Tensor, int]:
+            try:
+                state = runtime.run(
+                    fetch_state(runtime.p2p, PeerID.from_base58(peer_id), request, shapes, timeout=30)
+                )
+            except ValidationError:  # now and then a state stream ends before its first message
+                if tries == 1:
+                    raise
+                return weights(peer_id, tries - 1)
             return torch.cat([w.flatten() for w in state.weights]), state.steps
 
         assert wait_until(lambda: all(weights(peer.peer_id)[1] == 2 for peer in peers), timeout=60)
         held = [weights(peer.peer_id) for peer in peers]
-        assert (held[0][0] - held[1][0]).abs().max() == 0  # the same bytes, the same step
+        # the same step on the same summed gradient (a weights round between the steps may leave float noise)
+        assert (held[0][0] - held[1][0]).abs().max() <= 1e-6
         torch.testing.assert_close(held[0][0], expected, atol=1e-5, rtol=0)
         joiner = swarm.add_peer(0, 4, extra_args=_stage_args("avg", *AVERAGING))
         joined, steps = weights(joiner.peer_id)
-        assert steps == 2 and (joined - held[0][0]).abs().max() == 0
+        assert steps == 2 and (joined - held[0][0]).abs().max() <= 1e-6
     # swarm-peer status lists the run as a model, each stage peer with its step
     status = run_cli("status", "--initial-peers", *swarm.initial_peers, run_model_id("avg"), timeout=60)
     assert status.returncode == 0, status.stderr
@@ -229,11 +239,9 @@ def test_a_stages_peers_step_together_and_a_joiner_takes_their_state(swarm):
 # ---------------------------------------------------------------- trainers from the command line, on text
 
 TEXT_STAGES = [(0, 1), (0, 1), (1, 2), (1, 2)]  # a 2-block model: 2 stages x 2 peers
-TEXT_STEPS, TEXT_BATCH, TEXT_LEN, TEXT_LR = 40, 4, 32, 3e-3  # the trainers': their layers step on every batch
-STAGE_TARGET, STAGE_LR = (
-    32,
-    1e-2,
-)  # the stages step once the two trainers' batches brought 32 samples: every 4 steps
+TEXT_STEPS, TEXT_BATCH, TEXT_LEN, TEXT_LR = 24, 4, 32, 3e-3  # the trainers': their layers step on every batch
+# the stages step once the two trainers' batches brought 16 samples: every 2 steps
+STAGE_TARGET, STAGE_LR = 16, 1e-2
 
 
 @pytest.fixture(scope="module")
@@ -283,9 +291,9 @@ def _heldout_loss(model, root, tokenizer) -> float:
 @pytest.mark.timeout(400)
 def test_two_trainers_through_two_stages_of_two_peers_train_as_one_process(text):
     """Two trainers (batches of 4, in 2 micro-batches; their embeddings and head averaged at every step) through 2
-    stages of 2 peers (stepping together on every 32 samples): the held-out loss of the model the first trainer
+    stages of 2 peers (stepping together on every 16 samples): the held-out loss of the model the first trainer
     assembles at exit is within 10% of one process's, trained with AdamW on the same samples on the same schedule
-    (both trainers' batches as one batch of 8 per step, the blocks stepping every 4 steps); both have learnt (the
+    (both trainers' batches as one batch of 8 per step, the blocks stepping every 2 steps); both have learnt (the
     control: the untrained model's loss)."""
     root, model_dir = text
     tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
@@ -321,7 +329,7 @@ def test_a_stage_peer_killed_mid_training_loses_no_micro_batch(text):
     peer are retried on the other peer of the stage), the dead peer is banned after its first failures rather than
     tried for every call, and the loss keeps falling."""
     root, model_dir = text
-    steps, log_path = 200, root / "churn.log"
+    steps, log_path = 120, root / "churn.log"
     with _text_swarm(model_dir, "churn") as swarm, log_path.open("w") as log:
         trainer = _text_trainer(
             root,
@@ -339,7 +347,11 @@ def test_a_stage_peer_killed_mid_training_loses_no_micro_batch(text):
         done = lambda: max(map(int, re.findall(rf"(\d+)/{steps}", log_path.read_text())), default=0)  # noqa: E731
         assert wait_until(lambda: done() >= 20 or trainer.poll() is not None, timeout=120)
         assert trainer.poll() is None and done() < steps // 2, log_path.read_text()[-2000:]
-        os.killpg(swarm.peers[0].process.pid, signal.SIGKILL)  # a peer of the first stage, p2pd and all
+        with swarm.runtime() as runtime:  # the first stage's busiest peer, by the samples/s it announces
+            (first_stage,) = online_servers(runtime.dht, run_model_id("churn"), [0])
+        busiest = str(max(first_stage, key=lambda peer: first_stage[peer].samples_per_second))
+        victim = next(peer for peer in swarm.peers if peer.peer_id == busiest)
+        os.killpg(victim.process.pid, signal.SIGKILL)  # its p2pd and DHT process too
         out = _finish(trainer)
     retried = int(re.search(r"(\d+) stage calls retried", out).group(1))
     assert 1 <= retried <= 8, out  # micro-batches in flight on the dead peer when it died; then it is banned
