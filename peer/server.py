@@ -562,9 +562,8 @@ class ExpertPeer(Hosting):
                 logger.warning("Saving the experts failed; trying again in %.0f s", period, exc_info=True)
 
     def _finish(self) -> None:
-        for averaging in (self.replicas, self.steps):
-            if averaging is not None:
-                averaging.shutdown()
+        if self.replicas is not None:
+            self.replicas.shutdown()
         saved = self.experts.save()
         if saved:
             logger.info("Saved %d experts to %s", saved, self.experts.checkpoint_dir)
