@@ -90,12 +90,12 @@ from swarm_peer.dht import (
     ServerInfo,
     ServerState,
     agreed_bans,
-    block_ranges,
     get_block_servers,
     list_model_infos,
     list_runs_and_bans,
     validate_model_id,
 )
+from swarm_peer.dht.snapshot import MAX_MODELS, PING_TIMEOUT, ModelStatus, model_status, online_peers
 from swarm_peer.errors import ValidationError
 from swarm_peer.models import DEMO_MODEL, resolve_checkpoint
 from swarm_peer.protocols.runtime import SwarmRuntime
@@ -103,14 +103,10 @@ from swarm_peer.settings import ClientSettings, NetworkSettings
 
 __all__ = [
     "BAR_WIDTH",
-    "MAX_MODELS",
     "MAX_BANS",
     "MAX_RUNS",
     "MAX_RUN_PEERS",
-    "PING_TIMEOUT",
-    "ModelStatus",
     "coverage_bar",
-    "model_status",
     "MAX_STATUS_EXPERTS",
     "render_bans",
     "render_experts",
@@ -125,43 +121,13 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 BAR_WIDTH = 60  # at most this many columns per bar; a column stands for ceil(num_blocks / BAR_WIDTH) blocks
-MAX_MODELS = 16  # models looked up when no MODEL is given (anyone can list models: the list is not trusted)
 MAX_RUNS = 16  # training runs shown, those with most volunteers (anyone can list runs: not trusted)
 MAX_RUN_PEERS = 32  # volunteer rows shown per run, the furthest first
 MAX_BANS = 32  # ban rows shown per run, the most declared first
 MAX_STATUS_EXPERTS = 4096  # experts of one ``--experts`` pattern looked up (each a DHT key)
-PING_TIMEOUT = 2.0  # seconds an ONLINE peer has to answer its info RPC before it is shown UNREACHABLE
 _NON_TERMINAL_WIDTH = 240  # piped output: wide enough that rich never folds a row
 _STATE_STYLES = {ServerState.ONLINE: "green", ServerState.JOINING: "yellow", ServerState.OFFLINE: "dim red"}
 _UNREACHABLE_STYLE = "bold red"
-
-
-@dataclass(frozen=True)
-class ModelStatus:
-    """A snapshot of one model in the swarm.
-
-    ``peers``: one (peer id, record) per peer that announced any block, the record in its best state (a peer
-    that moved keeps OFFLINE records on the blocks it left until they expire); sorted by span.
-    ``online``: per block, how many reachable peers announced it as ONLINE.
-    ``unreachable``: the ONLINE peers that did not answer a ping.
-    """
-
-    model_id: str
-    num_blocks: int
-    peers: tuple[tuple[PeerID, ServerInfo], ...]
-    online: tuple[int, ...]
-    unreachable: frozenset[PeerID] = frozenset()
-    name: str = ""  # the readable name peers list the model under (never part of its id)
-
-    @property
-    def uncovered(self) -> tuple[tuple[int, int], ...]:
-        """[start, end) ranges of blocks with no ONLINE peer."""
-        return block_ranges(block for block, count in enumerate(self.online) if count == 0)
-
-    @property
-    def covered(self) -> bool:
-        """Whether every block has an ONLINE peer."""
-        return not self.uncovered
 
 
 def resolve_model(model: str) -> tuple[str, int | None]:
@@ -178,32 +144,6 @@ def resolve_model(model: str) -> tuple[str, int | None]:
         return validate_model_id(model), None
     except ValidationError as e:
         raise click.BadParameter(f"{e} (nor is it a checkpoint directory)", param_hint="MODEL") from None
-
-
-def model_status(
-    model_id: str,
-    num_blocks: int,
-    servers: list[dict[PeerID, ServerInfo]],
-    unreachable: frozenset[PeerID] = frozenset(),
-    name: str = "",
-) -> ModelStatus:
-    """Summarize the records found for each block of ``model_id`` (``get_block_servers``); peers in
-    ``unreachable`` cover nothing."""
-    best: dict[PeerID, ServerInfo] = {}
-    for block_servers in servers:
-        for peer_id, info in block_servers.items():
-            if peer_id not in best or info.state > best[peer_id].state:
-                best[peer_id] = info
-    peers = sorted(
-        best.items(), key=lambda item: (item[1].start_block, item[1].end_block, item[0].to_base58())
-    )
-    online = tuple(
-        sum(
-            info.state == ServerState.ONLINE and peer_id not in unreachable for peer_id, info in block.items()
-        )
-        for block in servers
-    )
-    return ModelStatus(model_id, num_blocks, tuple(peers), online, frozenset(unreachable & best.keys()), name)
 
 
 def _columns(num_blocks: int, width: int) -> list[range]:
@@ -517,13 +457,7 @@ def _unreachable(
     deadline: _Deadline,
 ) -> frozenset[PeerID]:
     """The ONLINE peers of ``found`` that do not answer an info RPC within ``PING_TIMEOUT`` (all at once)."""
-    online = {
-        peer_id
-        for servers in found.values()
-        for block in servers
-        for peer_id, info in block.items()
-        if info.state == ServerState.ONLINE
-    }
+    online = online_peers(found)
     if not online:
         return frozenset()
     runtime = SwarmRuntime(ClientSettings(network=network), dht=dht)

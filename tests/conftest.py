@@ -236,3 +236,10 @@ def table_row(stdout: str, *cells: str) -> str:
     lines = [line for line in stdout.splitlines() if all(cell in line for cell in cells)]
     assert len(lines) == 1, f"expected one row with {cells} in:\n{stdout}"
     return lines[0]
+
+
+async def answer_info(request, context):
+    """An info RPC handler: what a process that announces records as a peer does, so pings find it reachable."""
+    from swarm_peer.protocols import swarm_pb2
+
+    return swarm_pb2.InfoResponse(info_json=b"{}")

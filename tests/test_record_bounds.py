@@ -28,7 +28,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from rich.console import Console
 
 from swarm_peer.cli.local_swarm import LocalSwarm
-from swarm_peer.cli.status import MAX_MODELS, run_status
+from swarm_peer.cli.status import run_status
 from swarm_peer.dht import (
     MAX_BLOCKS,
     MAX_RECORD_TTL,
@@ -50,6 +50,7 @@ from swarm_peer.dht import (
     to_dht_value,
 )
 from swarm_peer.dht.records import MAX_ANNOUNCE_PERIOD, MAX_CLOCK_SKEW
+from swarm_peer.dht.snapshot import MAX_MODELS
 from swarm_peer.models import resolve_checkpoint
 from swarm_peer.settings import NetworkSettings
 

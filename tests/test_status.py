@@ -21,7 +21,7 @@ from rich.console import Console
 
 from swarm_peer.cli.local_swarm import LocalSwarm
 from swarm_peer.cli.main import cli
-from swarm_peer.cli.status import ModelStatus, coverage_bar, render_status, run_status, span_bar
+from swarm_peer.cli.status import coverage_bar, render_status, run_status, span_bar
 from swarm_peer.dht import (
     Announcer,
     ModelInfo,
@@ -42,13 +42,14 @@ from swarm_peer.dht import (
     to_dht_value,
     visible_maddrs,
 )
+from swarm_peer.dht.snapshot import ModelStatus
 from swarm_peer.errors import ValidationError
 from swarm_peer.models import resolve_checkpoint
 from swarm_peer.protocols import rpc, swarm_pb2
 from swarm_peer.protocols.runtime import SwarmRuntime
 from swarm_peer.settings import ClientSettings, NetworkSettings
 
-from .conftest import signed_record, table_row
+from .conftest import answer_info, signed_record, table_row
 
 WAIT = 10.0  # seconds: the bound of every wait on the DHT in these tests
 OTHER_MODEL = "other-model"  # announced by this test process, next to the tiny checkpoint's peers
@@ -199,10 +200,6 @@ def test_list_models_finds_what_peers_declare():
             dht.shutdown()
 
 
-async def _answer_info(request: swarm_pb2.InfoRequest, context) -> swarm_pb2.InfoResponse:
-    return swarm_pb2.InfoResponse(info_json=b"{}")
-
-
 @pytest.mark.timeout(240)
 def test_status_shows_full_coverage_then_a_gap(tiny_checkpoints):
     path = tiny_checkpoints["llama"]
@@ -214,7 +211,7 @@ def test_status_shows_full_coverage_then_a_gap(tiny_checkpoints):
         other = create_dht(initial_peers=swarm.initial_peers)
         runtime = SwarmRuntime(ClientSettings(), dht=other)
         try:
-            runtime.run(runtime.p2p.add_protobuf_handler(rpc.INFO, _answer_info, swarm_pb2.InfoRequest))
+            runtime.run(runtime.p2p.add_protobuf_handler(rpc.INFO, answer_info, swarm_pb2.InfoRequest))
             info = ServerInfo(
                 state=ServerState.ONLINE, start_block=0, end_block=2, throughput=123.0, public_name="bob"
             )
