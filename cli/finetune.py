@@ -114,6 +114,7 @@ def run_finetune(
     from peft import LoraConfig
     from tqdm.auto import tqdm
 
+    from swarm_peer.cli.main import progress_bars
     from swarm_peer.client.model import DistributedModelForCausalLM
 
     distributed = DistributedModelForCausalLM.from_pretrained(model, settings=settings, adapter=adapter)
@@ -127,7 +128,9 @@ def run_finetune(
             trained = distributed.add_lora(config)
         else:
             trained = distributed.add_prompts(num_tokens=num_prompts, deep=mode == "deep_ptune")
-        with tqdm(total=steps, desc=f"{mode} on {data.name}", unit="step") as bar:
+        with tqdm(
+            total=steps, desc=f"{mode} on {data.name}", unit="step", disable=not progress_bars()
+        ) as bar:
 
             def on_step(step: int, loss: float) -> None:
                 bar.set_postfix(loss=f"{loss:.4f}")

@@ -55,6 +55,8 @@ def _interrupt(signum, frame):
 def run_train(settings: TrainSettings) -> None:
     from tqdm.auto import tqdm
 
+    from swarm_peer.cli.main import progress_bars
+
     # Ctrl-C and SIGTERM stop the volunteer, as they stop `join` and `dht`, even when it was started with SIGINT
     # ignored (as shells start background jobs: Python would then keep ignoring it)
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -62,7 +64,11 @@ def run_train(settings: TrainSettings) -> None:
 
     from swarm_peer.dht import RunAnnouncer, create_dht
 
-    path = resolve_checkpoint(DEMO_MODEL).path if settings.model == DEMO_MODEL else Path(settings.model)
+    path = (
+        resolve_checkpoint(DEMO_MODEL, progress_bars()).path
+        if settings.model == DEMO_MODEL
+        else Path(settings.model)
+    )
     if not (path / "config.json").is_file():
         raise click.BadParameter(f"{path} holds no config.json", param_hint="MODEL")
     try:
@@ -97,7 +103,11 @@ def run_train(settings: TrainSettings) -> None:
             click.echo(f"Took the run's state at step {trainer.step} from a member", err=True)
         rounds = 0
         with tqdm(
-            total=settings.steps, initial=trainer.step, desc=f"train {settings.run_id}", unit="step"
+            total=settings.steps,
+            initial=trainer.step,
+            desc=f"train {settings.run_id}",
+            unit="step",
+            disable=not progress_bars(),
         ) as bar:
             for record in trainer.train(settings.steps):
                 bar.update()

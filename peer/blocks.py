@@ -37,6 +37,7 @@ from functools import cached_property
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import AutoModel, AutoModelForCausalLM, DynamicCache
 
 from swarm_peer.compat import CACHE, load_converted
@@ -66,11 +67,13 @@ class BlockSpan:
         device: str = "cpu",
         reuse: BlockSpan | None = None,
         adapters: tuple[str, ...] = (),
+        progress: bool = False,
     ):
         """Loads blocks [start, end); those that ``reuse`` (a span of the same weights) holds are shared, not read.
 
         ``adapters`` are PEFT LoRA folders (``PATH`` or ``NAME=PATH``) served with the blocks: their weights for
-        this span are kept in ``self.adapters[name]`` (None when an adapter has none for these blocks).
+        this span are kept in ``self.adapters[name]`` (None when an adapter has none for these blocks). ``progress``:
+        a progress bar of the blocks loaded, on stderr (while it is a terminal).
         """
         num_blocks = checkpoint.num_blocks
         if not 0 <= start < end <= num_blocks:
@@ -86,7 +89,7 @@ class BlockSpan:
             for i in range(start, end)
             if reuse and reuse.start <= i < reuse.end
         }
-        loaded = self._load_layers([i for i in range(start, end) if i not in reused])
+        loaded = self._load_layers([i for i in range(start, end) if i not in reused], progress)
         self.layers = nn.ModuleList({**reused, **loaded}[i] for i in range(start, end)).requires_grad_(False)
         self._runners: dict[tuple[int, int], nn.Module] = {}
         # per sub-span: (module, its layer_idx within the sub-span) for every module that has a layer_idx
@@ -113,7 +116,7 @@ class BlockSpan:
         """Position ids must lie below this (the model's ``max_position_embeddings``, else 2**20)."""
         return int(getattr(self.config, "max_position_embeddings", None) or 2**20)
 
-    def _load_layers(self, indices: list[int]) -> dict[int, nn.Module]:
+    def _load_layers(self, indices: list[int], progress: bool = False) -> dict[int, nn.Module]:
         """Blocks ``indices`` (global), loaded as ``from_pretrained`` loads the whole model, from their tensors only.
 
         The family's causal LM is built on the meta device (which also settles the config's attention and experts
@@ -126,15 +129,27 @@ class BlockSpan:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
         layers = getattr(model, model.base_model_prefix).layers
-        names = [
-            name
-            for name in self.checkpoint.tensor_index
-            if (split := split_block_name(name)) is not None and split[0] in indices
-        ]
+        names: dict[int, list[str]] = {i: [] for i in indices}
+        for name in self.checkpoint.tensor_index:
+            if (split := split_block_name(name)) is not None and split[0] in names:
+                names[split[0]].append(name)
         where = f"checkpoint {self.checkpoint.path}"
-        absent = sorted(set(indices) - {split_block_name(name)[0] for name in names})
+        absent = [i for i in indices if not names[i]]
         if absent:
             raise ValidationError(f"{where} has no weights for blocks {absent}")
+        # block by block, so that a progress bar can count them (the conversion rules never span two blocks)
+        bar = tqdm(
+            indices,
+            desc=f"loading blocks {self.start}:{self.end}",
+            unit="block",
+            disable=None if progress else True,
+        )
+        for i in bar:
+            self._load_block(model, layers, i, names[i], where)
+        return {i: layers[i].eval() for i in indices}
+
+    def _load_block(self, model, layers: nn.ModuleList, i: int, names: list[str], where: str) -> None:
+        """Loads block ``i``'s checkpoint tensors ``names`` into ``model``; ``ValidationError`` if they do not fit."""
         with self.checkpoint.open_tensors(names) as state:
             info = load_converted(model, state, self.dtype, self.device)
         if info.conversion_errors:
@@ -150,13 +165,11 @@ class BlockSpan:
         # Whatever the checkpoint did not fill (weights, or buffers it does not store) would stay on meta.
         missing = [
             f"{model.base_model_prefix}.layers.{i}.{name}"
-            for i in indices
             for name, t in [*layers[i].named_parameters(), *layers[i].named_buffers()]
             if t.is_meta
         ]
         if missing:
             raise ValidationError(f"{where}: missing weights {missing[:4]}")
-        return {i: layers[i].eval() for i in indices}
 
     def span_config(self, a: int, b: int):
         """The config cut down to global blocks ``[a, b)``: what a session's ``DynamicCache`` is built from."""

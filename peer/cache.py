@@ -31,6 +31,7 @@ class CacheBudget:
         self.max_bytes = max_bytes
         self.client_bytes = max(1, int(max_bytes * client_share))
         self.used = 0
+        self.tokens = 0  # what ``used`` holds, in tokens (batch x length) of the sessions' own spans
         self._by_client: defaultdict[str, int] = defaultdict(int)
         self._closed = False
 
@@ -91,14 +92,17 @@ class SessionCharge:
 
     def __init__(self, budget: CacheBudget, client: str, bytes_per_token: int):
         self.budget, self.client, self.bytes_per_token = budget, client, bytes_per_token
-        self.nbytes = 0
+        self.nbytes = self.tokens = 0
 
     def grow(self, tokens: int) -> None:
         """Charges ``tokens`` more (a step's batch * new tokens), or raises ``BusyError`` if they do not fit."""
         nbytes = tokens * self.bytes_per_token
         self.budget._take(self.client, nbytes)
         self.nbytes += nbytes
+        self.tokens += tokens
+        self.budget.tokens += tokens
 
     def release(self) -> None:
         self.budget._give(self.client, self.nbytes)
-        self.nbytes = 0
+        self.budget.tokens -= self.tokens
+        self.nbytes = self.tokens = 0

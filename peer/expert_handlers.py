@@ -66,6 +66,7 @@ class ExpertHandlers(Handlers):
             (rpc.EXPERT_FORWARD, self.rpc_forward),
             (rpc.EXPERT_BACKWARD, self.rpc_backward),
         ):
+            handler = self.metrics.timed(name.rsplit(".", 1)[-1], handler)  # "expert_forward", ...
             await self.server.add(p2p, name, handler, types, seconds, unary=True)
             await self.server.add(p2p, rpc.streamed(name), handler, types, seconds)
 
@@ -86,6 +87,8 @@ class ExpertHandlers(Handlers):
         per_call = 2 if backward else 1
         check = self._declared(experts, per_call)
         tensors = await self._tensors(requests, first, per_call * len(experts), check)
+        rows = sum(math.prod(x.shape[:-1]) for x in tensors[::per_call])
+        self.metrics.tokens["expert_backward" if backward else "expert_forward"].inc(rows)
         # a training client's forward names a graph id: the calls' graphs are kept for its backward, which names it
         key = (str(call.remote_id), first.graph_id) if first.graph_id and self.graphs.max_bytes > 0 else None
         if backward:

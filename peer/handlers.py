@@ -24,6 +24,7 @@ Every request is checked before compute: model and blocks served here, dtype, sh
 positions; each tensor's declared dtype and shape at its first part, before the rest is read (``_declared``).
 Frames, bytes in flight, streams and deadlines are bounded by ``protocols.serving``, which serves every RPC here.
 A bad request gets a typed error reply (protocols.rpc) and the peer keeps serving everyone else.
+What every RPC serves, and every refusal by its kind, is counted in ``metrics`` (peer.metrics; ``--metrics-port``).
 Compute runs on a single worker thread, off the event loop, so the loop keeps answering while blocks run; only a
 session's short single-token steps run on the loop itself while that thread is idle (``_compute``), which saves
 two thread hand-offs per hop of every generated token.
@@ -51,6 +52,7 @@ from swarm_peer.peer import adapters, push
 from swarm_peer.peer.blocks import BlockSpan
 from swarm_peer.peer.cache import CacheBudget, SessionCharge
 from swarm_peer.peer.graphs import Graph, GraphCache, SavedTensors
+from swarm_peer.peer.metrics import PeerMetrics
 from swarm_peer.peer.stage import TrainableStage
 from swarm_peer.protocols import codec, extras, rpc, stage_state, swarm_pb2
 from swarm_peer.protocols.extras import Lora
@@ -86,6 +88,12 @@ class Handlers:
         self.in_flight = 0
         # calls handed to the compute thread, and those it finished (even for callers that stopped waiting)
         self._submitted = self._finished = 0
+        self.metrics = PeerMetrics()
+        self.metrics.gauge(
+            "compute_queue_length",
+            "calls handed to the compute thread and not finished",
+            lambda: self._submitted - self._finished,
+        )
 
     @property
     def busy(self) -> bool:
@@ -174,25 +182,43 @@ class BlockHandlers(Handlers):
         self.inboxes = push.Inboxes()
         self.open_sessions = 0
         self._handover_at = 0.0  # after a move, sessions on the old span are handed back from this time on
+        budget, gauge = self.budget, self.metrics.gauge
+        gauge("inference_sessions", "inference sessions open", lambda: self.open_sessions)
+        gauge("kv_cache_bytes_used", "KV-cache bytes held by sessions", lambda: budget.used)
+        gauge("kv_cache_bytes_total", "KV-cache budget in bytes", lambda: budget.max_bytes)
+        gauge(
+            "kv_cache_tokens_used", "KV-cache tokens held by sessions (batch x length)", lambda: budget.tokens
+        )
+        gauge(
+            "kv_cache_tokens_total",
+            "KV-cache tokens the budget holds over the whole span",
+            self._cache_tokens,
+        )
 
     @property
     def busy(self) -> bool:
         return self.in_flight > 0 or self.open_sessions > 0
 
+    def _cache_tokens(self) -> int:
+        return self.budget.max_bytes // self.span.cache_bytes_per_token(self.span.start, self.span.end)
+
     async def register(self, p2p: P2P) -> None:
         await super().register(p2p)
-        server, settings = self.server, self.settings
+        server, settings, timed = self.server, self.settings, self.metrics.timed
         stateless = swarm_pb2.ForwardRequest, swarm_pb2.ForwardResponse
         for name, handler in ((rpc.FORWARD, self.rpc_forward), (rpc.BACKWARD, self.rpc_backward)):
+            handler = timed(name.rsplit(".", 1)[-1], handler)  # "forward", "backward"
             await server.add(p2p, name, handler, stateless, settings.max_request_seconds, unary=True)
             await server.add(p2p, rpc.streamed(name), handler, stateless, settings.max_request_seconds)
         if self.stage is not None:
             state = swarm_pb2.StateRequest, swarm_pb2.StateResponse
-            await server.add(p2p, rpc.STAGE_STATE, self.rpc_stage_state, state, settings.max_request_seconds)
+            handler = timed("stage_state", self.rpc_stage_state)
+            await server.add(p2p, rpc.STAGE_STATE, handler, state, settings.max_request_seconds)
         pushes = swarm_pb2.InferencePush, swarm_pb2.PushResponse
-        await server.add(p2p, rpc.PUSH, self.rpc_push, pushes, settings.max_session_seconds)
+        await server.add(p2p, rpc.PUSH, timed(None, self.rpc_push), pushes, settings.max_session_seconds)
         sessions = swarm_pb2.InferenceRequest, swarm_pb2.InferenceResponse
-        await server.add(p2p, rpc.INFERENCE, self.rpc_inference, sessions, settings.max_session_seconds)
+        handler = timed(None, self.rpc_inference)  # its steps are counted one by one (``_session``)
+        await server.add(p2p, rpc.INFERENCE, handler, sessions, settings.max_session_seconds)
 
     def switch(self, span: BlockSpan, drain_seconds: float) -> None:
         """Serves ``span`` from now on. Sessions open on the old span go on for ``drain_seconds``; after that, their
@@ -227,6 +253,7 @@ class BlockHandlers(Handlers):
         applied = await self._extras(span, a, b, message, tensors[own:], call, B, max_prompt_tokens=T)
         key = (str(call.remote_id), first.graph_id) if first.graph_id else None
         inputs = (hidden_BTD, mask_BS, positions_BT)
+        self.metrics.tokens["backward" if backward else "forward"].inc(B * T)
         if backward:
             grad_BTD = check_float("grad_outputs", tensors[3], hidden_BTD.shape)
             results = await self._compute(self._backward, span, inputs, grad_BTD, a, b, applied, key)
@@ -252,6 +279,7 @@ class BlockHandlers(Handlers):
         hidden_BTD, mask_BS, positions_BT = await self._checked(tensors[:3], past=0, batch_size=None)
         inputs = (hidden_BTD.float(), mask_BS, positions_BT)
         key = (str(call.remote_id), first.graph_id) if first.graph_id else None
+        self.metrics.tokens["backward" if backward else "forward"].inc(math.prod(hidden_BTD.shape[:2]))
         if backward:
             grad_BTD = check_float("grad_outputs", tensors[3], hidden_BTD.shape).float()
             result = await self._compute(self._stage_backward, inputs, grad_BTD, key)
@@ -466,8 +494,10 @@ class BlockHandlers(Handlers):
                     out_BTD = await self._compute(
                         self._step, span, *inputs, a, b, cache, session.applied, position, inline=inline
                     )
+                    seconds = time.perf_counter() - t0
+                    self.metrics.served("inference_step", seconds, tokens=B * T)
                     # a single-token step that took little time may run on the loop's thread next time
-                    inline = T == 1 and time.perf_counter() - t0 < _INLINE_SECONDS
+                    inline = T == 1 and seconds < _INLINE_SECONDS
                     await self._emulated_latency()
                     position += T
                     last_step, out_parts = step.step_id, codec.pack([out_BTD])

@@ -88,6 +88,8 @@ class Hosting:
             loop.add_signal_handler(sig, self._stop.set)
         p2p = await self.dht.replicate_p2p()
         await self.handlers.register(p2p)
+        if self.settings.metrics_port is not None:
+            self.handlers.metrics.start_server(self.settings.network.host, self.settings.metrics_port)
         await self._prepare()
         background = [asyncio.create_task(coro) for coro in self._started(p2p.peer_id)]
         self.announcer.start()
@@ -122,6 +124,7 @@ class Hosting:
             await asyncio.sleep(0.05)
         await self.handlers._compute(self._finish)
         await loop.run_in_executor(None, self.handlers.shutdown)
+        await loop.run_in_executor(None, self.handlers.metrics.stop_server)
         await loop.run_in_executor(None, self.dht.shutdown)
 
     def stop(self) -> None:
@@ -133,7 +136,7 @@ class Peer(Hosting):
 
     def __init__(self, settings: PeerSettings):
         self.settings = settings
-        self.checkpoint: Checkpoint = resolve_checkpoint(settings.model)
+        self.checkpoint: Checkpoint = resolve_checkpoint(settings.model, progress=settings.progress)
         train = settings.train
         # the fingerprint of its manifest (the same for every copy); a training run's weights change: the run's name
         self.model_id = run_model_id(train.run_id) if train else self.checkpoint.model_id
@@ -165,6 +168,7 @@ class Peer(Hosting):
             dtype=settings.dtype,
             device=settings.device,
             adapters=settings.adapters,
+            progress=settings.progress,
         )
         logger.info(
             "Loaded blocks %d:%d of %s (%s) in %.1f s",

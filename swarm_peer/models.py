@@ -266,10 +266,12 @@ def _ranges(indices: list[int]) -> str:
     return ",".join(f"{a}:{b}" for a, b in block_ranges(indices))
 
 
-def resolve_checkpoint(model: str | os.PathLike) -> Checkpoint:
-    """``smollm2`` -> the converted demo model (converted on first use); a directory -> that checkpoint."""
+def resolve_checkpoint(model: str | os.PathLike, progress: bool = False) -> Checkpoint:
+    """``smollm2`` -> the converted demo model (converted on first use); a directory -> that checkpoint.
+
+    ``progress``: a progress bar of the first use's conversion, on stderr (while it is a terminal)."""
     if str(model) == DEMO_MODEL:
-        return Checkpoint(_demo_checkpoint())
+        return Checkpoint(_demo_checkpoint(progress))
     path = Path(model).expanduser()
     if not (path / "config.json").is_file():
         raise ValidationError(
@@ -278,19 +280,20 @@ def resolve_checkpoint(model: str | os.PathLike) -> Checkpoint:
     return Checkpoint(path)
 
 
-def _demo_checkpoint() -> Path:
+def _demo_checkpoint(progress: bool = False) -> Path:
     target = cache_dir() / "models" / _DEMO_DIRNAME
     if (target / "config.json").is_file():
         return target
     with _locked(target.with_name(target.name + ".lock")):
         if not (target / "config.json").is_file():
-            _convert_demo_model(target)
+            _convert_demo_model(target, progress)
     return target
 
 
-def _convert_demo_model(target: Path) -> None:
+def _convert_demo_model(target: Path, progress: bool = False) -> None:
     """Dequantizes the bundled GGUF into a float32 safetensors checkpoint at ``target`` (once, ~30 s)."""
     import torch
+    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = importlib.util.find_spec(_DEMO_PACKAGE)
@@ -300,17 +303,28 @@ def _convert_demo_model(target: Path) -> None:
         )
     source = Path(spec.origin).parent
     logger.info("Converting the bundled %s to safetensors in %s (first use only)", _DEMO_GGUF, target)
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_DEMO_GGUF)
-    gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_DEMO_GGUF, dtype=torch.float32)
-    # Rebuild from the config without its quantization_config, so the saved folder is a plain checkpoint.
-    config = gguf_model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict())
-    partial = target.with_name(target.name + ".partial")
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
+    # four stages; reading and dequantizing the GGUF takes most of the time
+    bar = tqdm(total=4, desc="converting the demo model", unit="stage", disable=None if progress else True)
+    with bar:
+        bar.set_postfix_str("tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_DEMO_GGUF)
+        bar.update()
+        bar.set_postfix_str("dequantize")
+        gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_DEMO_GGUF, dtype=torch.float32)
+        bar.update()
+        # Rebuild from the config without its quantization_config, so the saved folder is a plain checkpoint.
+        bar.set_postfix_str("rebuild")
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict())
+        bar.update()
+        bar.set_postfix_str("save")
+        partial = target.with_name(target.name + ".partial")
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        bar.update()
     partial.rename(target)
 
 
