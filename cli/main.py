@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import signal
 import sys
@@ -32,21 +33,50 @@ from swarm_peer.errors import SwarmError
 logger = logging.getLogger("swarm_peer.cli")
 
 
-def _configure_logging(verbose: bool) -> None:
-    """Without ``--verbose``: warnings, and the info lines of the commands themselves (``swarm_peer.cli``);
-    with it: every debug line of swarm-peer, timestamped. Libraries stay at warnings either way."""
+_PROGRESS = "swarm_peer.progress"  # in the click context's meta: whether the command shows progress bars
+
+
+def _configure_logging(verbose: bool, quiet: bool = False) -> None:
+    """By default: warnings, and the info lines of the commands themselves (``swarm_peer.cli``, and the metrics
+    URL of a peer); with ``--verbose``: every debug line of swarm-peer, timestamped; with ``--quiet``: errors only,
+    and no progress bars (``progress_bars``), third-party ones included. Libraries stay at warnings (errors with
+    ``--quiet``)."""
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
+        level=logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose else "%(levelname)s: %(message)s",
         stream=sys.stderr,
     )
-    if not verbose:
-        logging.getLogger("swarm_peer.cli").setLevel(logging.INFO)
+    if not verbose and not quiet:
+        for ours in ("swarm_peer.cli", "swarm_peer.peer.metrics"):
+            logging.getLogger(ours).setLevel(logging.INFO)
     for noisy in ("hivemind", "httpx", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger(noisy).setLevel(logging.ERROR if quiet else logging.WARNING)
+    if quiet:
+        # tqdm reads this when it is first imported (not yet: commands import their libraries later), so the bars
+        # of libraries (transformers' GGUF loading, ...) are off too, here and in the processes this one starts
+        os.environ["TQDM_DISABLE"] = "1"
 
 
-def _network_options(f):
+def progress_bars() -> bool:
+    """Whether the running command shows progress bars on stderr: yes, unless ``--quiet``; never outside the CLI."""
+    ctx = click.get_current_context(silent=True)
+    return ctx is not None and ctx.meta.get(_PROGRESS, False)
+
+
+def _network_options(f, *, client: bool = False):
+    """The options of how a command joins the swarm; a ``client`` command (it serves nothing) defaults to client
+    mode, and ``--no-client-mode`` makes it a full DHT node that others can reach and store records on."""
+    if client:
+        client_mode = click.option(
+            "--client-mode/--no-client-mode",
+            default=True,
+            show_default=True,
+            help="make outgoing connections only (behind NAT/firewall); off: a full DHT node",
+        )
+    else:
+        client_mode = click.option(
+            "--client-mode", is_flag=True, help="make outgoing connections only (behind NAT/firewall)"
+        )
     options = [
         click.option("--initial-peers", multiple=True, help="multiaddr of a peer in the swarm (repeatable)"),
         click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on"),
@@ -55,9 +85,7 @@ def _network_options(f):
             "--identity", "identity_path", type=click.Path(dir_okay=False), help="key file: stable peer id"
         ),
         click.option("--announce-maddrs", multiple=True, help="public multiaddr to announce (repeatable)"),
-        click.option(
-            "--client-mode", is_flag=True, help="make outgoing connections only (behind NAT/firewall)"
-        ),
+        client_mode,
         click.option("--no-relay", is_flag=True, help="do not use libp2p relays"),
         click.option("--use-auto-relay", is_flag=True, help="find relays automatically when not reachable"),
     ]
@@ -66,31 +94,46 @@ def _network_options(f):
     return f
 
 
-def _network_settings(kwargs: dict, *, client_mode: bool | None = None, need_peers: bool = False):
+def _client_network_options(f):
+    return _network_options(f, client=True)
+
+
+def _network_settings(kwargs: dict, *, need_peers: bool = False):
     """The ``NetworkSettings`` of the network options; ``--initial-peers`` checked (and required if
     ``need_peers``) before the command loads anything."""
-    from swarm_peer.cli.network import check_initial_peers
     from swarm_peer.settings import NetworkSettings
 
-    initial_peers = tuple(p for arg in kwargs.pop("initial_peers") for p in arg.split())
-    check_initial_peers(initial_peers, required=need_peers)
     return NetworkSettings(
-        initial_peers=initial_peers,
+        initial_peers=_initial_peers(kwargs.pop("initial_peers"), required=need_peers),
         host=kwargs.pop("host"),
         port=kwargs.pop("port"),
         identity_path=kwargs.pop("identity_path"),
         announce_maddrs=tuple(kwargs.pop("announce_maddrs")),
-        client_mode=kwargs.pop("client_mode") if client_mode is None else client_mode,
+        client_mode=kwargs.pop("client_mode"),
         use_relay=not kwargs.pop("no_relay"),
         use_auto_relay=kwargs.pop("use_auto_relay"),
     )
 
 
+def _initial_peers(values: tuple[str, ...], *, required: bool) -> tuple[str, ...]:
+    """The multiaddrs of ``--initial-peers`` (each value may hold several, space-separated), checked."""
+    from swarm_peer.cli.network import check_initial_peers
+
+    initial_peers = tuple(p for arg in values for p in arg.split())
+    check_initial_peers(initial_peers, required=required)
+    return initial_peers
+
+
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
-def cli(verbose: bool) -> None:
+@click.option("-q", "--quiet", is_flag=True, help="errors only, no progress bars")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
     """swarm-peer: pool machines to run models too large for any one of them."""
-    _configure_logging(verbose)
+    if verbose and quiet:
+        raise click.UsageError("give -v/--verbose or -q/--quiet, not both")
+    _configure_logging(verbose, quiet)
+    ctx.meta[_PROGRESS] = not quiet
 
 
 @cli.command()
@@ -170,6 +213,8 @@ _PEER_FIELDS = (
     "max_lora_rank",
     "lora_cache_mb",
     "graph_cache_mb",
+    "metrics_port",
+    "progress",
 )
 
 
@@ -327,6 +372,13 @@ def _stage_settings(train: bool, kwargs: dict):
 @_peer_option("max_lora_rank")
 @_peer_option("lora_cache_mb", type=click.FloatRange(min=0, min_open=True))
 @_peer_option("graph_cache_mb", type=click.FloatRange(min=0))
+@_peer_option("metrics_port", type=click.IntRange(0, 65535))
+@click.option(
+    "--progress/--no-progress",
+    default=progress_bars,
+    help="progress bars on stderr while it is a terminal (converting the demo model, loading blocks) [default: on, "
+    "off with -q]",
+)
 @click.option("--public-name", help="a name shown to others in swarm listings")
 @click.option(
     "--model-name", help="the model's readable name in listings and logs [default: its folder's name]"
@@ -416,12 +468,12 @@ def join(
 @click.option("--temperature", type=float, default=1.0)
 @click.option("--top-p", type=float, default=1.0)
 @click.option("--seed", type=int, default=0)
-@_network_options
+@_client_network_options
 def generate(model, prompt, max_new_tokens, chat, do_sample, temperature, top_p, seed, **kwargs):
     """Generate from PROMPT through the swarm, printing text as it is produced."""
     from swarm_peer.settings import ClientSettings
 
-    settings = ClientSettings(network=_network_settings(kwargs, client_mode=True, need_peers=True))
+    settings = ClientSettings(network=_network_settings(kwargs, need_peers=True))
     from swarm_peer.cli.generation import stream_generate  # torch and transformers: after the argument checks
 
     stream_generate(
@@ -484,7 +536,7 @@ def _parse_target_modules(ctx, param, value: str) -> tuple[str, ...]:
 )
 @click.option("--adapter", default="", help="train on top of this LoRA adapter that the peers serve")
 @click.option("--seed", type=int, default=0, show_default=True)
-@_network_options
+@_client_network_options
 def finetune(model, data, output, mode, steps, epochs, batch_size, seq_len, tokenizer, **kwargs):
     """Train a LoRA or (deep) prompts for MODEL on a text file through the swarm; save a PEFT adapter."""
     if steps and epochs:
@@ -494,12 +546,11 @@ def finetune(model, data, output, mode, steps, epochs, batch_size, seq_len, toke
     from swarm_peer.settings import ClientSettings
 
     # --initial-peers is checked, but not required yet: the data, tokenizer and LoRA targets are checked first
-    settings = ClientSettings(network=_network_settings(kwargs, client_mode=True))
+    settings = ClientSettings(network=_network_settings(kwargs))
     checkpoint = resolve_checkpoint(model)
     blocks_NT = load_blocks(data, tokenizer or checkpoint.path, seq_len)
     if not steps:
         steps = math.ceil(blocks_NT.shape[0] * (epochs or 1) / batch_size)
-    kwargs.pop("client_mode")  # a client always is
     logger.info(f"{blocks_NT.shape[0]} blocks of {seq_len} tokens, {steps} steps of {batch_size} blocks")
     losses = run_finetune(
         model,
@@ -607,11 +658,11 @@ def _setting_error(error: dict) -> str:
     metavar="PATTERN",
     help="show who hosts the experts of a grid instead, e.g. 'ffn.[0:8].[0:8]' (repeatable)",
 )
-@_network_options
+@_client_network_options
 def status(model, timeout, expert_patterns, **kwargs):
     """Who serves which blocks of MODEL (default: every model, then the training runs and the peers verified runs
     ban), or which experts of a grid (--experts); exit 1 on a gap."""
-    network = _network_settings(kwargs, client_mode=True, need_peers=True)
+    network = _network_settings(kwargs, need_peers=True)
     if expert_patterns:
         if model is not None:
             raise click.UsageError("give MODEL or --experts, not both")
@@ -621,6 +672,70 @@ def status(model, timeout, expert_patterns, **kwargs):
     from swarm_peer.cli.status import run_status
 
     sys.exit(run_status(model, network, timeout=timeout))
+
+
+@cli.command()
+@click.option(
+    "--refresh",
+    type=click.FloatRange(min=0.5),
+    default=5.0,
+    show_default=True,
+    help="seconds between looks at the swarm (the page polls at that pace)",
+)
+@click.option("--initial-peers", multiple=True, help="multiaddr of a peer in the swarm (repeatable)")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address the page is served on")
+@click.option(
+    "--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="HTTP port (0 = any)"
+)
+def monitor(refresh, initial_peers, host, port):
+    """Serve a health page of the swarm (/) and its JSON (/api/v1/state) until Ctrl-C; prints "Monitor listening on
+    http://HOST:PORT" when ready. Its DHT node is a client (outgoing connections only)."""
+    from swarm_peer.settings import NetworkSettings
+
+    network = NetworkSettings(initial_peers=_initial_peers(initial_peers, required=True), client_mode=True)
+    from swarm_peer.cli.http import run_monitor  # hivemind, fastapi: after the argument checks
+
+    run_monitor(network, host=host, port=port, refresh=refresh)
+
+
+def _api_option(field: str, type=_COUNT, **extra):
+    """An ``api`` option whose default and help come from ``ApiSettings``."""
+    return _settings_option("ApiSettings", field, type, **extra)
+
+
+_API_FIELDS = ("max_tokens", "max_prompt_tokens", "max_concurrent", "request_timeout", "max_body_kb")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--name", help="the model's name in requests and /v1/models [default: MODEL]")
+@_api_option("max_tokens")
+@_api_option("max_prompt_tokens")
+@_api_option("max_concurrent")
+@_api_option("request_timeout", type=click.FloatRange(min=0, min_open=True))
+@_api_option("max_body_kb")
+@click.option("--initial-peers", multiple=True, help="multiaddr of a peer in the swarm (repeatable)")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address the HTTP server listens on")
+@click.option(
+    "--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="HTTP port (0 = any)"
+)
+def api(model, name, initial_peers, host, port, **kwargs):
+    """Serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /health, /metrics) and the swarm's
+    health page (/) for MODEL, generating through the swarm."""
+    from swarm_peer.settings import ApiSettings, ClientSettings, NetworkSettings
+
+    network = NetworkSettings(initial_peers=_initial_peers(initial_peers, required=True), client_mode=True)
+    settings = ApiSettings(
+        model=model,
+        name=name or (Path(model).name if Path(model).is_dir() else model),
+        host=host,
+        port=port,
+        **{field: kwargs.pop(field) for field in _API_FIELDS},
+        client=ClientSettings(network=network),
+    )
+    from swarm_peer.cli.http import run_api  # torch, transformers, fastapi: after the argument checks
+
+    run_api(settings)
 
 
 @cli.command("export-client")

@@ -221,6 +221,15 @@ class PeerSettings(_Settings):
     compute_threads: int | None = Field(
         None, ge=1, description="torch threads for compute; None = torch's default"
     )
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="serve Prometheus metrics at http://HOST:PORT/metrics (0 = any free port; unset = no metrics)",
+    )
+    progress: bool = Field(
+        False, description="show progress bars on stderr (converting the demo model, loading blocks)"
+    )
     network: NetworkSettings = Field(default_factory=NetworkSettings)
 
     @model_validator(mode="after")
@@ -387,3 +396,30 @@ class TrainSettings(_Settings):
         if self.steps is not None and self.steps % self.inner_steps:
             raise ValueError(f"steps ({self.steps}) must be a multiple of inner_steps ({self.inner_steps})")
         return self
+
+
+class ApiSettings(_Settings):
+    """The OpenAI-compatible HTTP server of ``swarm-peer api``: what it serves and the limits of one request."""
+
+    model: str = Field(description="the checkpoint (or client folder) generated with, or 'smollm2'")
+    name: str = Field(
+        min_length=1,
+        max_length=128,
+        description="the model's name in requests and /v1/models [default: MODEL]",
+    )
+    host: str = Field("127.0.0.1", description="address the HTTP server listens on")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port of the HTTP server (0 = any free port)")
+    max_tokens: int = Field(512, ge=1, description="most tokens one request may generate")
+    max_prompt_tokens: int = Field(
+        1536,
+        ge=1,
+        description="longest prompt, in tokens (with --max-tokens, within the peers' --max-length)",
+    )
+    max_concurrent: int = Field(
+        32, ge=1, description="completions generating at once (each holds a session); more get 429"
+    )
+    request_timeout: float = Field(300.0, gt=0, description="seconds one completion may take; then 504")
+    max_body_kb: int = Field(1024, ge=1, description="largest request body, in KiB; larger get 413")
+    client: ClientSettings = Field(
+        default_factory=ClientSettings, description="how the server reaches the swarm"
+    )
