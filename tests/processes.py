@@ -6,18 +6,28 @@ import contextlib
 import os
 
 
-def _children(pid: int) -> set[int]:
-    """Live children of ``pid``, from /proc."""
-    children = set()
+def _live(field: int, value: int) -> set[int]:
+    """Live processes whose /proc stat field ``field`` (after the name: 1 = parent, 2 = process group) is ``value``."""
+    found = set()
     for entry in os.listdir("/proc"):
         try:
             with open(f"/proc/{entry}/stat", "rb") as f:
                 fields = f.read().rsplit(b")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        if int(fields[1]) == pid and fields[0] != b"Z":
-            children.add(int(entry))
-    return children
+        if int(fields[field]) == value and fields[0] != b"Z":
+            found.add(int(entry))
+    return found
+
+
+def _children(pid: int) -> set[int]:
+    """Live children of ``pid``."""
+    return _live(1, pid)
+
+
+def group_members(pgid: int) -> set[int]:
+    """Live processes of the process group ``pgid``."""
+    return _live(2, pgid)
 
 
 def descendants(pid: int) -> set[int]:
