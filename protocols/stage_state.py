@@ -89,7 +89,9 @@ async def fetch_state(
         raise rpc.remote_error(e, peer_id) from None
     if assembler is None or not assembler.complete:
         got = "nothing" if assembler is None else f"{len(assembler._done)} of {assembler.expected} tensors"
-        raise ValidationError(f"the state of {span.start_block}:{span.end_block} from {peer_id} ended early: {got}")
+        raise ValidationError(
+            f"the state of {span.start_block}:{span.end_block} from {peer_id} ended early: {got}"
+        )
     tensors, n = assembler.tensors(), len(shapes)
     for name, t in zip(shapes, tensors, strict=False):
         if not t.isfinite().all():
