@@ -119,6 +119,8 @@ def run_train(settings: TrainSettings) -> None:
                         trainer.save(settings.checkpoint_dir, tokenizer)
                 else:
                     bar.set_postfix(loss=f"{record.loss:.4f}")
+        # a volunteer whose last round failed on its side takes the state of those that finished it: stay for it
+        trainer.linger()
         if settings.checkpoint_dir and settings.swarm:
             trainer.save(settings.checkpoint_dir, tokenizer)
         last = trainer.history[-1].loss if trainer.history else float("nan")

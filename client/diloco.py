@@ -82,6 +82,9 @@ _STATE_VERSION = 1
 TRAINER_STATE = "trainer_state.pt"  # beside the weights in a checkpoint folder
 TRAIN_LOG = "train_log.jsonl"  # and every step's StepRecord, one JSON object a line
 LISTING_WAIT = 5.0  # seconds a volunteer waits for its first lookup of the run's listing, before it trains
+CATCH_UP_TIMEOUT = (
+    10.0  # seconds a volunteer that stepped alone waits for the state of those that had the round
+)
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,7 @@ class DiLoCoTrainer:
         self.step = 0
         self._global_step = 0  # the step the global weights are from: the last round's end (``global_step``)
         self.history: list[StepRecord] = []  # every local step's record, saved with the checkpoints
+        self.last_group: set[str] = set()  # the other members of the last round this volunteer averaged in
         self.generator = torch.Generator().manual_seed(settings.seed)
         self._lock = threading.Lock()  # the state, against the state download (another thread)
         self.dht, self.prefix = dht, f"swarm-train-{settings.run_id}"
@@ -285,7 +289,8 @@ class DiLoCoTrainer:
                 if self.step % settings.inner_steps == 0:
                     peers = self._outer_step()
                     if peers == 1 and settings.min_peers > 1:
-                        self.join(timeout=10, missed_round=True)  # the others' state, if they had a round
+                        # the others' state, if they had a round
+                        self.join(timeout=CATCH_UP_TIMEOUT, missed_round=True)
             record = StepRecord(self.step, loss, peers)
             self.history.append(record)
             yield record
@@ -410,6 +415,7 @@ class DiLoCoTrainer:
         for t in update:
             averaged.append(averaged_D[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
+        self.last_group = set(result.peers) - {self.peer_id}
         return averaged, len(result.peers)
 
     def _round_went_on(self, group: MoshpitGroup | None) -> bool:
@@ -586,6 +592,30 @@ class DiLoCoTrainer:
         log = Path(directory) / TRAIN_LOG
         if log.is_file():
             self.history = [StepRecord(**json.loads(line)) for line in log.read_text().splitlines()]
+
+    def linger(self) -> bool:
+        """At the end of training: goes on sharing this volunteer's state until the other members of its last
+        round are listed at that round's end, at most as long as a late member needs (its round's timeout, then
+        its catch-up and announcement); whether they were. A member whose last round failed on its side (the
+        group's result came after its timeout) takes the state of those that finished it (``join``): leaving at
+        once, they would leave it with other weights."""
+        deadline = time.monotonic() + self.settings.averaging_timeout + CATCH_UP_TIMEOUT + LISTING_WAIT
+        while True:
+            asked = time.monotonic()
+            self.view.refresh()
+            listed = self.view.fresh(asked, timeout=max(0.0, deadline - asked)).volunteers
+            banned = set(self.banned) | self.averager.banned_peers()
+            behind = [
+                peer
+                for peer in self.last_group - banned
+                if peer not in listed or listed[peer].step < self.global_step
+            ]
+            if not behind:
+                return True
+            if time.monotonic() >= deadline:
+                logger.info("Left with %d volunteers behind step %d", len(behind), self.global_step)
+                return False
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
     def shutdown(self) -> None:
         self.view.stop()
