@@ -177,6 +177,17 @@ def test_metrics_count_requests_and_tokens(served):
     assert sample(_metrics(url)) == (before[0] + 1, before[1] + 3, before[2] + 1)
 
 
+def test_the_health_page_is_served_at_the_root(served):
+    swarm, api, url, model, tokenizer, client = served
+    page = httpx.get(url + "/")
+    assert page.status_code == 200 and "monitor.js" in page.text
+    deadline = time.monotonic() + 30
+    while not (state := httpx.get(url + "/api/v1/state").json())["models"] and time.monotonic() < deadline:
+        time.sleep(0.5)  # the monitor's first look at the swarm
+    (listed,) = [m for m in state["models"] if m["model_id"] == model.model_id]
+    assert listed["healthy"] and len(listed["peers"]) == len(SPANS)
+
+
 def test_a_client_that_leaves_mid_stream_stops_its_generation(served):
     swarm, api, url, model, tokenizer, client = served
     tokens_before = _value(_metrics(url), "swarm_peer_api_generated_tokens", "_total")
@@ -190,6 +201,34 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation(served):
     assert _value(families, "swarm_peer_api_generations_in_flight") == 0
     generated = _value(families, "swarm_peer_api_generated_tokens", "_total") - tokens_before
     assert generated < MAX_TOKENS / 2, f"the left stream's generation went on: {generated} tokens"
+
+
+def test_concurrency_limit_429_and_request_timeout_504(served):
+    """A second server with room for one completion of at most 1 s."""
+    swarm, api, url, model, tokenizer, client = served
+    strict = swarm._spawn(
+        "api-strict",
+        ["api", str(model.checkpoint.path), "--name", "smollm2", "--initial-peers", swarm.initial_peers[0],
+         "--port", "0", "--max-concurrent", "1", "--request-timeout", "1"],
+    )  # fmt: skip
+    try:
+        strict_url = strict.wait_line(lambda line: line.startswith(READY), 120)[len(READY) :].strip()
+        body = {"model": "smollm2", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0}
+        with httpx.stream(
+            "POST", strict_url + "/v1/completions", json={**body, "stream": True}, timeout=60
+        ) as long:
+            lines = long.iter_lines()
+            assert next(lines).startswith("data: ")  # generating: the server is full
+            refused = httpx.post(strict_url + "/v1/completions", json={**body, "max_tokens": 2}, timeout=60)
+            assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_requests"
+            events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        assert events[-1]["error"]["code"] == "timeout", (
+            "a stream past --request-timeout ends with an error event"
+        )
+        late = httpx.post(strict_url + "/v1/completions", json=body, timeout=60)
+        assert late.status_code == 504 and late.json()["error"]["code"] == "timeout"
+    finally:
+        strict.terminate(timeout=15)
 
 
 def test_health_and_503_when_a_span_has_no_peer(served):
