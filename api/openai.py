@@ -130,23 +130,36 @@ class ChatRequest(_Request):
 
 
 class _Coverage:
-    """Which blocks of the model no ONLINE peer serves, looked up at most every ``COVERAGE_TTL`` seconds."""
+    """Which blocks of the model no ONLINE peer serves. Looked up once before the first answer; after that, a
+    lookup older than ``COVERAGE_TTL`` seconds is answered as it is while a new one runs in the background, so no
+    request waits on the DHT."""
 
     def __init__(self, dht, model_id: str, num_blocks: int):
         self.dht, self.model_id, self.num_blocks = dht, model_id, num_blocks
-        self._missing: tuple[tuple[int, int], ...] = ()
+        self._missing: tuple[tuple[int, int], ...] | None = None
         self._at = -float("inf")
-        self._lock = asyncio.Lock()
+        self._lookup: asyncio.Task | None = None
 
     async def missing(self) -> tuple[tuple[int, int], ...]:
-        async with self._lock:
-            if time.monotonic() - self._at > COVERAGE_TTL:
-                servers = await asyncio.to_thread(
-                    online_servers, self.dht, self.model_id, range(self.num_blocks), timeout=LOOKUP_TIMEOUT
-                )
-                self._missing = block_ranges(block for block, peers in enumerate(servers) if not peers)
-                self._at = time.monotonic()
-            return self._missing
+        """The uncovered [start, end) ranges; ``TimeoutError`` if the first lookup gets no answer."""
+        if time.monotonic() - self._at > COVERAGE_TTL and (self._lookup is None or self._lookup.done()):
+            self._lookup = asyncio.create_task(self._look_up())
+        if self._missing is None:
+            await asyncio.shield(self._lookup)
+        return self._missing
+
+    async def _look_up(self) -> None:
+        try:
+            servers = await asyncio.to_thread(
+                online_servers, self.dht, self.model_id, range(self.num_blocks), timeout=LOOKUP_TIMEOUT
+            )
+        except TimeoutError:
+            if self._missing is None:
+                raise
+            logger.debug("Looking up the served blocks timed out; keeping the last answer")
+            return
+        self._missing = block_ranges(block for block, peers in enumerate(servers) if not peers)
+        self._at = time.monotonic()
 
 
 class _Server:
