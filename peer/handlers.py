@@ -40,7 +40,6 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +50,7 @@ from swarm_peer.errors import DeadlineError, MissingBlocksError, MissingWeightsE
 from swarm_peer.peer import adapters, push
 from swarm_peer.peer.blocks import BlockSpan
 from swarm_peer.peer.cache import CacheBudget, SessionCharge
+from swarm_peer.peer.compute import ComputeQueue, Priority
 from swarm_peer.peer.graphs import Graph, GraphCache, SavedTensors
 from swarm_peer.peer.metrics import PeerMetrics
 from swarm_peer.peer.stage import TrainableStage
@@ -81,18 +81,16 @@ class Handlers:
             Limits(max_streams=settings.max_streams, inbound_bytes=int(settings.max_inbound_mb * 2**20))
         )
         self.p2p: P2P | None = None
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self.compute = ComputeQueue()
         self.graphs = GraphCache(
             int(settings.graph_cache_mb * 2**20)
         )  # training forwards' graphs, for backward
         self.in_flight = 0
-        # calls handed to the compute thread, and those it finished (even for callers that stopped waiting)
-        self._submitted = self._finished = 0
         self.metrics = PeerMetrics()
         self.metrics.gauge(
             "compute_queue_length",
             "calls handed to the compute thread and not finished",
-            lambda: self._submitted - self._finished,
+            lambda: self.compute.submitted - self.compute.finished,
         )
 
     @property
@@ -135,27 +133,22 @@ class Handlers:
             assembler.feed(more.tensors)
         return assembler.tensors()
 
-    async def _compute(self, fn, *args, inline: bool = False):
-        """``fn(*args)`` on the compute thread; with ``inline``, on this (the event loop's) thread when the compute
-        thread is idle. Either way no two computations overlap: adapter hooks and the blocks' renumbering stay
-        private to one request. The loop waits meanwhile, so only short steps are run inline."""
-        if inline and self._submitted == self._finished:
+    async def _compute(self, fn, *args, inline: bool = False, step: bool = False):
+        """``fn(*args)`` on the compute thread (``peer.compute``: a session's ``step`` before other work); with
+        ``inline``, on this (the event loop's) thread when the compute thread is idle. Either way no two
+        computations overlap: adapter hooks and the blocks' renumbering stay private to one request. The loop
+        waits meanwhile, so only short steps are run inline."""
+        if inline and self.compute.idle:
             return fn(*args)
         self.in_flight += 1
-        self._submitted += 1  # written by this thread only; _finished by the compute thread only
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, self._counted, fn, *args)
+            priority = Priority.INFERENCE if step else Priority.OTHER
+            return await asyncio.wrap_future(self.compute.submit(priority, fn, *args))
         finally:
             self.in_flight -= 1
 
-    def _counted(self, fn, *args):
-        try:
-            return fn(*args)
-        finally:
-            self._finished += 1
-
     def shutdown(self) -> None:
-        self.executor.shutdown(wait=True, cancel_futures=True)
+        self.compute.shutdown()
 
 
 class BlockHandlers(Handlers):
@@ -492,7 +485,16 @@ class BlockHandlers(Handlers):
                     t0 = time.perf_counter()
                     inputs = (hidden_BTD, mask_BS, positions_BT)
                     out_BTD = await self._compute(
-                        self._step, span, *inputs, a, b, cache, session.applied, position, inline=inline
+                        self._step,
+                        span,
+                        *inputs,
+                        a,
+                        b,
+                        cache,
+                        session.applied,
+                        position,
+                        inline=inline,
+                        step=True,
                     )
                     seconds = time.perf_counter() - t0
                     self.metrics.served("inference_step", seconds, tokens=B * T)
