@@ -383,7 +383,11 @@ def _stage_settings(train: bool, kwargs: dict):
 @click.option(
     "--model-name", help="the model's readable name in listings and logs [default: its folder's name]"
 )
-@click.option("--compute-threads", type=click.IntRange(min=1), help="torch threads for compute")
+@click.option(
+    "--compute-threads",
+    type=click.IntRange(min=1),
+    help="torch threads for all compute [default: torch's; single-token steps measure whether 1 is as fast]",
+)
 @_network_options
 def join(
     model,

@@ -47,7 +47,7 @@ from swarm_peer.errors import ValidationError
 from swarm_peer.models import Checkpoint, resolve_checkpoint
 from swarm_peer.protocols.runtime import SwarmRuntime
 from swarm_peer.settings import ClientSettings, NetworkSettings
-from swarm_peer.threads import compute_threads, fastest_threads
+from swarm_peer.threads import cached_fastest_threads, compute_threads
 
 __all__ = ["DistributedModelForCausalLM", "RemoteModel", "RemoteCache"]
 
@@ -237,12 +237,16 @@ class DistributedModelForCausalLM:
         return self
 
     def _measure_decode_threads(self) -> int:
-        """CPU threads for the client's share of a decode step (final norm and LM head of one token)."""
+        """CPU threads for the client's share of a decode step (final norm and LM head of one token):
+        ``ClientSettings.compute_threads``, or the fastest, cached per model and dtype (``swarm_peer.threads``)."""
         head = self.get_output_embeddings()
         if head.weight.device.type != "cpu":
             return torch.get_num_threads()
+        if self.swarm.settings.compute_threads:
+            return self.swarm.settings.compute_threads
         x_BTD = torch.randn(1, 1, self.config.hidden_size, dtype=head.weight.dtype)
-        return fastest_threads(lambda: head(self.remote.norm(x_BTD)))
+        name = f"head|{self.checkpoint.model_id}|{str(head.weight.dtype).removeprefix('torch.')}"
+        return cached_fastest_threads(name, lambda: head(self.remote.norm(x_BTD)))
 
     @property
     def _active_session(self) -> InferenceSession | None:

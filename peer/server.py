@@ -178,7 +178,9 @@ class Peer(Hosting):
             self.model_id,
             time.perf_counter() - t0,
         )
-        threads = decode_threads(self.span)
+        threads = settings.compute_threads or decode_threads(
+            self.span, remeasure=settings.throughput == "eval"
+        )
         logger.info("Single-token steps run on %d of %d compute threads", threads, torch.get_num_threads())
         self.stage = TrainableStage(self.span, train, self.model_id) if train else None
         self.handlers = BlockHandlers(

@@ -13,7 +13,7 @@ restart does not measure again. What the peer announces for its span of ``n`` bl
 >>> announced(probe, num_blocks=10, hidden_size=576, dtype="float32", bandwidth_mbps=100)
 
 ``decode_threads(span)`` measures, on the peer's own blocks, how many CPU threads a single-token inference step
-should use (see ``swarm_peer.threads``).
+should use (see ``swarm_peer.threads``), and caches the answer the same way.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 from swarm_peer.dht.records import MAX_RATE
 from swarm_peer.models import Checkpoint, atomic_write, cache_dir, read_json
 from swarm_peer.peer.blocks import DTYPES, BlockSpan
-from swarm_peer.threads import fastest_threads
+from swarm_peer.threads import cached_fastest_threads
 
 __all__ = [
     "BlockProbe",
@@ -73,12 +73,13 @@ def measure_block(checkpoint: Checkpoint, *, device: str, dtype: str) -> BlockPr
     return BlockProbe(_FORWARD_TOKENS / forward_seconds, _INFERENCE_STEPS / inference_seconds)
 
 
-def decode_threads(span: BlockSpan) -> int:
-    """CPU threads for single-token inference steps through ``span``: ``fastest_threads`` of 16 such steps through
-    its first block. Accelerators keep torch's setting."""
+def decode_threads(span: BlockSpan, *, remeasure: bool = False) -> int:
+    """CPU threads for single-token inference steps through ``span``: the fastest for 16 such steps through its
+    first block, cached per model and dtype (``swarm_peer.threads``). Accelerators keep torch's setting."""
     if span.device.type != "cpu":
         return torch.get_num_threads()
-    return fastest_threads(_decode_steps(span))
+    name = f"decode|{span.checkpoint.model_id}|{span.dtype_name}"
+    return cached_fastest_threads(name, _decode_steps(span), remeasure=remeasure)
 
 
 def _decode_steps(span: BlockSpan):

@@ -187,7 +187,7 @@ class PeerSettings(_Settings):
     throughput: float | Literal["auto", "eval"] = Field(
         "auto",
         description="tokens/s to announce for the span, or 'auto' (measured once, then cached) or 'eval' "
-        "(measure again)",
+        "(measure again, with the threads for single-token steps)",
     )
     bandwidth_mbps: float = Field(
         100.0,
@@ -219,7 +219,10 @@ class PeerSettings(_Settings):
         0.0, ge=0, description="seconds added to every reply, to emulate a slow link (testing)"
     )
     compute_threads: int | None = Field(
-        None, ge=1, description="torch threads for compute; None = torch's default"
+        None,
+        ge=1,
+        description="torch threads for compute, single-token steps included; None = torch's default, and "
+        "single-token steps measure whether one thread is as fast (cached)",
     )
     metrics_port: int | None = Field(
         None,
@@ -277,6 +280,12 @@ class ClientSettings(_Settings):
         True,
         description="peers pass each inference step straight to the next peer of the chain; False: the client "
         "relays every hop (one more transfer per hop; kept for comparison)",
+    )
+    compute_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads for the client's share of a decode step (final norm and LM head); None = the "
+        "fastest of one and torch's default, measured once and cached",
     )
     max_chunk_tokens: int = Field(
         8192, ge=1, description="largest batch * tokens per forward/backward call; larger batches are split"

@@ -4,21 +4,33 @@ torch spreads each operation over all cores. That pays for a batch of tokens, bu
 is a chain of matrix-vector products where waking the other threads can cost more than it saves, and OpenMP's
 idle threads then spin on the cores that the next hop, the client or any other process needs. On this project's
 2-core test machine that spinning tripled the cost of a hop. ``fastest_threads`` measures a step both ways;
-``compute_threads`` runs a block of code with a given number of threads.
+``compute_threads`` runs a block of code with a given number of threads. ``cached_fastest_threads`` keeps the
+answer per machine and model in the user's cache, so a restart does not measure again.
+
+The measurement must survive load from other processes: peers started together load their weights while each
+measures, and a setting timed during such a burst looks slow. Timing each setting several times in a row then
+blamed whichever setting ran during the burst (peers that started together picked one thread, and a 16-block span
+took 66 ms per token instead of 40). So the two settings take turns, round after round, and each keeps its best
+time: a burst slows both alike or only one of several rounds, and the best time is each setting's speed in the
+quietest moments they shared.
 """
 
 from __future__ import annotations
 
 import contextlib
-import statistics
+import json
+import math
 import time
 from collections.abc import Callable, Iterator
 
 import torch
 
-__all__ = ["compute_threads", "fastest_threads"]
+from swarm_peer.models import atomic_write, cache_dir, read_json
 
-_REPEATS = 5
+__all__ = ["cached_fastest_threads", "compute_threads", "fastest_threads"]
+
+_ROUNDS = 7
+_CACHE_FILE = "threads.json"
 
 
 @contextlib.contextmanager
@@ -36,21 +48,39 @@ def compute_threads(n: int | None) -> Iterator[None]:
             torch.set_num_threads(previous)
 
 
-def fastest_threads(step: Callable[[], object], *, margin: float = 1.1) -> int:
+def fastest_threads(step: Callable[[], object], *, margin: float = 1.1, rounds: int = _ROUNDS) -> int:
     """1 if ``step`` (a small CPU computation) runs about as fast on one thread as on ``torch.get_num_threads()``,
-    else that number. All threads must be ``margin`` times faster to win: one thread leaves the other cores free."""
+    else that number. All threads must be ``margin`` times faster to win: one thread leaves the other cores free.
+    The settings take ``rounds`` turns and each keeps its best time (module docstring)."""
     threads = torch.get_num_threads()
     if threads == 1:
         return 1
-    seconds = {}
+    best = dict.fromkeys((1, threads), math.inf)
     with torch.inference_mode():
-        for n in (1, threads):
+        for n in best:
             with compute_threads(n):
                 step()  # warm-up
-                figures = []
-                for _ in range(_REPEATS):
+        for _ in range(rounds):
+            for n in best:
+                with compute_threads(n):
                     t0 = time.perf_counter()
                     step()
-                    figures.append(time.perf_counter() - t0)
-                seconds[n] = statistics.median(figures)
-    return 1 if seconds[1] <= margin * seconds[threads] else threads
+                    best[n] = min(best[n], time.perf_counter() - t0)
+    return 1 if best[1] <= margin * best[threads] else threads
+
+
+def cached_fastest_threads(name: str, step: Callable[[], object], *, remeasure: bool = False) -> int:
+    """``fastest_threads(step)``, kept in the user's cache under ``name`` (what ``step`` computes: the model, device
+    and dtype), torch's version and its thread count; measured when missing or when ``remeasure``."""
+    threads = torch.get_num_threads()
+    key = f"{name}|torch-{torch.__version__}|threads-{threads}"
+    path = cache_dir() / _CACHE_FILE
+    entries = read_json(path)
+    if not isinstance(entries, dict):
+        entries = {}
+    cached = entries.get(key)
+    if not remeasure and cached in (1, threads):
+        return cached
+    entries[key] = chosen = fastest_threads(step)
+    atomic_write(path, json.dumps(entries, indent=1).encode())
+    return chosen
