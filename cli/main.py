@@ -463,6 +463,15 @@ def join(
     )
 
 
+_compression_option = click.option(
+    "--compression",
+    type=click.Choice(["none", "float16", "bfloat16", "8bit"]),
+    default="none",
+    show_default=True,
+    help="how hidden states (and gradients) travel between the peers and this client",
+)
+
+
 @cli.command()
 @click.argument("model")
 @click.argument("prompt")
@@ -472,12 +481,13 @@ def join(
 @click.option("--temperature", type=float, default=1.0)
 @click.option("--top-p", type=float, default=1.0)
 @click.option("--seed", type=int, default=0)
+@_compression_option
 @_client_network_options
-def generate(model, prompt, max_new_tokens, chat, do_sample, temperature, top_p, seed, **kwargs):
+def generate(model, prompt, max_new_tokens, chat, do_sample, temperature, top_p, seed, compression, **kwargs):
     """Generate from PROMPT through the swarm, printing text as it is produced."""
     from swarm_peer.settings import ClientSettings
 
-    settings = ClientSettings(network=_network_settings(kwargs, need_peers=True))
+    settings = ClientSettings(network=_network_settings(kwargs, need_peers=True), compression=compression)
     from swarm_peer.cli.generation import stream_generate  # torch and transformers: after the argument checks
 
     stream_generate(
@@ -540,8 +550,9 @@ def _parse_target_modules(ctx, param, value: str) -> tuple[str, ...]:
 )
 @click.option("--adapter", default="", help="train on top of this LoRA adapter that the peers serve")
 @click.option("--seed", type=int, default=0, show_default=True)
+@_compression_option
 @_client_network_options
-def finetune(model, data, output, mode, steps, epochs, batch_size, seq_len, tokenizer, **kwargs):
+def finetune(model, data, output, mode, steps, epochs, batch_size, seq_len, tokenizer, compression, **kwargs):
     """Train a LoRA or (deep) prompts for MODEL on a text file through the swarm; save a PEFT adapter."""
     if steps and epochs:
         raise click.UsageError("give either --steps or --epochs, not both")
@@ -550,7 +561,7 @@ def finetune(model, data, output, mode, steps, epochs, batch_size, seq_len, toke
     from swarm_peer.settings import ClientSettings
 
     # --initial-peers is checked, but not required yet: the data, tokenizer and LoRA targets are checked first
-    settings = ClientSettings(network=_network_settings(kwargs))
+    settings = ClientSettings(network=_network_settings(kwargs), compression=compression)
     checkpoint = resolve_checkpoint(model)
     blocks_NT = load_blocks(data, tokenizer or checkpoint.path, seq_len)
     if not steps:

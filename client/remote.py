@@ -25,7 +25,7 @@ from swarm_peer.client.health import Retries
 from swarm_peer.client.lora import RemoteLora
 from swarm_peer.client.routing import Hop, Router
 from swarm_peer.errors import MissingWeightsError, ValidationError
-from swarm_peer.protocols import extras, rpc, swarm_pb2
+from swarm_peer.protocols import codec, extras, rpc, swarm_pb2
 from swarm_peer.protocols.extras import Extras
 from swarm_peer.protocols.runtime import SwarmRuntime
 
@@ -43,10 +43,15 @@ async def call_span(
     message=None,
     expected: int = 1,
     graph_id: int = 0,
+    wired: int = 0,
 ) -> list[torch.Tensor]:
     """One forward/backward RPC to ``hop`` with the extras ``message``; returns its ``expected`` output tensors.
 
-    ``graph_id``: a forward asks the peer to keep its graph under this id; the backward names it again."""
+    ``graph_id``: a forward asks the peer to keep its graph under this id; the backward names it again.
+    ``wired``: how many of the first tensors (hidden states, gradient) go in ``ClientSettings.compression``; the
+    peer answers the first of its outputs in the same form (``codec.Wire``)."""
+    wire = codec.WIRES[runtime.settings.compression]
+    tensors = [wire.cast(t) if i < wired else t for i, t in enumerate(tensors)]
     span = swarm_pb2.Span(model_id=model_id, start_block=hop.start, end_block=hop.end)
     timeout_ms = int(runtime.settings.request_timeout * 1000)
     types = swarm_pb2.ForwardRequest, swarm_pb2.ForwardResponse
@@ -57,6 +62,8 @@ async def call_span(
         types,
         tensors,
         expected,
+        wire.compression,
+        compressed=wired,
         span=span,
         extras=message,
         graph_id=graph_id,
@@ -140,10 +147,22 @@ class RemoteSequential(nn.Module):
 
     def _call(self, name, hop, tensors, extras_, attach: bool, expected: int, graph_id: int):
         message, extra_tensors = extras.encode(extras_, attach_lora=attach)
-        tensors = [*tensors, *extra_tensors]
-        return self.runtime.run(
-            call_span(self.runtime, name, self.model_id, hop, tensors, message, expected, graph_id)
+        out = self.runtime.run(
+            call_span(
+                self.runtime,
+                name,
+                self.model_id,
+                hop,
+                [*tensors, *extra_tensors],
+                message,
+                expected,
+                graph_id,
+                wired=len(tensors),
+            )
         )
+        # back from the hidden states' form on the wire (``ClientSettings.compression``)
+        out[0] = out[0].to(tensors[0].dtype)
+        return out
 
     def retries(self) -> Retries:
         """One call's retry budget (``ClientSettings.retry_timeout``), shared by all its hops and chunks."""

@@ -108,8 +108,10 @@ class _SpanStream:
         return swarm_pb2.PushHop(peer_id=self.hop.peer_id.to_base58(), session_id=self.session_id)
 
     def send(self, step_id: int, tensors: list[torch.Tensor], push: bool = False) -> None:
-        """Sends a step's tensors; with ``push``, the peer pushes its output on to the session's next hop."""
-        for i, parts in enumerate(codec.pack(tensors)):
+        """Sends a step's tensors (the hidden states in ``ClientSettings.compression``, which the peers' outputs then
+        take); with ``push``, the peer pushes its output on to the session's next hop."""
+        wire = codec.WIRES[self.runtime.settings.compression]
+        for i, parts in enumerate(codec.pack([wire.cast(t) for t in tensors], wire.compression)):
             if i == 0:
                 step = swarm_pb2.InferenceStep(step_id=step_id, tensors=parts, push=push)
                 request = swarm_pb2.InferenceRequest(step=step)

@@ -75,7 +75,7 @@ class RemoteStages(nn.Module):
     """All blocks of the run ``model_id`` (``dht.run_model_id``), as stages served by the swarm. Called as the
     blocks of a ``DistributedModelForCausalLM``: ``stages(hidden_BTD, attention_mask_BT, position_ids_BT)``.
 
-    ``compression``: the codec of the hidden states and gradients this trainer sends (``codec.CODECS``);
+    ``compression``: the codec of the hidden states and gradients this trainer sends (``codec.WIRES``);
     ``wiring``: the class that picks each call's peer in a stage (``StageWiring``; another policy, to compare).
     ``calls``, ``retries``: counts of calls made and of calls that failed and were retried elsewhere."""
 
@@ -92,7 +92,7 @@ class RemoteStages(nn.Module):
     ):
         super().__init__()
         self.runtime, self.model_id, self.num_blocks = runtime, model_id, num_blocks
-        self.compression = codec.CODECS[compression]
+        self.compression = codec.WIRES[compression].compression
         self.ban_seconds, self.max_staleness, self.wiring = ban_seconds, max_staleness, wiring
         self.stages: list[tuple[int, int]] = []
         self.wirings: dict[tuple[int, int], StageWiring] = {}

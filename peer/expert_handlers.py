@@ -86,7 +86,7 @@ class ExpertHandlers(Handlers):
             raise BusyError(f"emulated failure (--fail-rate {self.experts.settings.fail_rate})")
         per_call = 2 if backward else 1
         check = self._declared(experts, per_call)
-        tensors = await self._tensors(requests, first, per_call * len(experts), check)
+        tensors, _ = await self._tensors(requests, first, per_call * len(experts), check)
         rows = sum(math.prod(x.shape[:-1]) for x in tensors[::per_call])
         self.metrics.tokens["expert_backward" if backward else "expert_forward"].inc(rows)
         # a training client's forward names a graph id: the calls' graphs are kept for its backward, which names it

@@ -121,9 +121,9 @@ class Handlers:
         return first
 
     @staticmethod
-    async def _tensors(requests: Requests, first, expected: int, check) -> list[torch.Tensor]:
+    async def _tensors(requests: Requests, first, expected: int, check) -> tuple[list[torch.Tensor], int]:
         """The ``expected`` tensors of a stateless call: those of ``first``, then of the messages after it, each
-        checked at its first part (``codec.TensorAssembler``)."""
+        checked at its first part (``codec.TensorAssembler``); and the codec of the first, to answer in."""
         assembler = codec.TensorAssembler(expected=expected, check=check)
         assembler.feed(first.tensors)
         while not assembler.complete:
@@ -131,7 +131,7 @@ class Handlers:
             if more is None:
                 raise ValidationError("the request stream ended before its tensors were complete")
             assembler.feed(more.tensors)
-        return assembler.tensors()
+        return assembler.tensors(), assembler.compression
 
     async def _compute(self, fn, *args, inline: bool = False, step: bool = False):
         """``fn(*args)`` on the compute thread (``peer.compute``: a session's ``step`` before other work); with
@@ -168,7 +168,9 @@ class BlockHandlers(Handlers):
         None leaves torch's setting. ``stage``: the span trained as a stage of a SWARM run (``peer.stage``)."""
         super().__init__(settings, info_json)
         self.span, self.model_id, self.stage = span, model_id, stage
-        self.compression = codec.CODECS[settings.train.compression] if settings.train else codec.NONE
+        self.compression = (
+            codec.WIRES[settings.train.compression].compression if settings.train else codec.NONE
+        )
         self.decode_threads = decode_threads
         self.budget = CacheBudget(int(settings.cache_mb * 2**20), settings.client_cache_share)
         self.loras = adapters.LoraCache(int(settings.lora_cache_mb * 2**20))
@@ -240,7 +242,7 @@ class BlockHandlers(Handlers):
         message = first.extras if first.HasField("extras") else None
         own = 4 if backward else 3
         check = self._declared(own, max_mask_tokens=self.settings.max_batch_tokens)
-        tensors = await self._tensors(requests, first, own + extras.tensor_count(message), check)
+        tensors, compression = await self._tensors(requests, first, own + extras.tensor_count(message), check)
         hidden_BTD, mask_BS, positions_BT = await self._checked(tensors[:3], past=0, batch_size=None)
         B, T, _ = hidden_BTD.shape
         applied = await self._extras(span, a, b, message, tensors[own:], call, B, max_prompt_tokens=T)
@@ -254,8 +256,11 @@ class BlockHandlers(Handlers):
             keep = key is not None and self.graphs.max_bytes > 0
             results = [await self._compute(self._forward, span, inputs, a, b, applied, key if keep else None)]
         call.ledger.close()  # the request's bytes are spent; the answer is ours
-        for parts in codec.pack(results):
-            yield swarm_pb2.ForwardResponse(tensors=parts)
+        # the hidden states' gradient (or output) in the codec of the hidden states sent; the extras' as they are
+        for parts in codec.pack(results, compression, compressed=1):
+            response = swarm_pb2.ForwardResponse(tensors=parts)
+            self.metrics.sent["client"].inc(response.ByteSize())
+            yield response
 
     async def _stage_call(self, requests: Requests, call: Call, first, backward: bool):
         """A forward or backward of the training stage: its whole span, no extras; a backward accumulates the
@@ -266,7 +271,7 @@ class BlockHandlers(Handlers):
         if first.HasField("extras"):
             raise ValidationError("a training stage takes no adapters, prompts or LoRA weights")
         own = 4 if backward else 3
-        tensors = await self._tensors(
+        tensors, _ = await self._tensors(
             requests, first, own, self._declared(own, self.settings.max_batch_tokens)
         )
         hidden_BTD, mask_BS, positions_BT = await self._checked(tensors[:3], past=0, batch_size=None)
@@ -426,7 +431,7 @@ class BlockHandlers(Handlers):
                 f"got batch_size={batch_size}, max_length={max_length}"
             )
         message = opening.extras if opening.HasField("extras") else None
-        tensors = await self._parts(
+        tensors, _ = await self._parts(
             requests, opening.tensors, extras.tensor_count(message), "the open", self._declared(0, 0)
         )
         applied = await self._extras(
@@ -443,7 +448,7 @@ class BlockHandlers(Handlers):
             reader = asyncio.create_task(
                 self._client_steps(requests, call.ledger, inbox, batch_size * max_length)
             )
-            pusher = push.Pusher(self.p2p, self.inboxes)
+            pusher = push.Pusher(self.p2p, self.inboxes, self.metrics.sent["next_hop"].inc)
             try:
                 yield swarm_pb2.InferenceResponse(step_id=0, position=0)
                 session = _Session(span, a, b, batch_size, max_length, applied, charge)
@@ -502,7 +507,7 @@ class BlockHandlers(Handlers):
                     inline = T == 1 and seconds < _INLINE_SECONDS
                     await self._emulated_latency()
                     position += T
-                    last_step, out_parts = step.step_id, codec.pack([out_BTD])
+                    last_step, out_parts = step.step_id, codec.pack([out_BTD], step.compression)
             finally:
                 step.done()
             pushed, along = False, False
@@ -515,13 +520,15 @@ class BlockHandlers(Handlers):
             carried = [part for _, part in step.carried]
             answer = carried if pushed else [*itertools.chain.from_iterable(out_parts), *carried]
             for parts in codec.group(answer):
-                yield swarm_pb2.InferenceResponse(
+                response = swarm_pb2.InferenceResponse(
                     step_id=step.step_id,
                     tensors=parts,
                     position=position,
                     pushed=pushed,
                     carried_blocks=[block for block, _ in step.carried],
                 )
+                self.metrics.sent["client"].inc(response.ByteSize())
+                yield response
 
     async def _client_steps(
         self, requests: Requests, ledger: Ledger, inbox: push.Inbox, max_mask_tokens: int
@@ -543,9 +550,11 @@ class BlockHandlers(Handlers):
                     continue
                 if kind != "step":
                     raise ValidationError(f"expected a step, got {kind!r}")
-                tensors = await self._parts(requests, request.step.tensors, 3, "the step", check)
+                tensors, compression = await self._parts(requests, request.step.tensors, 3, "the step", check)
                 nbytes = requests.bytes_read - before
-                step = push.Step(request.step.step_id, tensors, request.step.push, (), ledger, nbytes)
+                step = push.Step(
+                    request.step.step_id, tensors, request.step.push, (), ledger, nbytes, compression
+                )
                 await inbox.queue.put(step)
             await inbox.queue.put(None)
         except Exception as e:
@@ -565,8 +574,9 @@ class BlockHandlers(Handlers):
 
     async def _parts(
         self, requests: Requests, tensors, expected: int, what: str, check
-    ) -> list[torch.Tensor]:
-        """``expected`` tensors: those of a session message, then those of the ``parts`` messages after it."""
+    ) -> tuple[list[torch.Tensor], int]:
+        """``expected`` tensors: those of a session message, then those of the ``parts`` messages after it; and the
+        codec of the first, to answer in."""
         assembler = codec.TensorAssembler(expected=expected, check=check)
         assembler.feed(tensors)
         while not assembler.complete:
@@ -574,7 +584,7 @@ class BlockHandlers(Handlers):
             if more is None or more.WhichOneof("kind") != "parts":
                 raise ValidationError(f"{what} message ended before its tensors were complete")
             assembler.feed(more.parts.tensors)
-        return assembler.tensors()
+        return assembler.tensors(), assembler.compression
 
     def _step(self, span, hidden_BTD, mask_BS, positions_BT, a, b, cache, applied, past) -> torch.Tensor:
         threads = self.decode_threads if hidden_BTD.shape[1] == 1 else None

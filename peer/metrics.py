@@ -13,7 +13,9 @@ come and go.
   ...; ``protocols.rpc``);
 - ``kv_cache_{bytes,tokens}_{used,total}``: the KV-cache budget (``peer.cache``), held by sessions and in all;
 - ``compute_queue_length``: calls handed to the compute thread and not finished (the one running included);
-- ``inference_sessions``: inference sessions open.
+- ``inference_sessions``: inference sessions open;
+- ``sent_bytes_total{to}``: bytes of the messages that carry tensors out, to ``client`` (answers) and to the
+  ``next_hop`` (pushes): what ``ClientSettings.compression`` saves.
 
 Gauges are read when scraped (``set_function``), from the HTTP server's thread: plain ints of the peer's state.
 Each ``PeerMetrics`` has a registry of its own, so several peers (or tests) in one process never share counts.
@@ -25,13 +27,15 @@ import asyncio
 import contextlib
 import logging
 import time
+import urllib.request
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.parser import text_string_to_metric_families
 
 from swarm_peer.protocols import rpc, swarm_pb2
 
-__all__ = ["PeerMetrics", "RPCS"]
+__all__ = ["PeerMetrics", "RPCS", "scrape"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +68,11 @@ class PeerMetrics:
         self._errors = Counter(
             _PREFIX + "errors", "calls refused or failed, by kind", ["kind"], registry=registry
         )
+        self._sent = Counter(
+            _PREFIX + "sent_bytes", "bytes of answers and pushes sent, by where", ["to"], registry=registry
+        )
         # children made once: a label lookup per decode step would cost more than the increment
+        self.sent = {to: self._sent.labels(to) for to in ("client", "next_hop")}
         self.requests = {name: self._requests.labels(name) for name in RPCS}
         self.tokens = {name: self._tokens.labels(name) for name in RPCS}
         self.seconds = {name: self._seconds.labels(name) for name in RPCS}
@@ -124,3 +132,14 @@ class PeerMetrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+def scrape(url: str, timeout: float = 10.0) -> dict[tuple[str, tuple], float]:
+    """Every sample at a Prometheus endpoint (``http://HOST:PORT/metrics``): (name, sorted labels) -> value."""
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }

@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -64,7 +64,8 @@ class Step:
 
     ``carried``: the inputs the client has not seen, serialized, by the first block of their hop, up to and
     including this step's own (pushed steps only; the client sent the others itself). ``nbytes``: what its
-    messages took of the peer's inbound budget, on ``ledger``, given back once the step is computed."""
+    messages took of the peer's inbound budget, on ``ledger``, given back once the step is computed.
+    ``compression``: the codec its hidden states came in, which its output takes (``codec.Wire``)."""
 
     step_id: int
     tensors: list[torch.Tensor]
@@ -72,6 +73,7 @@ class Step:
     carried: Sequence[tuple[int, runtime_pb2.Tensor]] = ()
     ledger: Ledger | None = None
     nbytes: int = 0
+    compression: int = codec.NONE
 
     def done(self) -> None:
         if self.ledger is not None:
@@ -151,15 +153,17 @@ class Inboxes:
         messages = assembler.messages()
         tensors = [codec.deserialize(message) for message in messages[:3]]
         carried = (*zip(blocks, messages[3:], strict=True), (inbox.start_block, messages[0]))
-        inbox.queue.put_nowait(Step(request.step_id, tensors, True, carried, ledger, nbytes))
+        step = Step(request.step_id, tensors, True, carried, ledger, nbytes, messages[0].compression)
+        inbox.queue.put_nowait(step)
 
 
 class Pusher:
     """One session's pushes. Opening a libp2p stream costs a few round trips, so each next hop (peer, session) it
     pushes to gets one ``swarm.v1.push`` stream, kept open until the session ends (``close``); a few at most."""
 
-    def __init__(self, p2p: P2P, inboxes: Inboxes):
-        self.p2p, self.inboxes = p2p, inboxes
+    def __init__(self, p2p: P2P, inboxes: Inboxes, sent: Callable[[int], None] = lambda nbytes: None):
+        """``sent(nbytes)``: called with the size of each push sent to another peer."""
+        self.p2p, self.inboxes, self.sent = p2p, inboxes, sent
         self._own_id = p2p.peer_id.to_base58()
         self._streams: dict[tuple[str, bytes], _PushStream] = {}
 
@@ -198,6 +202,7 @@ class Pusher:
                 if stream is None:
                     stream = await self._open(key)
                 answer = await stream.send(request)
+            self.sent(request.ByteSize())
             if answer.HasField("error"):
                 logger.debug(
                     "Peer %s did not take step %d: %s", next_hop.peer_id, step_id, answer.error.message

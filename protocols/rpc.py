@@ -124,10 +124,12 @@ async def call_with_tensors(
     tensors,
     expected: int,
     compression: int = codec.NONE,
+    *,
+    compressed: int | None = None,
     **first_fields,
 ) -> list:
-    """Calls RPC ``name`` of ``peer_id`` with ``tensors`` (packed into parts, ``codec.pack``, floating ones in
-    ``compression``) and returns the ``expected`` tensors of its answer. ``types``: the request and response messages; ``first_fields`` go into the
+    """Calls RPC ``name`` of ``peer_id`` with ``tensors`` (packed into parts, ``codec.pack``, floating ones among
+    the first ``compressed`` (default: all) in ``compression``) and returns the ``expected`` tensors of its answer. ``types``: the request and response messages; ``first_fields`` go into the
     first request message only. A request that fits one message goes unary, a larger one to ``streamed(name)``.
 
     Raises the peer's typed error (``check``), or ``remote_error``'s mapping of a call that failed on the way.
@@ -135,7 +137,7 @@ async def call_with_tensors(
     request_type, response_type = types
     requests = [
         request_type(tensors=parts, **(first_fields if i == 0 else {}))
-        for i, parts in enumerate(codec.pack(tensors, compression))
+        for i, parts in enumerate(codec.pack(tensors, compression, compressed=compressed))
     ]
     try:
         assembler = codec.TensorAssembler(expected=expected)

@@ -287,6 +287,11 @@ class ClientSettings(_Settings):
         description="torch threads for the client's share of a decode step (final norm and LM head); None = the "
         "fastest of one and torch's default, measured once and cached",
     )
+    compression: Literal["none", "float16", "bfloat16", "8bit"] = Field(
+        "none",
+        description="how hidden states and their gradients travel between this client and the peers, and from "
+        "peer to peer: as computed, float16 or bfloat16 (half the bytes), or hivemind's 8-bit codec (a quarter)",
+    )
     max_chunk_tokens: int = Field(
         8192, ge=1, description="largest batch * tokens per forward/backward call; larger batches are split"
     )

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import socket
-import urllib.request
 
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
 from swarm_peer import DistributedModelForCausalLM
 from swarm_peer.cli.local_swarm import LocalSwarm
+from swarm_peer.peer.metrics import scrape
 
 from .conftest import client_settings
 
@@ -24,14 +23,7 @@ def _free_port() -> int:
 
 
 def _scrape(port: int) -> dict[tuple[str, tuple], float]:
-    """Every sample of the peer's /metrics: (name, sorted labels) -> value."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+    return scrape(f"http://127.0.0.1:{port}/metrics")
 
 
 def _value(samples: dict, name: str, **labels) -> float:
@@ -68,6 +60,7 @@ def test_metrics_count_forwards_and_generation_steps(tiny_checkpoints):
     assert _value(after, "request_seconds_count", rpc="inference_step") == NEW_TOKENS
     assert _value(after, "requests_total", rpc="backward") == 0
     assert sum(value for (name, _), value in after.items() if name == "swarm_peer_peer_errors_total") == 0
-    # no peer ids, session ids or prompts as labels: only the RPC, the error kind (and the histograms' buckets)
+    # no peer ids, session ids or prompts as labels: only the RPC, the error kind, where bytes went (and the
+    # histograms' buckets)
     label_names = {label for _, labels in after for label, _value in labels}
-    assert label_names <= {"rpc", "kind", "le"}, label_names
+    assert label_names <= {"rpc", "kind", "to", "le"}, label_names
