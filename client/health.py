@@ -37,6 +37,9 @@ class PeerHealth:
         self._rtt: dict[Hashable, tuple[float, float]] = {}  # peer -> (seconds, measured at)
         self._failures: dict[Hashable, int] = {}
         self._banned_until: dict[Hashable, float] = {}
+        self.setbacks = (
+            0  # bans and avoidances so far: a view of the swarm taken before the last one is stale
+        )
 
     def record_rtt(self, peer: Hashable, seconds: float) -> None:
         old = self._rtt.get(peer)
@@ -61,12 +64,14 @@ class PeerHealth:
         self._failures[peer] = failures
         seconds = min(self.ban_seconds * 2 ** (failures - 1), self.max_ban_seconds)
         self._banned_until[peer] = time.monotonic() + seconds
+        self.setbacks += 1
         return seconds
 
     def avoid(self, peer: Hashable) -> float:
         """Keeps routes off ``peer`` for ``ban_seconds`` after it refused for now (busy); not a failure."""
         until = max(self._banned_until.get(peer, 0.0), time.monotonic() + self.ban_seconds)
         self._banned_until[peer] = until
+        self.setbacks += 1
         return self.ban_seconds
 
     def forgive(self, peer: Hashable) -> None:

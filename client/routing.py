@@ -73,6 +73,9 @@ class Router:
             ping_ttl=settings.ping_ttl,
         )
         self.banned = 0  # banned peers among those serving the blocks of the last plan
+        self.lookup_cache_seconds = settings.lookup_cache_seconds
+        # (start, end) -> (when, health.setbacks then, the lookup): see _lookup
+        self._lookups: dict[tuple[int, int], tuple[float, int, list]] = {}
 
     def inference_route(self, start: int = 0, end: int | None = None, *, cache_tokens: int = 0) -> list[Hop]:
         """The fastest chain for a session that needs ``cache_tokens`` of cache on every hop."""
@@ -111,7 +114,7 @@ class Router:
 
     def _usable_servers(self, start: int, end: int, timeout: float) -> list[dict[PeerID, ServerInfo]]:
         """Per block of [start, end): the online, unbanned peers that serve it (and the adapter, if any)."""
-        servers = online_servers(self.runtime.dht, self.model_id, range(start, end), timeout=timeout)
+        servers = self._lookup(start, end, timeout)
         if self.adapter:
             servers = [{p: i for p, i in peers.items() if self.adapter in i.adapters} for peers in servers]
         self.banned = len({peer for peers in servers for peer in peers if self.health.is_banned(peer)})
@@ -119,6 +122,25 @@ class Router:
             {peer: info for peer, info in peers.items() if not self.health.is_banned(peer)}
             for peers in servers
         ]
+
+    def _lookup(self, start: int, end: int, timeout: float) -> list[dict[PeerID, ServerInfo]]:
+        """Who serves each block of [start, end), as the DHT said at most ``lookup_cache_seconds`` ago. A lookup
+        costs DHT round trips on every session's way to its first token (51 of the 83 ms the swarm added to a
+        32-token prompt's first token on loopback). A lookup is reused only while every block has a peer and no
+        peer has failed since; then the next route looks again."""
+        key, now = (start, end), time.monotonic()
+        cached = self._lookups.get(key)
+        if (
+            cached is not None
+            and now - cached[0] < self.lookup_cache_seconds
+            and cached[1] == self.health.setbacks
+        ):
+            return cached[2]
+        setbacks = self.health.setbacks
+        servers = online_servers(self.runtime.dht, self.model_id, range(start, end), timeout=timeout)
+        if all(servers):
+            self._lookups[key] = (now, setbacks, servers)
+        return servers
 
     def measure(self, peers) -> None:
         """Pings the peers whose round trip is unknown or stale; bans those that do not answer."""

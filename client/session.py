@@ -288,20 +288,33 @@ class InferenceSession:
                 for hop in route
             ]
             chain = [before, *streams, after]
-            opened: list[_SpanStream] = []
+            failed = streams[0]  # the stream to blame for an error below
             try:
-                for i, stream in enumerate(streams, start=1):
-                    opened.append(stream)
-                    neighbours = self._neighbours(chain[i - 1], chain[i + 1])
-                    self.runtime.run(stream.open(self.max_length, self.batch_size, neighbours))
+                neighbours = [self._neighbours(chain[i - 1], chain[i + 1]) for i in range(1, len(chain) - 1)]
+                results = self.runtime.run(self._open_all(streams, neighbours))
+                for stream, result in zip(streams, results, strict=True):
+                    if isinstance(result, BaseException):
+                        failed = stream
+                        raise result
+                for stream in streams:
+                    failed = stream
                     self._replay(stream)
                     self.runtime.run(stream.attach(self._events))
             except Exception as e:
-                for stream in opened:
+                for stream in streams:
                     self.runtime.loop.call_soon_threadsafe(stream.close)
-                retries.failed(opened[-1].hop.peer_id, e)
+                retries.failed(failed.hop.peer_id, e)
                 continue
             return streams
+
+    async def _open_all(self, streams: list[_SpanStream], neighbours: list) -> list:
+        """Opens every stream at once (one round trip each, which a long route would pay in turn); each one's
+        exception, or None."""
+        opening = [
+            stream.open(self.max_length, self.batch_size, hop_neighbours)
+            for stream, hop_neighbours in zip(streams, neighbours, strict=True)
+        ]
+        return await asyncio.gather(*opening, return_exceptions=True)
 
     def _neighbours(
         self, previous: _SpanStream | None, following: _SpanStream | None

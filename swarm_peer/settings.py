@@ -268,6 +268,12 @@ class ClientSettings(_Settings):
     network: NetworkSettings = Field(default_factory=lambda: NetworkSettings(client_mode=True))
     request_timeout: float = Field(60.0, gt=0, description="seconds one RPC may take before it fails")
     route_timeout: float = Field(30.0, gt=0, description="seconds to wait for peers that cover every block")
+    lookup_cache_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="seconds a DHT lookup of who serves the blocks is reused by later routes, while no peer fails; "
+        "0 = look up for every route",
+    )
     retry_timeout: float = Field(
         120.0, gt=0, description="seconds a call may spend retrying failed peers before it gives up"
     )
