@@ -129,15 +129,18 @@ class _SpanStream:
             first = response = await self._read()
             blocks = list(first.carried_blocks)
             assembler = codec.TensorAssembler(expected=(not first.pushed) + len(blocks))
-            assembler.feed(first.tensors)
+            with rpc.answer_from(self.hop.peer_id):
+                assembler.feed(first.tensors)
             while not assembler.complete:
                 response = await self._read()
                 if response.step_id != first.step_id:
                     raise PeerError(
                         f"peer {self.hop.peer_id} answered step {response.step_id} within step {first.step_id}"
                     )
-                assembler.feed(response.tensors)
-            tensors = assembler.tensors()
+                with rpc.answer_from(self.hop.peer_id):
+                    assembler.feed(response.tensors)
+            with rpc.answer_from(self.hop.peer_id):
+                tensors = assembler.tensors()
         except Exception as e:
             raise rpc.remote_error(e, self.hop.peer_id) from None
         out_BTD = None if first.pushed else tensors.pop(0)

@@ -9,6 +9,8 @@ with no answer at all (the peer died, the connection broke, no answer in time) b
 
 from __future__ import annotations
 
+import contextlib
+
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.asyncio import as_aiter
 
@@ -139,19 +141,32 @@ async def call_with_tensors(
         request_type(tensors=parts, **(first_fields if i == 0 else {}))
         for i, parts in enumerate(codec.pack(tensors, compression, compressed=compressed))
     ]
+    assembler = codec.TensorAssembler(expected=expected)
     try:
-        assembler = codec.TensorAssembler(expected=expected)
         if len(requests) == 1:
             response = await p2p.call_protobuf_handler(peer_id, name, requests[0], response_type)
             check(response, peer_id)
-            assembler.feed(response.tensors)
+            with answer_from(peer_id):
+                assembler.feed(response.tensors)
         else:
             responses = await p2p.iterate_protobuf_handler(
                 peer_id, streamed(name), as_aiter(*requests), response_type
             )
             async for response in responses:
                 check(response, peer_id)
-                assembler.feed(response.tensors)
-        return assembler.tensors()
+                with answer_from(peer_id):
+                    assembler.feed(response.tensors)
+        with answer_from(peer_id):  # incomplete if the peer died mid-answer
+            return assembler.tensors()
     except Exception as e:
         raise remote_error(e, peer_id) from None
+
+
+@contextlib.contextmanager
+def answer_from(peer: object):
+    """Tensors of a peer's answer that are not what the call expects (malformed, or fewer: it died mid-answer) are
+    the peer's failure, retried elsewhere and the peer banned; ``ValidationError`` stays for requests it refused."""
+    try:
+        yield
+    except ValidationError as e:
+        raise PeerError(f"peer {peer} sent a broken answer: {e}") from None

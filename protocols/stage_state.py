@@ -20,7 +20,7 @@ import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.asyncio import as_aiter
 
-from swarm_peer.errors import ValidationError
+from swarm_peer.errors import PeerError, ValidationError
 from swarm_peer.protocols import codec, rpc, swarm_pb2
 
 __all__ = ["StageState", "fetch_state", "state_messages"]
@@ -67,7 +67,8 @@ async def fetch_state(
 ) -> StageState:
     """Downloads the state of the stage ``span`` from ``peer_id``. ``shapes``: the caller's parameters' names and
     shapes, in order; the peer's state must have exactly these. Raises ``ValidationError`` for a state that does
-    not fit, the peer's typed error, or ``remote_error``'s for a call that failed on the way."""
+    not fit, ``PeerError`` for one that ended early (the peer died), the peer's typed error, or ``remote_error``'s
+    for a call that failed on the way."""
     request = swarm_pb2.StateRequest(span=span, timeout_ms=int(timeout * 1000))
     header, assembler = None, None
     try:
@@ -89,9 +90,7 @@ async def fetch_state(
         raise rpc.remote_error(e, peer_id) from None
     if assembler is None or not assembler.complete:
         got = "nothing" if assembler is None else f"{len(assembler._done)} of {assembler.expected} tensors"
-        raise ValidationError(
-            f"the state of {span.start_block}:{span.end_block} from {peer_id} ended early: {got}"
-        )
+        raise PeerError(f"the state of {span.start_block}:{span.end_block} from {peer_id} ended early: {got}")
     tensors, n = assembler.tensors(), len(shapes)
     for name, t in zip(shapes, tensors, strict=False):
         if not t.isfinite().all():

@@ -10,15 +10,18 @@ import asyncio
 import contextlib
 
 import pytest
+import torch
 from hivemind.p2p import P2P
+from hivemind.proto import runtime_pb2
 from hivemind.utils.asyncio import as_aiter
 
 from swarm_peer.client.health import PeerHealth, Retries, policy
-from swarm_peer.errors import BusyError, InternalError, PeerError, ValidationError
-from swarm_peer.protocols import rpc, swarm_pb2
+from swarm_peer.errors import BusyError, InternalError, PeerError, SwarmError, ValidationError
+from swarm_peer.protocols import codec, rpc, swarm_pb2
 from swarm_peer.protocols.serving import Limits, RpcServer
 
 TYPES = swarm_pb2.PushResponse, swarm_pb2.PushResponse  # any message with an ``error`` field will do
+FORWARD_TYPES = swarm_pb2.ForwardRequest, swarm_pb2.ForwardResponse
 
 
 async def _echo(requests, call):
@@ -42,6 +45,8 @@ async def _pair(limits: Limits, max_seconds: float = 30.0):
     server = RpcServer(limits)
     await server.add(server_p2p, "test.echo", _echo, TYPES, max_seconds)
     await server.add(server_p2p, "test.unary", _echo, TYPES, max_seconds, unary=True)
+    await server.add(server_p2p, "test.forward", _broken, FORWARD_TYPES, max_seconds, unary=True)
+    await server.add(server_p2p, rpc.streamed("test.forward"), _broken, FORWARD_TYPES, max_seconds)
     try:
         yield server, server_p2p.peer_id, client
     finally:
@@ -168,3 +173,38 @@ def test_kinds_map_to_one_class_each_and_back():
         assert rpc.error_message(error).kind == name, kind
     assert isinstance(rpc.remote_failure(swarm_pb2.Error(kind=swarm_pb2.INVALID), "p"), ValidationError)
     assert type(rpc.remote_failure(swarm_pb2.Error(kind=99), "p")) is PeerError  # a kind from a newer peer
+
+
+async def _broken(requests, call):
+    """Answers a forward as a peer that breaks down would: the first message's tensor value says how."""
+    received = [request async for request in requests]  # all of it: the caller is not cut off mid-request
+    (how,) = codec.deserialize(received[0].tensors[0]).tolist()
+    call.ledger.close()
+    if how == 0:  # refuses the request: the caller's mistake
+        raise ValidationError("no such blocks")
+    if how == 1:  # an answer with no tensors (as a peer that died before its answer was out)
+        yield swarm_pb2.ForwardResponse()
+    elif how == 2:  # bytes that are no tensor
+        yield swarm_pb2.ForwardResponse(tensors=[runtime_pb2.Tensor(buffer=b"xx", size=[3], dtype="int64")])
+    else:  # the first of a tensor's two parts, then the stream ends
+        (part,) = codec.pack([torch.zeros(600_000)])[0]
+        part.chunks = 2
+        yield swarm_pb2.ForwardResponse(tensors=[part])
+
+
+async def test_a_broken_answer_is_the_peers_failure_and_a_refusal_the_callers():
+    """A peer's answer that ends before its tensors are complete (it died mid-answer), or holds bytes that are no
+    tensor, is a ``PeerError``: retried elsewhere, the peer banned. The control: a peer that refused the request
+    (``ValidationError``) is not retried."""
+    async with _pair(Limits()) as (_, peer, client):
+        errors = {}
+        for how in range(4):
+            # the last one is sent as a stream: larger than one message
+            tensors = [torch.tensor([how])] + ([torch.zeros(1_000_000)] if how == 3 else [])
+            with pytest.raises(SwarmError) as caught:
+                await rpc.call_with_tensors(client, peer, "test.forward", FORWARD_TYPES, tensors, 1)
+            errors[how] = caught.value
+    assert type(errors[0]) is ValidationError and policy(errors[0]) == (False, False)  # the control
+    for how in (1, 2, 3):
+        assert type(errors[how]) is PeerError and policy(errors[how]) == (True, True), errors[how]
+        assert "broken answer" in str(errors[how])

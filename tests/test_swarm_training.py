@@ -25,7 +25,7 @@ from swarm_peer.cli.local_swarm import LocalSwarm
 from swarm_peer.client import DistributedModelForCausalLM
 from swarm_peer.client.text_data import TokenStream
 from swarm_peer.dht import online_servers, run_model_id
-from swarm_peer.errors import ValidationError
+from swarm_peer.errors import PeerError
 from swarm_peer.models import resolve_checkpoint
 from swarm_peer.peer.blocks import BlockSpan
 from swarm_peer.peer.stage import TrainableStage
@@ -112,7 +112,7 @@ def _stepped_states(model, run: str, local) -> list:
     def stepped() -> bool:
         try:
             states[:] = _stage_states(model, run_model_id(run), local)
-        except ValidationError:  # now and then a state stream ends before its first message: look again
+        except PeerError:  # now and then a state stream ends before its first message: look again
             return False
         return all(state.steps == 1 for state in states)
 
@@ -190,8 +190,21 @@ def test_a_stages_peers_step_together_and_a_joiner_takes_their_state(swarm):
     alone = [TrainableStage(span(), settings, "local") for _ in range(2)]
     together = TrainableStage(span(), settings.model_copy(update={"target_batch_size": 2 * B}), "local")
     peers = [p for p in swarm.peers if "0:4" in p.name]
+    shapes = together.shapes()
     with swarm.runtime() as runtime:
         request = swarm_pb2.Span(model_id=run_model_id("avg"), start_block=0, end_block=4)
+
+        def weights(peer_id: str, tries: int = 3) -> tuple[torch.Tensor, int]:
+            try:
+                state = runtime.run(
+                    fetch_state(runtime.p2p, PeerID.from_base58(peer_id), request, shapes, timeout=30)
+                )
+            except PeerError:  # now and then a state stream ends before its first message
+                if tries == 1:
+                    raise
+                return weights(peer_id, tries - 1)
+            return torch.cat([w.flatten() for w in state.weights]), state.steps
+
         for call in range(2):
             for i, (peer, replica) in enumerate(zip(peers, alone, strict=True)):
                 hidden, mask, positions, grad = _samples(10 * i + call)
@@ -204,23 +217,11 @@ def test_a_stages_peers_step_together_and_a_joiner_takes_their_state(swarm):
                 )  # fmt: skip
                 replica.backward((hidden, mask, positions), grad)
                 together.backward((hidden, mask, positions), grad)
+            # the next call's samples go into the next step: a step takes what its round found accumulated
+            assert wait_until(lambda: all(weights(peer.peer_id)[1] == call + 1 for peer in peers), timeout=60)  # noqa: B023
         flat = lambda stage: torch.cat([p.detach().flatten() for p in stage.module.parameters()])  # noqa: E731
         expected, apart = flat(together), [flat(replica) for replica in alone]
         assert together.steps == 2 and all((w - expected).abs().max() > 1e-3 for w in apart)  # the control
-        shapes = together.shapes()
-
-        def weights(peer_id: str, tries: int = 3) -> tuple[torch.Tensor, int]:
-            try:
-                state = runtime.run(
-                    fetch_state(runtime.p2p, PeerID.from_base58(peer_id), request, shapes, timeout=30)
-                )
-            except ValidationError:  # now and then a state stream ends before its first message
-                if tries == 1:
-                    raise
-                return weights(peer_id, tries - 1)
-            return torch.cat([w.flatten() for w in state.weights]), state.steps
-
-        assert wait_until(lambda: all(weights(peer.peer_id)[1] == 2 for peer in peers), timeout=60)
         held = [weights(peer.peer_id) for peer in peers]
         # the same step on the same summed gradient (a weights round between the steps may leave float noise)
         assert (held[0][0] - held[1][0]).abs().max() <= 1e-6
@@ -270,12 +271,15 @@ def _text_trainer(
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True)
 
 
-def _finish(trainer: subprocess.Popen, timeout: float = 240) -> str:
+def _finish(trainer: subprocess.Popen, timeout: float = 240, log=None) -> str:
+    """The trainer's stdout once it exited 0; ``log``: the file its stderr went to (shown if it failed)."""
     try:
         out, err = trainer.communicate(timeout=timeout)
     finally:
         if trainer.poll() is None:
             os.killpg(trainer.pid, signal.SIGKILL)
+    if log is not None:
+        err = log.read_text()
     assert trainer.returncode == 0, (err or "")[-3000:]
     return out
 
@@ -352,7 +356,7 @@ def test_a_stage_peer_killed_mid_training_loses_no_micro_batch(text):
         busiest = str(max(first_stage, key=lambda peer: first_stage[peer].samples_per_second))
         victim = next(peer for peer in swarm.peers if peer.peer_id == busiest)
         os.killpg(victim.process.pid, signal.SIGKILL)  # its p2pd and DHT process too
-        out = _finish(trainer)
+        out = _finish(trainer, log=log_path)
     retried = int(re.search(r"(\d+) stage calls retried", out).group(1))
     assert 1 <= retried <= 8, out  # micro-batches in flight on the dead peer when it died; then it is banned
     losses = [json.loads(line)["loss"] for line in (root / "churn" / "trainer0" / "train_log.jsonl").open()]
