@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import subprocess
 import sys
 import time
@@ -131,6 +132,13 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, str]:
 def smollm2_path() -> str:
     """The bundled demo model, converted once into the cache dir."""
     return str(resolve_checkpoint(DEMO_MODEL).path)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def client_settings(swarm: LocalSwarm, **kwargs) -> ClientSettings:

@@ -7,7 +7,6 @@ Every process is a real ``swarm-peer`` command; every wait is bounded.
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import time
 
@@ -15,7 +14,7 @@ import pytest
 
 from swarm_peer.cli.local_swarm import LocalSwarm, SwarmProcess
 
-from .conftest import run_cli
+from .conftest import free_port, run_cli
 from .processes import alive, cmdline, descendants
 
 NOBODY = (
@@ -63,15 +62,9 @@ def test_generate_without_initial_peers_fails_at_once(tiny_checkpoints):
     assert "Traceback" not in result.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(180)
 def test_second_node_on_a_port_or_with_an_identity_fails(tmp_path, tiny_checkpoints):
-    port, identity = _free_port(), str(tmp_path / "peer.id")
+    port, identity = free_port(), str(tmp_path / "peer.id")
     bootstrap_args = ["--port", str(port), "--identity", identity]
     with LocalSwarm(tiny_checkpoints["llama"], [], bootstrap_args=bootstrap_args) as swarm:
         for args, message in [

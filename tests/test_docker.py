@@ -14,7 +14,6 @@ import queue
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +28,7 @@ import yaml
 from swarm_peer.cli.main import cli
 from swarm_peer.cli.network import check_initial_peers
 
+from .conftest import free_port
 from .processes import alive, cmdline, group_members
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -321,12 +321,6 @@ def kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kill_everything(script: subprocess.Popen, log_dir: Path) -> None:

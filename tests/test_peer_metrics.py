@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 
@@ -11,15 +9,9 @@ from swarm_peer import DistributedModelForCausalLM
 from swarm_peer.cli.local_swarm import LocalSwarm
 from swarm_peer.peer.metrics import scrape
 
-from .conftest import client_settings
+from .conftest import client_settings, free_port
 
 PROMPT_TOKENS, NEW_TOKENS = 5, 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _scrape(port: int) -> dict[tuple[str, tuple], float]:
@@ -32,7 +24,7 @@ def _value(samples: dict, name: str, **labels) -> float:
 
 @pytest.mark.timeout(120)
 def test_metrics_count_forwards_and_generation_steps(tiny_checkpoints):
-    path, port = tiny_checkpoints["llama"], _free_port()
+    path, port = tiny_checkpoints["llama"], free_port()
     with LocalSwarm(path, [(0, 4)], peer_args=["--throughput", "100", "--metrics-port", str(port)]) as swarm:
         before = _scrape(port)
         # the control: nothing counted before the client calls, so a peer that counts nothing fails below
