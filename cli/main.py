@@ -197,6 +197,7 @@ _PEER_FIELDS = (
     "client_cache_share",
     "max_length",
     "max_batch_tokens",
+    "batch_wait_ms",
     "throughput",
     "bandwidth_mbps",
     "rebalance_period",
@@ -356,6 +357,7 @@ def _stage_settings(train: bool, kwargs: dict):
 @_peer_option("client_cache_share", type=click.FloatRange(min=0, max=1, min_open=True))
 @_peer_option("max_length")
 @_peer_option("max_batch_tokens")
+@_peer_option("batch_wait_ms", type=click.FloatRange(min=0, max=1000))
 @_peer_option("throughput", type=str, callback=_parse_throughput)
 @_peer_option("bandwidth_mbps", type=click.FloatRange(min=0, min_open=True))
 @_peer_option("rebalance_period", type=click.FloatRange(min=0))

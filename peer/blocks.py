@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoModelForCausalLM, DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from swarm_peer.compat import CACHE, load_converted
 from swarm_peer.errors import ValidationError
@@ -238,6 +239,43 @@ class BlockSpan:
         )
         return out.last_hidden_state
 
+    @staticmethod
+    def batchable(cache: DynamicCache) -> bool:
+        """Whether a session's cache can join a batched decode step (``decode_batch``): plain growing layers, past
+        its first token."""
+        return cache.get_seq_length() > 0 and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+    def decode_batch(
+        self,
+        hiddens: list[torch.Tensor],
+        masks: list[torch.Tensor],
+        positions: list[torch.Tensor],
+        caches: list[DynamicCache],
+        a: int,
+        b: int,
+    ) -> list[torch.Tensor]:
+        """One single-token step of several sessions (each ``hidden_1TD`` with T = 1, its ``mask_1S`` and
+        ``positions_1T``, its own ``batchable`` cache) as one forward of blocks ``[a, b)``: the weights are read once
+        for all. Their caches are left-padded to the longest into one batch (the padding masked out), and each
+        session's cache then gets its step's keys and values, as its own step would have added them."""
+        N = len(hiddens)
+        lengths = [cache.get_seq_length() for cache in caches]
+        S = max(lengths)
+        batch = self.new_cache(a, b)
+        for index in range(b - a):
+            layers = [cache.layers[index] for cache in caches]
+            keys = torch.cat([_left_pad(layer.keys, S) for layer in layers])
+            batch.update(keys, torch.cat([_left_pad(layer.values, S) for layer in layers]), index)
+        mask_NS = torch.zeros(N, S + 1, dtype=torch.long)
+        for i, (mask, length) in enumerate(zip(masks, lengths, strict=True)):
+            mask_NS[i, S - length :] = mask[0].to(torch.long)
+        out_NTD = self.forward(torch.cat(hiddens), mask_NS, torch.cat(positions), a, b, batch)
+        for index in range(b - a):
+            layer = batch.layers[index]
+            for i, cache in enumerate(caches):
+                cache.update(layer.keys[i : i + 1, :, -1:], layer.values[i : i + 1, :, -1:], index)
+        return list(out_NTD.split(1))
+
     def _needs_no_mask(self, hidden_BTD: torch.Tensor, attention_mask_BS: torch.Tensor) -> bool:
         """True for one new token of one unpadded sequence that fits the sliding window (if any; a window of 0, as
         Qwen2-MoE configs have without one, is none): it attends to every cached token, so the base model would pass
@@ -296,6 +334,11 @@ def _run_layers(runner: nn.Module, hidden_BTD, position_ids_BT, cache: DynamicCa
             **{CACHE: cache},
         )
     return hidden_BTD
+
+
+def _left_pad(t_1HSD: torch.Tensor, S: int) -> torch.Tensor:
+    """Keys or values of one sequence, zeros before them up to ``S`` positions."""
+    return torch.nn.functional.pad(t_1HSD, (0, 0, S - t_1HSD.shape[-2], 0))
 
 
 def _span_config(config, a: int, b: int):

@@ -33,6 +33,7 @@ two thread hand-offs per hop of every generated token.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import itertools
@@ -50,7 +51,7 @@ from swarm_peer.errors import DeadlineError, MissingBlocksError, MissingWeightsE
 from swarm_peer.peer import adapters, push
 from swarm_peer.peer.blocks import BlockSpan
 from swarm_peer.peer.cache import CacheBudget, SessionCharge
-from swarm_peer.peer.compute import ComputeQueue, Priority
+from swarm_peer.peer.compute import Batch, ComputeQueue, Priority
 from swarm_peer.peer.graphs import Graph, GraphCache, SavedTensors
 from swarm_peer.peer.metrics import PeerMetrics
 from swarm_peer.peer.stage import TrainableStage
@@ -68,6 +69,8 @@ logger = logging.getLogger(__name__)
 # one took less than this: handing a step to the compute thread and back costs about as much as a hop's transport.
 # Longer steps go to the compute thread, so the loop keeps answering while they run.
 _INLINE_SECONDS = 0.05
+# tokens of a prompt computed in one go while other sessions are open (``BlockHandlers._prefill``)
+_PREFILL_CHUNK = 128
 _INLINE_CHECK_VALUES = 1 << 16  # a request with more hidden values than this is checked off the event loop
 
 
@@ -81,7 +84,10 @@ class Handlers:
             Limits(max_streams=settings.max_streams, inbound_bytes=int(settings.max_inbound_mb * 2**20))
         )
         self.p2p: P2P | None = None
-        self.compute = ComputeQueue()
+        self.decoding: collections.Counter = collections.Counter()  # batch key -> sessions decoding with it
+        self.compute = ComputeQueue(
+            batch_wait=settings.batch_wait_ms / 1000, batch_goal=self.decoding.__getitem__
+        )
         self.graphs = GraphCache(
             int(settings.graph_cache_mb * 2**20)
         )  # training forwards' graphs, for backward
@@ -91,6 +97,14 @@ class Handlers:
             "compute_queue_length",
             "calls handed to the compute thread and not finished",
             lambda: self.compute.submitted - self.compute.finished,
+        )
+        self.metrics.gauge(
+            "batched_steps",
+            "inference steps computed in a batch with other sessions'",
+            lambda: self.compute.batched,
+        )
+        self.metrics.gauge(
+            "step_batches", "batched forwards of several sessions' steps", lambda: self.compute.batches
         )
 
     @property
@@ -133,17 +147,17 @@ class Handlers:
             assembler.feed(more.tensors)
         return assembler.tensors(), assembler.compression
 
-    async def _compute(self, fn, *args, inline: bool = False, step: bool = False):
-        """``fn(*args)`` on the compute thread (``peer.compute``: a session's ``step`` before other work); with
-        ``inline``, on this (the event loop's) thread when the compute thread is idle. Either way no two
-        computations overlap: adapter hooks and the blocks' renumbering stay private to one request. The loop
-        waits meanwhile, so only short steps are run inline."""
+    async def _compute(self, fn, *args, inline: bool = False, step: bool = False, batch: Batch | None = None):
+        """``fn(*args)`` on the compute thread (``peer.compute``: a session's ``step`` before other work, with the
+        steps of its ``batch`` key that are there); with ``inline``, on this (the event loop's) thread when the
+        compute thread is idle. Either way no two computations overlap: adapter hooks and the blocks' renumbering
+        stay private to one request. The loop waits meanwhile, so only short steps are run inline."""
         if inline and self.compute.idle:
             return fn(*args)
         self.in_flight += 1
         try:
             priority = Priority.INFERENCE if step else Priority.OTHER
-            return await asyncio.wrap_future(self.compute.submit(priority, fn, *args))
+            return await asyncio.wrap_future(self.compute.submit(priority, fn, *args, batch=batch))
         finally:
             self.in_flight -= 1
 
@@ -449,6 +463,7 @@ class BlockHandlers(Handlers):
                 self._client_steps(requests, call.ledger, inbox, batch_size * max_length)
             )
             pusher = push.Pusher(self.p2p, self.inboxes, self.metrics.sent["next_hop"].inc)
+            session = None
             try:
                 yield swarm_pb2.InferenceResponse(step_id=0, position=0)
                 session = _Session(span, a, b, batch_size, max_length, applied, charge)
@@ -456,6 +471,8 @@ class BlockHandlers(Handlers):
                     yield response
             finally:
                 self.open_sessions -= 1
+                if session is not None:
+                    self._decodes(session, None)
                 reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await reader  # the stream is read by one task at a time
@@ -489,22 +506,29 @@ class BlockHandlers(Handlers):
                     session.charge.grow(B * T)
                     t0 = time.perf_counter()
                     inputs = (hidden_BTD, mask_BS, positions_BT)
-                    out_BTD = await self._compute(
-                        self._step,
-                        span,
-                        *inputs,
-                        a,
-                        b,
-                        cache,
-                        session.applied,
-                        position,
-                        inline=inline,
-                        step=True,
-                    )
+                    batch = self._batch(session, cache, B, T)
+                    self._decodes(session, batch)
+                    if T > _PREFILL_CHUNK and self.open_sessions > 1:
+                        out_BTD = await self._prefill(session, cache, inputs, position)
+                    else:
+                        out_BTD = await self._compute(
+                            self._step,
+                            span,
+                            *inputs,
+                            a,
+                            b,
+                            cache,
+                            session.applied,
+                            position,
+                            inline=inline,
+                            step=True,
+                            batch=batch,
+                        )
                     seconds = time.perf_counter() - t0
                     self.metrics.served("inference_step", seconds, tokens=B * T)
-                    # a single-token step that took little time may run on the loop's thread next time
-                    inline = T == 1 and seconds < _INLINE_SECONDS
+                    # a single-token step that took little time may run on the loop's thread next time, unless
+                    # other sessions' steps could batch with it
+                    inline = T == 1 and seconds < _INLINE_SECONDS and self.open_sessions == 1
                     await self._emulated_latency()
                     position += T
                     last_step, out_parts = step.step_id, codec.pack([out_BTD], step.compression)
@@ -586,6 +610,54 @@ class BlockHandlers(Handlers):
             assembler.feed(more.parts.tensors)
         return assembler.tensors(), assembler.compression
 
+    async def _prefill(self, session: _Session, cache, inputs, position: int) -> torch.Tensor:
+        """A long step (a prompt) in chunks of ``_PREFILL_CHUNK`` tokens, each a compute task of its own: other
+        sessions' steps queued meanwhile run between two chunks, not after the whole prompt."""
+        hidden_BTD, mask_BS, positions_BT = inputs
+        T, outs = hidden_BTD.shape[1], []
+        for i in range(0, T, _PREFILL_CHUNK):
+            j = min(i + _PREFILL_CHUNK, T)
+            chunk = (hidden_BTD[:, i:j], mask_BS[:, : position + j], positions_BT[:, i:j])
+            outs.append(
+                await self._compute(
+                    self._step, session.span, *chunk, session.a, session.b, cache, session.applied, position + i,
+                    step=True,
+                )
+            )  # fmt: skip
+        return torch.cat(outs, dim=1)
+
+    def _batch(self, session: _Session, cache, B: int, T: int) -> Batch | None:
+        """How a step of ``session`` may batch with other sessions' (``peer.compute``): single-token steps of one
+        sequence over the same blocks with the same served adapter and no LoRA or prompts of their own."""
+        applied = session.applied
+        if B != 1 or T != 1 or applied.lora is not None or applied.prompts_NBPD is not None:
+            return None
+        if not BlockSpan.batchable(cache):
+            return None
+        return Batch((id(session.span), session.a, session.b, id(applied.served)), self._steps)
+
+    def _decodes(self, session: _Session, batch: Batch | None) -> None:
+        """Counts ``session`` among those whose steps batch under ``batch``'s key (none: among none): how many steps
+        a batch waits for (``ComputeQueue.batch_goal``)."""
+        key = None if batch is None else batch.key
+        if key == session.batch_key:
+            return
+        if session.batch_key is not None:
+            self.decoding[session.batch_key] -= 1
+            if self.decoding[session.batch_key] <= 0:
+                del self.decoding[session.batch_key]
+        if key is not None:
+            self.decoding[key] += 1
+        session.batch_key = key
+
+    def _steps(self, many: list[tuple]) -> list[torch.Tensor]:
+        """Several sessions' ``_step`` arguments (one batch key: ``_batch``) as one batched forward."""
+        span, _, _, _, a, b, _, applied, _ = many[0]
+        hiddens, masks, positions, caches = ([step[i] for step in many] for i in (1, 2, 3, 6))
+        with torch.inference_mode(), applied.applying(span, a, b, past=0):
+            outs = span.decode_batch(hiddens, masks, positions, caches, a, b)
+        return [out.to(hidden.dtype) for out, hidden in zip(outs, hiddens, strict=True)]
+
     def _step(self, span, hidden_BTD, mask_BS, positions_BT, a, b, cache, applied, past) -> torch.Tensor:
         threads = self.decode_threads if hidden_BTD.shape[1] == 1 else None
         with torch.inference_mode(), compute_threads(threads), applied.applying(span, a, b, past=past):
@@ -648,7 +720,7 @@ class BlockHandlers(Handlers):
         super().shutdown()
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class _Session:
     """What an inference session computes with: blocks [a, b) of ``span``, its sizes, additions and cache charge."""
 
@@ -659,6 +731,7 @@ class _Session:
     max_length: int
     applied: _Applied
     charge: SessionCharge
+    batch_key: tuple | None = None  # the key its single-token steps batch under (``_batch``), once it decodes
 
 
 @dataclass(frozen=True, eq=False)

@@ -14,6 +14,8 @@ come and go.
 - ``kv_cache_{bytes,tokens}_{used,total}``: the KV-cache budget (``peer.cache``), held by sessions and in all;
 - ``compute_queue_length``: calls handed to the compute thread and not finished (the one running included);
 - ``inference_sessions``: inference sessions open;
+- ``batched_steps``, ``step_batches``: single-token steps computed in a batch with other sessions' (``peer.compute``),
+  and the batched forwards they took: their ratio is the mean batch;
 - ``sent_bytes_total{to}``: bytes of the messages that carry tensors out, to ``client`` (answers) and to the
   ``next_hop`` (pushes): what ``ClientSettings.compression`` saves.
 

@@ -164,6 +164,12 @@ class PeerSettings(_Settings):
         description="largest batch * new tokens in one request (all its expert calls together, for experts)",
     )
     max_length: int = Field(2048, ge=1, description="longest sequence an inference session may reach")
+    batch_wait_ms: float = Field(
+        5.0,
+        ge=0,
+        le=1000,
+        description="ms a single-token step may wait for other sessions' steps to run with them in one batch",
+    )
     session_timeout: float = Field(
         120.0, gt=0, description="seconds an inference session may stay idle before it is closed"
     )

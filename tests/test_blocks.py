@@ -146,3 +146,41 @@ def test_a_base_model_that_does_more_than_its_layers_is_kept(tiny_checkpoints):
     # control: without the check, its layers alone would give other outputs
     span._layers_alone[(0, 2)] = True
     assert not torch.allclose(decode(span, 0, 2, hidden_BTD, mask_BS, by_base=False), by_base)
+
+
+@pytest.mark.parametrize("family", list(TINY_CONFIGS))
+def test_a_batched_decode_step_of_several_sessions_equals_their_own_steps(tiny_checkpoints, family):
+    """``decode_batch``: sessions of different lengths step together as each would alone (outputs, and the caches
+    they go on with); caches with sliding-window layers do not batch (their windows would need masks per layer)."""
+    span = BlockSpan(resolve_checkpoint(tiny_checkpoints[family]), 0, 3)
+    generator = torch.Generator().manual_seed(0)
+    caches, alone = [], []
+    with torch.inference_mode():
+        for length in (2, 5, 3):
+            for copies in (caches, alone):
+                copies.append(span.new_cache(1, 3))
+            prompt_BTD = torch.randn(1, length, span.hidden_size, generator=generator)
+            for cache in (caches[-1], alone[-1]):
+                span.forward(
+                    prompt_BTD,
+                    torch.ones(1, length, dtype=torch.long),
+                    torch.arange(length)[None],
+                    1,
+                    3,
+                    cache,
+                )
+        if not all(BlockSpan.batchable(cache) for cache in caches):
+            assert any(getattr(span.config, key, None) for key in ("sliding_window", "use_sliding_window"))
+            return
+        for _ in range(2):  # a second step goes on from the caches the first left
+            lengths = [cache.get_seq_length() for cache in alone]
+            hiddens = [torch.randn(1, 1, span.hidden_size, generator=generator) for _ in lengths]
+            masks = [torch.ones(1, n + 1, dtype=torch.long) for n in lengths]
+            positions = [torch.tensor([[n]]) for n in lengths]
+            batched = span.decode_batch(hiddens, masks, positions, caches, 1, 3)
+            for i in range(len(lengths)):
+                own = span.forward(hiddens[i], masks[i], positions[i], 1, 3, alone[i])
+                torch.testing.assert_close(batched[i], own, atol=1e-5, rtol=0)
+        for cache, own in zip(caches, alone, strict=True):
+            assert cache.get_seq_length() == own.get_seq_length()
+            torch.testing.assert_close(cache.layers[-1].keys, own.layers[-1].keys, atol=1e-5, rtol=0)

@@ -1,4 +1,5 @@
-"""The peer's compute queue (``peer.compute``): inference steps before other work, oldest first, no starvation."""
+"""The peer's compute queue (``peer.compute``): inference steps before other work, oldest first, no starvation;
+steps of one batch key run together."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 
 import pytest
 
-from swarm_peer.peer.compute import ComputeQueue, Priority
+from swarm_peer.peer.compute import Batch, ComputeQueue, Priority
 
 INFERENCE, OTHER = Priority.INFERENCE, Priority.OTHER
 
@@ -101,3 +102,75 @@ def test_shutdown_cancels_what_is_queued():
     threading.Timer(0.2, gate.set).start()
     queue.shutdown()
     assert held.result(timeout=1) and queued.cancelled()
+
+
+def _solo(name: str) -> str:
+    return f"{name} alone"
+
+
+class _Steps:
+    """A batch's run: records each batch it ran; fails (as a bad batch would) if one of its steps is "bad"."""
+
+    def __init__(self):
+        self.batches: list[list[str]] = []
+
+    def __call__(self, many: list[tuple]) -> list[str]:
+        names = [name for (name,) in many]
+        if "bad" in names:
+            raise RuntimeError("a bad batch")
+        self.batches.append(names)
+        return [f"{name} batched" for name in names]
+
+
+def test_steps_of_one_key_queued_together_run_as_one_batch_and_others_alone():
+    queue, steps = ComputeQueue(), _Steps()
+    ran, running, gate = [], threading.Event(), threading.Event()
+    try:
+        held = queue.submit(OTHER, lambda: running.set() or gate.wait())
+        assert running.wait(10)
+        futures = {
+            name: queue.submit(INFERENCE, _solo, name, batch=Batch(key, steps) if key else None)
+            for name, key in [("a1", "a"), ("b1", "b"), ("a2", "a"), ("plain", None), ("a3", "a")]
+        }
+        gate.set()
+        held.result(timeout=10)
+        ran = {name: future.result(timeout=10) for name, future in futures.items()}
+    finally:
+        queue.shutdown()
+    assert steps.batches == [["a1", "a2", "a3"]]  # oldest first; "b1" had no other step of its key
+    assert ran == {
+        "a1": "a1 batched", "a2": "a2 batched", "a3": "a3 batched", "b1": "b1 alone", "plain": "plain alone"
+    }  # fmt: skip
+    assert (queue.batches, queue.batched) == (1, 3)
+
+
+def test_a_batch_waits_a_bounded_time_for_the_steps_it_expects():
+    """A step waits up to ``batch_wait`` for the steps ``batch_goal`` expects; the control: no wait, no batch."""
+    for wait, expected in ((0.5, [["first", "second"]]), (0.0, [])):
+        queue, steps = ComputeQueue(batch_wait=wait, batch_goal=lambda key: 2), _Steps()
+        try:
+            first = queue.submit(INFERENCE, _solo, "first", batch=Batch("k", steps))
+            time.sleep(0.1)
+            second = queue.submit(INFERENCE, _solo, "second", batch=Batch("k", steps))
+            first.result(timeout=10), second.result(timeout=10)
+        finally:
+            queue.shutdown()
+        assert steps.batches == expected, wait
+    # the goal met, a step does not wait out the time
+    queue = ComputeQueue(batch_wait=30, batch_goal=lambda key: 1)
+    try:
+        started = time.perf_counter()
+        queue.submit(INFERENCE, _solo, "only", batch=Batch("k", _Steps())).result(timeout=10)
+        assert time.perf_counter() - started < 5
+    finally:
+        queue.shutdown()
+
+
+def test_a_failed_batch_runs_its_steps_one_by_one():
+    queue, steps = ComputeQueue(batch_wait=0.5, batch_goal=lambda key: 2), _Steps()
+    try:
+        futures = [queue.submit(INFERENCE, _solo, name, batch=Batch("k", steps)) for name in ("bad", "good")]
+        assert [f.result(timeout=10) for f in futures] == ["bad alone", "good alone"]
+        assert steps.batches == [] and queue.batches == 0 and queue.idle
+    finally:
+        queue.shutdown()
