@@ -98,6 +98,10 @@ class Handlers:
             "calls handed to the compute thread and not finished",
             lambda: self.compute.submitted - self.compute.finished,
         )
+        self.threads = (
+            torch.get_num_threads()
+        )  # what the compute thread computes on (``Hosting._follow_share``)
+        self.metrics.gauge("compute_threads", "torch threads the peer computes on", lambda: self.threads)
         self.metrics.gauge(
             "batched_steps",
             "inference steps computed in a batch with other sessions'",

@@ -56,10 +56,13 @@ from swarm_peer.peer.throughput import announced, cached_probe, decode_threads
 from swarm_peer.protocols import swarm_pb2
 from swarm_peer.protocols.stage_state import fetch_state
 from swarm_peer.settings import PeerSettings
+from swarm_peer.threads import MachineShare
 
 __all__ = ["ExpertPeer", "Hosting", "Peer", "blocks_that_fit"]
 
 logger = logging.getLogger(__name__)
+
+_SHARE_PERIOD = 5.0  # seconds between two looks at how many peers share this machine's cores
 
 
 class Hosting:
@@ -76,6 +79,32 @@ class Hosting:
     handlers: Handlers
     announcer: Announcer | ExpertAnnouncer
     settings: PeerSettings
+    share: MachineShare | None = None
+
+    def _set_threads(self) -> None:
+        """torch's threads: ``--compute-threads``, or on a CPU this peer's share of the machine's cores
+        (``MachineShare``: peers that share a machine divide its cores), which ``_follow_share`` keeps up to date."""
+        settings = self.settings
+        if settings.compute_threads:
+            torch.set_num_threads(settings.compute_threads)
+        elif settings.device == "cpu":
+            self.share = MachineShare()
+            torch.set_num_threads(self.share.threads())
+
+    async def _follow_share(self) -> None:
+        """Takes this peer's share of the cores again every ``_SHARE_PERIOD`` seconds, as peers on the machine come
+        and go (on the compute thread: the threads are set for the thread that computes)."""
+        while True:
+            await asyncio.sleep(_SHARE_PERIOD)
+            threads = await asyncio.to_thread(self.share.threads)
+            if threads != self.handlers.threads:
+                await self.handlers._compute(torch.set_num_threads, threads)
+                logger.info(
+                    "Computing on %d threads: this machine's %d cores shared with other peers",
+                    threads,
+                    self.share.cores,
+                )
+                self.handlers.threads = threads
 
     def run(self, on_ready: Callable[[], None] | None = None) -> None:
         """Serves until SIGTERM/SIGINT; ``on_ready`` is called once the peer is announced."""
@@ -91,7 +120,8 @@ class Hosting:
         if self.settings.metrics_port is not None:
             self.handlers.metrics.start_server(self.settings.network.host, self.settings.metrics_port)
         await self._prepare()
-        background = [asyncio.create_task(coro) for coro in self._started(p2p.peer_id)]
+        started = self._started(p2p.peer_id) + ([self._follow_share()] if self.share is not None else [])
+        background = [asyncio.create_task(coro) for coro in started]
         self.announcer.start()
         if on_ready is not None:
             on_ready()
@@ -126,6 +156,8 @@ class Hosting:
         await loop.run_in_executor(None, self.handlers.shutdown)
         await loop.run_in_executor(None, self.handlers.metrics.stop_server)
         await loop.run_in_executor(None, self.dht.shutdown)
+        if self.share is not None:
+            self.share.close()
 
     def stop(self) -> None:
         self._stop.set()
@@ -142,8 +174,7 @@ class Peer(Hosting):
         self.model_id = run_model_id(train.run_id) if train else self.checkpoint.model_id
         self.model_name = settings.model_name or self.checkpoint.name
         self.dht: hivemind.DHT = create_dht(**settings.network.model_dump())
-        if settings.compute_threads:
-            torch.set_num_threads(settings.compute_threads)
+        self._set_threads()
         self.probe = (
             None
             if isinstance(settings.throughput, float)
@@ -183,8 +214,10 @@ class Peer(Hosting):
         )
         logger.info("Single-token steps run on %d of %d compute threads", threads, torch.get_num_threads())
         self.stage = TrainableStage(self.span, train, self.model_id) if train else None
+        # one thread if that is as fast as several; else as many as the peer computes on (its share may change)
+        decode = 1 if threads == 1 < torch.get_num_threads() else None
         self.handlers = BlockHandlers(
-            self.span, self.model_id, settings, self._info_json, decode_threads=threads, stage=self.stage
+            self.span, self.model_id, settings, self._info_json, decode_threads=decode, stage=self.stage
         )
         self.replicas, self.steps = None, None
         self._stage_hosts: list = []  # the stage's peers, as the DHT last listed them (``_follow_stage``)
@@ -511,8 +544,7 @@ class ExpertPeer(Hosting):
         self.settings = settings
         experts = settings.experts
         self.dht: hivemind.DHT = create_dht(**settings.network.model_dump())
-        if settings.compute_threads:
-            torch.set_num_threads(settings.compute_threads)
+        self._set_threads()
         for module in experts.expert_modules:
             importlib.import_module(module)
         t0 = time.perf_counter()

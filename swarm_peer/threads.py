@@ -5,7 +5,8 @@ is a chain of matrix-vector products where waking the other threads can cost mor
 idle threads then spin on the cores that the next hop, the client or any other process needs. On this project's
 2-core test machine that spinning tripled the cost of a hop. ``fastest_threads`` measures a step both ways;
 ``compute_threads`` runs a block of code with a given number of threads. ``cached_fastest_threads`` keeps the
-answer per machine and model in the user's cache, so a restart does not measure again.
+answer per machine and model in the user's cache, so a restart does not measure again. ``MachineShare`` divides the
+machine's cores among the peers running on it.
 
 The measurement must survive load from other processes: peers started together load their weights while each
 measures, and a setting timed during such a burst looks slow. Timing each setting several times in a row then
@@ -20,17 +21,20 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 
 from swarm_peer.models import atomic_write, cache_dir, read_json
 
-__all__ = ["cached_fastest_threads", "compute_threads", "fastest_threads"]
+__all__ = ["MachineShare", "cached_fastest_threads", "compute_threads", "fastest_threads", "running_peers"]
 
 _ROUNDS = 7
 _CACHE_FILE = "threads.json"
+_PEERS_DIR = "peers"
 
 
 @contextlib.contextmanager
@@ -84,3 +88,52 @@ def cached_fastest_threads(name: str, step: Callable[[], object], *, remeasure: 
     entries[key] = chosen = fastest_threads(step)
     atomic_write(path, json.dumps(entries, indent=1).encode())
     return chosen
+
+
+class MachineShare:
+    """This process's share of the machine's cores among the swarm-peer peers running on it: each peer registers
+    itself in a folder of the user's cache (``peers/<pid>``) and takes ``cores // peers`` threads (at least one), so
+    two peers on one machine do not each spread every operation over all its cores and fight over them. ``threads()``
+    looks again (peers come and go: ``running_peers``). ``close()`` unregisters."""
+
+    def __init__(self, directory: Path | None = None):
+        self.directory = directory or cache_dir() / _PEERS_DIR
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.cores = len(os.sched_getaffinity(0))
+        self._entry = self.directory / str(os.getpid())
+        self._entry.write_text(_started(os.getpid()) or "")
+
+    def threads(self) -> int:
+        return max(1, self.cores // running_peers(self.directory))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._entry.unlink()
+
+
+def running_peers(directory: Path | None = None) -> int:
+    """Peers registered on this machine (``MachineShare``) and still running, at least one; entries of processes that
+    are gone (died without unregistering, or whose pid is another process's now) are removed."""
+    directory = directory or cache_dir() / _PEERS_DIR
+    alive = 0
+    for entry in directory.iterdir() if directory.is_dir() else ():
+        try:
+            running = entry.name.isdigit() and _started(int(entry.name)) == entry.read_text()
+        except OSError:
+            running = False
+        if running:
+            alive += 1
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+    return max(alive, 1)
+
+
+def _started(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, from /proc), or None if there is no such process: with
+    the pid, it tells a running process from a later one that reuses its pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name

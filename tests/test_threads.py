@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import statistics
 import subprocess
@@ -13,12 +14,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from swarm_peer.cli.local_swarm import LocalSwarm
 from swarm_peer.models import resolve_checkpoint
 from swarm_peer.peer import adapters
 from swarm_peer.peer.blocks import BlockSpan
+from swarm_peer.peer.metrics import scrape
 from swarm_peer.peer.throughput import _decode_steps, decode_threads
 from swarm_peer.protocols.extras import Lora
-from swarm_peer.threads import cached_fastest_threads, compute_threads, fastest_threads
+from swarm_peer.threads import cached_fastest_threads, compute_threads, fastest_threads, running_peers
+
+from .conftest import free_port, wait_until
 
 ALL = torch.get_num_threads()
 needs_threads = pytest.mark.skipif(ALL < 2, reason="needs at least 2 torch threads to choose from")
@@ -153,3 +158,28 @@ def test_adapters_hook_only_the_request_that_applies_them(tiny_checkpoints):
     assert all(
         not m._forward_hooks and not m._forward_pre_hooks for layer in span.layers for m in layer.modules()
     )
+
+
+@pytest.mark.timeout(120)
+def test_peers_on_one_machine_divide_its_cores_and_take_them_back(tiny_checkpoints):
+    """Two peers on this machine take half of its cores each; once one is gone, the other takes them all (the
+    control: a peer alone takes all). Read from each peer's compute_threads gauge."""
+    cores = len(os.sched_getaffinity(0))
+    if cores < 2:
+        pytest.skip("one core: nothing to divide")
+    ports = [free_port(), free_port()]
+    args = ["--throughput", "100", "--rebalance-period", "0"]
+
+    def threads(port: int) -> float:
+        return scrape(f"http://127.0.0.1:{port}/metrics")[("swarm_peer_peer_compute_threads", ())]
+
+    with LocalSwarm(tiny_checkpoints["llama"], spans=[], peer_args=args) as swarm:
+        first = swarm.add_peer(0, 4, extra_args=["--metrics-port", str(ports[0])])
+        assert threads(ports[0]) == cores // running_peers()  # the control: alone, all of them
+        second = swarm.add_peer(0, 4, extra_args=["--metrics-port", str(ports[1])])
+        share = cores // running_peers()
+        assert share < cores
+        assert wait_until(lambda: threads(ports[0]) == threads(ports[1]) == share, timeout=30)
+        second.terminate(15)
+        assert wait_until(lambda: threads(ports[0]) == cores // running_peers() == cores, timeout=30)
+        assert first.process.poll() is None
