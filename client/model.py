@@ -66,6 +66,15 @@ class RemoteCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.session.position - self.session.prefix_tokens
 
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drops the last ``-tokens_to_remove`` tokens from the session (``InferenceSession.rollback``): assisted
+        generation (``generate(prompt_lookup_num_tokens=k)`` or ``assistant_model=draft``) keeps the accepted
+        prefix of the tokens it proposed, and every hop drops the rest from its cache."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes the negative number of tokens to remove, not {tokens_to_remove}")
+        if tokens_to_remove:
+            self.session.rollback(self.session.position + tokens_to_remove)
+
     @property
     def is_linear(self) -> list[bool]:
         # attention layers, not state-space ones: generate() (transformers >= 5.24) then sends only unseen tokens
@@ -352,11 +361,19 @@ class DistributedModelForCausalLM:
         return out
 
     def _max_length(self, prompt_length: int, kwargs: dict) -> int:
+        """The session's length for ``generate(**kwargs)``: the prompt and the new tokens, and room for the last
+        draft that assisted generation verifies past them (then rolls back)."""
         config = kwargs.get("generation_config") or self.generation_config
         max_new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
         if max_new_tokens is not None:
-            return prompt_length + max_new_tokens
-        return max(kwargs.get("max_length") or config.max_length or 0, prompt_length + 1)
+            length = prompt_length + max_new_tokens
+        else:
+            length = max(kwargs.get("max_length") or config.max_length or 0, prompt_length + 1)
+        if kwargs.get("prompt_lookup_num_tokens"):
+            length += kwargs["prompt_lookup_num_tokens"] + 1
+        elif kwargs.get("assistant_model") is not None:
+            length += int(kwargs.get("num_assistant_tokens") or config.num_assistant_tokens or 0) + 1
+        return length
 
     def shutdown(self) -> None:
         """Closes the connection to the swarm (the DHT node and its event loop)."""

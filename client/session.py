@@ -247,6 +247,7 @@ class InferenceSession:
         self._token_seconds: deque[float] = deque(maxlen=16)  # of the recent steps
         self._closed = False
         self.relays = 0  # hops the client relayed a step to because the hop before could not push it
+        self.rolled_back = 0  # tokens dropped by ``rollback`` (speculative decoding's refused proposals)
 
     def __enter__(self) -> InferenceSession:
         self.open()
@@ -371,6 +372,33 @@ class InferenceSession:
             raise
         self.position += T
         return x.to(hidden_BTD.dtype)
+
+    def rollback(self, position: int) -> None:
+        """Forgets the tokens from ``position`` on (speculative decoding keeps the accepted prefix of the tokens it
+        proposed): the next step goes on from ``position``, and each hop drops the rest from its cache when that
+        step's mask says it is shorter. What the session keeps for replay is cut to match."""
+        if not self.prefix_tokens <= position <= self.position:
+            raise ValidationError(
+                f"a session at position {self.position} rolls back to {self.prefix_tokens}..{self.position}, "
+                f"not {position}"
+            )
+        kept = 0
+        for i, (mask_BS, positions_BT) in enumerate(self._steps):
+            T = positions_BT.shape[1]
+            if kept + T <= position:
+                kept += T
+                continue
+            keep = position - kept  # of this step's tokens
+            del self._steps[i + (keep > 0) :]
+            if keep:
+                self._steps[i] = (mask_BS[:, :position], positions_BT[:, :keep])
+            for history in self._history.values():
+                del history[i + (keep > 0) :]
+                if keep and len(history) > i:
+                    history[i] = history[i][:, :keep]
+            break
+        self.rolled_back += self.position - position
+        self.position = position
 
     def _run(self, x_BTD: torch.Tensor, step_id: int) -> torch.Tensor:
         """Runs this step through the chain, failing over as often as needed. The step keeps its id through

@@ -102,7 +102,14 @@ class SessionCharge:
         self.tokens += tokens
         self.budget.tokens += tokens
 
+    def shrink(self, tokens: int) -> None:
+        """Gives back ``tokens`` (batch * tokens the session dropped from its cache: a rollback)."""
+        tokens = min(tokens, self.tokens)
+        nbytes = tokens * self.bytes_per_token
+        self.budget._give(self.client, nbytes)
+        self.nbytes -= nbytes
+        self.tokens -= tokens
+        self.budget.tokens -= tokens
+
     def release(self) -> None:
-        self.budget._give(self.client, self.nbytes)
-        self.budget.tokens -= self.tokens
-        self.nbytes = self.tokens = 0
+        self.shrink(self.tokens)

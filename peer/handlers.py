@@ -498,6 +498,7 @@ class BlockHandlers(Handlers):
                             f"this peer moved to blocks {self.span.start}:{self.span.end}; continue the session "
                             "elsewhere"
                         )
+                    position = self._rolled_back(session, cache, step.tensors, position)
                     hidden_BTD, mask_BS, positions_BT = await self._checked(
                         step.tensors, past=position, batch_size=session.batch_size
                     )
@@ -613,6 +614,26 @@ class BlockHandlers(Handlers):
                 raise ValidationError(f"{what} message ended before its tensors were complete")
             assembler.feed(more.parts.tensors)
         return assembler.tensors(), assembler.compression
+
+    @staticmethod
+    def _rolled_back(session: _Session, cache, tensors: list[torch.Tensor], position: int) -> int:
+        """The position a step goes on from. A step whose mask is shorter than the session's tokens plus its own
+        says the client rolled back (speculative decoding keeps the accepted prefix of the tokens it proposed): the
+        cache drops the tokens past it, and their charge is given back. Any other mismatch is ``_check_inputs``'s."""
+        hidden_BTD, mask_BS = tensors[0], tensors[1]
+        if hidden_BTD.ndim != 3 or mask_BS.ndim != 2:
+            return position
+        past = mask_BS.shape[1] - hidden_BTD.shape[1]
+        if not 0 <= past < position:
+            return position
+        try:
+            cache.crop(past - position)
+        except (RuntimeError, ValueError) as e:  # a sliding window past its length keeps no older tokens
+            raise ValidationError(
+                f"this session cannot roll back from {position} to {past} tokens: {e}"
+            ) from None
+        session.charge.shrink(session.batch_size * (position - past))
+        return past
 
     async def _prefill(self, session: _Session, cache, inputs, position: int) -> torch.Tensor:
         """A long step (a prompt) in chunks of ``_PREFILL_CHUNK`` tokens, each a compute task of its own: other
