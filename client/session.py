@@ -6,8 +6,8 @@ An ``InferenceSession`` plans a route, opens one ``swarm.v1.inference`` stream p
 refuses with ``BusyError``), telling each hop its neighbours: the peer whose pushes it accepts, and the next hop's
 session, the only one it pushes to. Then each ``step`` sends the new tokens' hidden states through the chain: to
 the first hop, and each peer pushes its output straight to the next (``swarm.v1.push``). The last hop answers with
-its output and the inputs of the hops before it, carried along the chain, which the session keeps for replay; a
-hop that could not push answers instead, and the client relays its output. ``position`` is S after the last step.
+its output; each pushed-into hop answers with its input, which the session keeps for replay; a hop that could not
+push answers instead, and the client relays its output. ``position`` is S after the last step.
 Closing the session closes the streams, which frees the peers' caches.
 
 >>> with InferenceSession(runtime, router, model_id, max_length=128) as session:

@@ -539,13 +539,11 @@ class BlockHandlers(Handlers):
                     last_step, out_parts = step.step_id, codec.pack([out_BTD], step.compression)
             finally:
                 step.done()
-            pushed, along = False, False
+            pushed = False
             if step.push and inbox.next is not None:
-                pushed, along = await pusher.push(
-                    step.step_id, out_parts, mask_BS, positions_BT, inbox.next, step.carried
-                )
-            if along:
-                continue  # the next hop has it all, and the client hears from a later one
+                pushed = await pusher.push(step.step_id, out_parts, mask_BS, positions_BT, inbox.next)
+            if pushed and not step.carried:
+                continue  # the client sent this hop its input, and a later hop answers with the output
             carried = [part for _, part in step.carried]
             answer = carried if pushed else [*itertools.chain.from_iterable(out_parts), *carried]
             for parts in codec.group(answer):

@@ -4,9 +4,9 @@ Shape legend: B batch, T new tokens, S tokens seen so far including the new ones
 
 Without push, the client relays every hop: peer 1 answers the client, the client sends that to peer 2, and so on,
 so a chain of n peers costs 2n transfers per token. With push (as in Petals' ``rpc_push``), the client sends a step
-to the first hop only, and each peer pushes ``[its output, attention_mask_BS, position_ids_BT, *carried]`` to the
-next hop's session (``swarm.v1.push``), and only the last hop answers the client. A token then costs n + 1
-transfers.
+to the first hop only, and each peer pushes ``[its output, attention_mask_BS, position_ids_BT]`` to the next hop's
+session (``swarm.v1.push``), and only the last hop answers the client with the output. A token then costs n + 1
+transfers on its critical path.
 
 Who may push, and where to: the client tells each session its neighbours (``swarm_pb2.Neighbours``) when it opens
 it, and again when it replaces a hop after a failure: the peer id of the hop before it, the only peer whose pushes
@@ -17,11 +17,11 @@ such session, whether there is one or not. A pushed step carries no route: a hop
 hop before it said so, so a third party that learns a session id can neither push steps into the session nor have
 its outputs sent anywhere.
 
-The client keeps every hop's input, to rebuild a hop's cache elsewhere if it fails. Those inputs are carried: a
-pushed-into peer adds its own input (as it came, not decoded) to the carried ones and pushes them on, and the last
-hop answers ``[its output, *carried]``. Answering the client from every hop instead costs a message per hop, which
-on a busy machine takes CPU from the critical path. If the carried tensors outgrow one message, the peer answers
-the client with them and pushes without.
+The client keeps every hop's input, to rebuild a hop's cache elsewhere if it fails. A pushed-into peer answers the
+client with its own input (as it came, not decoded) once it has pushed its output on, and the last hop answers
+``[its output, its input]``: a push carries only what the next hop computes on, so the bytes a hop sends do not grow
+with its place in the chain (carrying the earlier hops' inputs along made them grow with it, and the chain's bytes
+with its length squared). These answers leave after the push, off the critical path of the token.
 
 Each session has an inbox (``Inboxes.open``): steps from the client's stream and pushed steps land in one queue,
 and the session takes them in order. It pushes through a ``Pusher``, which keeps one stream open to each next hop
@@ -62,8 +62,8 @@ _PUSH_STREAMS = 4  # streams one session keeps open to next hops (a failover cha
 class Step:
     """One step's input: hidden_BTD, attention_mask_BS, position_ids_BT; whether its output goes on to the next hop.
 
-    ``carried``: the inputs the client has not seen, serialized, by the first block of their hop, up to and
-    including this step's own (pushed steps only; the client sent the others itself). ``nbytes``: what its
+    ``carried``: the inputs the client has not seen, serialized, by the first block of their hop: a pushed step's
+    own (a peer of an older version may push the earlier hops' inputs too). ``nbytes``: what its
     messages took of the peer's inbound budget, on ``ledger``, given back once the step is computed.
     ``compression``: the codec its hidden states came in, which its output takes (``codec.Wire``)."""
 
@@ -174,29 +174,21 @@ class Pusher:
         mask_BS: torch.Tensor,
         positions_BT: torch.Tensor,
         next_hop: swarm_pb2.PushHop,
-        carried: Sequence[tuple[int, runtime_pb2.Tensor]] = (),
-    ) -> tuple[bool, bool]:
-        """Hands ``[out, mask_BS, positions_BT, *carried]`` to ``next_hop``'s session, or the first three alone if
-        ``carried`` would not fit in the message. Returns whether the step is queued there, and whether ``carried``
-        went with it.
+    ) -> bool:
+        """Hands ``[out, mask_BS, positions_BT]`` to ``next_hop``'s session; whether the step is queued there.
 
         ``out_parts``: the output as ``codec.pack`` serialized it for the client's answer (serialized once, sent
-        once). (False, False), and nothing raised, when the push cannot be made: the client relays the step."""
+        once). False, and nothing raised, when the push cannot be made: the client relays the step."""
         inputs_parts = codec.pack([mask_BS, positions_BT])
         if len(out_parts) != 1 or len(inputs_parts) != 1:
-            return False, False  # larger than one message: the client streams it in parts
+            return False  # larger than one message: the client streams it in parts
         tensors = [*out_parts[0], *inputs_parts[0]]
-        size = sum(codec.message_bytes(part) for part in (*tensors, *(part for _, part in carried)))
-        along = not carried or size <= codec.MAX_MESSAGE_BYTES
         request = swarm_pb2.InferencePush(session_id=next_hop.session_id, step_id=step_id, tensors=tensors)
-        if along:
-            request.carried_blocks.extend(block for block, _ in carried)
-            request.tensors.extend(part for _, part in carried)
         key = (next_hop.peer_id, next_hop.session_id)
         try:
             if next_hop.peer_id == self._own_id:  # the next hop is served here too
                 self.inboxes.deliver(request, self._own_id)
-                return True, along
+                return True
             async with asyncio.timeout(_PUSH_TIMEOUT):
                 stream = self._streams.get(key)
                 if stream is None:
@@ -207,14 +199,14 @@ class Pusher:
                 logger.debug(
                     "Peer %s did not take step %d: %s", next_hop.peer_id, step_id, answer.error.message
                 )
-                return False, False
-            return True, along
+                return False
+            return True
         except Exception as e:  # any failure only means the client relays this step
             logger.debug("Could not push step %d to %s: %r", step_id, next_hop.peer_id, e)
             stream = self._streams.pop(key, None)
             if stream is not None:
                 stream.close()
-            return False, False
+            return False
 
     async def _open(self, key: tuple[str, bytes]) -> _PushStream:
         if len(self._streams) >= _PUSH_STREAMS:  # the oldest is for a hop the client has replaced since

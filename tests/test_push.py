@@ -13,10 +13,11 @@ from swarm_peer import DistributedModelForCausalLM
 from swarm_peer.cli.local_swarm import LocalSwarm
 from swarm_peer.client.session import _SpanStream
 from swarm_peer.errors import ValidationError
+from swarm_peer.peer.metrics import scrape
 from swarm_peer.protocols import codec, rpc, swarm_pb2
 from swarm_peer.protocols.runtime import SwarmRuntime
 
-from .conftest import client_settings, reference_model
+from .conftest import client_settings, free_port, reference_model
 
 SPANS = [(0, 1), (1, 3), (3, 4)]
 
@@ -96,11 +97,11 @@ def _receive(model, stream):
     return model.swarm.run(stream.receive())
 
 
-def test_pushes_carry_the_inputs_to_the_last_hop_and_a_second_copy_goes_on_unchanged(client):
-    """Only the last hop of a pushed chain answers, with its output and the inputs of the hops it was pushed
-    through; a hop whose push is refused answers itself and the client relays. A step that arrives twice is
-    computed once and its saved output goes on: the next step's output is still exact, which it would not be if
-    the copy had been appended to the cache again."""
+def test_pushed_into_hops_answer_their_inputs_and_a_second_copy_goes_on_unchanged(client):
+    """A pushed chain: each pushed-into hop answers the client with its own input, the last also with its output;
+    a hop whose push is refused answers its output and the client relays. A step that arrives twice is computed
+    once and its saved output goes on: the next step's output is still exact, which it would not be if the copy
+    had been appended to the cache again."""
     model, ref = client
     first, second, third = _open(model, model.router.inference_route())
     x_BTD = torch.randn(1, 6, 64, generator=torch.Generator().manual_seed(1))
@@ -113,44 +114,45 @@ def test_pushes_carry_the_inputs_to_the_last_hop_and_a_second_copy_goes_on_uncha
         answer = _receive(model, first)
         assert answer.step_id == 1 and answer.carried == {}
         first.relink(_neighbours(None, second))
-        # the client relays it; the second peer pushes on to the third, which carries the second's output back
+        # the client relays it; the second peer pushes on to the third, which answers its input and its output
         second.send(1, _step_inputs(answer.out_BTD, 0), push=True)
         answer = _receive(model, third)
         assert answer.step_id == 1 and list(answer.carried) == [3]  # by the first block of the hop
         torch.testing.assert_close(answer.carried[3], local[3][:, :3], atol=1e-4, rtol=0)
         torch.testing.assert_close(answer.out_BTD, local[4][:, :3], atol=1e-4, rtol=0)
 
-        # step 2 goes through by push: the third peer answers with both inputs the client did not send
+        def pushed_through(step_id: int) -> tuple:
+            """Step ``step_id``'s answers: the second hop's (its input), the third's (its input and output)."""
+            middle, last = _receive(model, second), _receive(model, third)
+            assert (middle.step_id, last.step_id) == (step_id, step_id)
+            assert middle.out_BTD is None and list(middle.carried) == [1] and list(last.carried) == [3]
+            return middle.carried[1], last.carried[3], last.out_BTD
+
+        # step 2 goes through by push
         first.send(2, _step_inputs(x_BTD[:, 3:4], 3), push=True)
-        pushed = _receive(model, third)
-        assert pushed.step_id == 2 and list(pushed.carried) == [1, 3]
-        for block in (1, 3):
-            torch.testing.assert_close(pushed.carried[block], local[block][:, 3:4], atol=1e-4, rtol=0)
+        pushed = pushed_through(2)
+        for got, block in zip(pushed, (1, 3, 4), strict=True):
+            torch.testing.assert_close(got, local[block][:, 3:4], atol=1e-4, rtol=0)
         # a second copy of step 2 to the first peer: it pushes its saved output, and so does the second peer
         first.send(2, _step_inputs(x_BTD[:, 3:4], 3), push=True)
-        again = _receive(model, third)
-        assert again.step_id == 2 and list(again.carried) == [1, 3]
-        for got, want in zip(
-            [again.out_BTD, *again.carried.values()], [pushed.out_BTD, *pushed.carried.values()], strict=True
-        ):
+        for got, want in zip(pushed_through(2), pushed, strict=True):
             assert torch.equal(got, want)
         # step 3 is exact only if step 2 entered every cache once
         first.send(3, _step_inputs(x_BTD[:, 4:5], 4), push=True)
-        answer = _receive(model, third)
-        torch.testing.assert_close(answer.out_BTD, local[4][:, 4:5], atol=1e-4, rtol=0)
-        # the first two peers answered nothing for the pushed steps: their next answer is to step 4
-        for stream, block in ((first, 0), (second, 1)):
-            stream.send(4, _step_inputs(local[block][:, 5:6] if block else x_BTD[:, 5:6], 5))
-            assert _receive(model, stream).step_id == 4
+        torch.testing.assert_close(pushed_through(3)[2], local[4][:, 4:5], atol=1e-4, rtol=0)
+        # the first peer answered nothing for the pushed steps (the client sent its input): its next answer is
+        # to step 4
+        first.send(4, _step_inputs(x_BTD[:, 5:6], 5))
+        assert _receive(model, first).step_id == 4
     finally:
         for stream in (first, second, third):
             model.swarm.loop.call_soon_threadsafe(stream.close)
 
 
-def test_inputs_too_large_to_carry_are_answered_by_the_hop_that_cannot_push_them(client):
-    """A prompt large enough that the second hop's output and the input it carries do not fit one message: the
-    second hop answers the client with that input and pushes its output alone. Every hop's input reaches the
-    session's history all the same, as local transformers computes it."""
+def test_a_prompt_of_nearly_a_message_per_hop_goes_through_by_push(client):
+    """A prompt whose hidden states fill most of a message: each hop pushes its output alone (it fits), and the
+    pushed-into hops answer their inputs on their own. Every hop's input reaches the session's history, as local
+    transformers computes it, and the client relays nothing."""
     model, ref = client
     B, T = 20, 256  # T: the tiny model's longest sequence
     hidden_bytes = B * T * 64 * 4
@@ -279,3 +281,30 @@ def test_a_third_party_that_knows_the_session_ids_can_neither_push_nor_read(swar
         for stream in streams:
             model.swarm.loop.call_soon_threadsafe(stream.close)
         attacker.shutdown()
+
+
+@pytest.mark.timeout(180)
+def test_push_bytes_per_hop_do_not_grow_along_the_chain(tiny_checkpoints):
+    """4 peers of one block each, counted on their /metrics (``sent_bytes_total``): every hop pushes the same
+    bytes per token wherever it stands, and the pushed-into hops but the last answer the client the same bytes (their
+    input). Carrying the earlier hops' inputs along made the fourth hop's pushes three times the first's."""
+    path, ports = tiny_checkpoints["llama"], [free_port() for _ in range(4)]
+    with LocalSwarm(path, spans=[], peer_args=["--throughput", "100", "--rebalance-period", "0"]) as swarm:
+        for block, port in enumerate(ports):
+            swarm.add_peer(block, block + 1, extra_args=["--metrics-port", str(port)], wait=False)
+        for peer in swarm.peers:
+            peer.wait_ready(swarm.start_timeout)
+        model = DistributedModelForCausalLM.from_pretrained(path, settings=client_settings(swarm))
+        try:
+            ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+            with model.inference_session(max_length=30) as session:
+                model.generate(ids, max_new_tokens=16, do_sample=False)
+                assert len(session.route) == 4 and session.relays == 0
+        finally:
+            model.shutdown()
+        sent = [scrape(f"http://127.0.0.1:{port}/metrics") for port in ports]
+    key = "swarm_peer_peer_sent_bytes_total"
+    pushes = [s.get((key, (("to", "next_hop"),)), 0) for s in sent[:3]]
+    answers = [s.get((key, (("to", "client"),)), 0) for s in sent[1:3]]
+    assert min(pushes) > 0 and max(pushes) <= 1.05 * min(pushes), pushes
+    assert min(answers) > 0 and max(answers) <= 1.05 * min(answers), answers
