@@ -6,7 +6,8 @@ SmolLM2-135M float32 on 3 peers x 10 blocks on this machine, greedy, batch 1. Th
 several times, as code or a chat quoting earlier text does, so its continuation is often found in it. Prompt lookup
 (``generate(prompt_lookup_num_tokens=k)``) proposes the k tokens that followed the last n-gram's earlier occurrence;
 the draft model (``assistant_model=``) is SmolLM2's own first ``--draft-layers`` blocks with its head, run locally
-(an early exit of the target: no second checkpoint to download). The swarm verifies all proposals in one step and
+(an early exit of the target: no second checkpoint to download), its proposals' number adapting to how many
+were taken. The swarm verifies all proposals in one step and
 every hop rolls back what it refused. The tokens are checked equal to plain greedy's. Setups take turns within
 every repeat; medians over repeats.
 """
@@ -39,6 +40,9 @@ def early_exit(path: str, layers: int):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.model.layers = model.model.layers[:layers]
     model.config.num_hidden_layers = layers
+    # start from 4 proposals, then 2 more after a step that took them all, 1 fewer after one that did not
+    model.generation_config.num_assistant_tokens = 4
+    model.generation_config.num_assistant_tokens_schedule = "heuristic"
     return model.eval()
 
 
