@@ -104,7 +104,7 @@ class MachineShare:
         self._entry.write_text(_started(os.getpid()) or "")
 
     def threads(self) -> int:
-        return max(1, self.cores // running_peers(self.directory))
+        return max(1, self.cores // max(1, running_peers(self.directory)))
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -112,8 +112,8 @@ class MachineShare:
 
 
 def running_peers(directory: Path | None = None) -> int:
-    """Peers registered on this machine (``MachineShare``) and still running, at least one; entries of processes that
-    are gone (died without unregistering, or whose pid is another process's now) are removed."""
+    """Peers registered on this machine (``MachineShare``) and still running; entries of processes that are gone
+    (died without unregistering, or whose pid is another process's now) are removed."""
     directory = directory or cache_dir() / _PEERS_DIR
     alive = 0
     for entry in directory.iterdir() if directory.is_dir() else ():
@@ -126,7 +126,7 @@ def running_peers(directory: Path | None = None) -> int:
         else:
             with contextlib.suppress(OSError):
                 entry.unlink()
-    return max(alive, 1)
+    return alive
 
 
 def _started(pid: int) -> str | None:
